@@ -1,0 +1,61 @@
+"""amqtask: a task runner built for RabbitMQ, speaking the Celery message protocol v2."""
+
+from .app import App, current_app
+from .errors import (
+    AmqtaskError,
+    BrokerConnectionError,
+    ConfigurationError,
+    ContentDisallowedError,
+    MaxRetriesExceededError,
+    MessageError,
+    MisuseError,
+    PublishError,
+    Reject,
+    RemoteTaskError,
+    Retry,
+    SerializationError,
+    TaskNotRegisteredError,
+    TaskRevokedError,
+    TimeoutError,
+    TopologyError,
+    TopologyMismatchError,
+    TopologyNotFoundError,
+    UnroutableError,
+)
+from .middleware import Middleware
+from .result import AsyncResult
+from .task import Request, Task
+from .topology import QueueSpec
+from .worker import Worker
+
+__all__ = [
+    # application and tasks
+    "App",
+    "AsyncResult",
+    "Middleware",
+    "QueueSpec",
+    "Request",
+    "Task",
+    "Worker",
+    "current_app",
+    # errors
+    "AmqtaskError",
+    "BrokerConnectionError",
+    "ConfigurationError",
+    "ContentDisallowedError",
+    "MaxRetriesExceededError",
+    "MessageError",
+    "MisuseError",
+    "PublishError",
+    "Reject",
+    "RemoteTaskError",
+    "Retry",
+    "SerializationError",
+    "TaskNotRegisteredError",
+    "TaskRevokedError",
+    "TimeoutError",
+    "TopologyError",
+    "TopologyMismatchError",
+    "TopologyNotFoundError",
+    "UnroutableError",
+]

@@ -1,0 +1,287 @@
+"""The :class:`App`: settings, the task registry, and the per-event-loop broker runtime that sends tasks.
+
+Sync and async callers share one implementation, the async one. Each event loop that sends tasks
+gets its own :class:`Runtime` (connection, publisher, result consumer), because aio-pika objects are
+bound to the loop that created them; synchronous callers use the app's :class:`~amqtask.portal.Portal`
+loop. All runtimes of a process share one reply queue and one result store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import threading
+import uuid
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar, overload
+
+from . import protocol, serializers
+from .connection import Broker
+from .errors import ConfigurationError, MisuseError, TaskNotRegisteredError
+from .portal import Portal, register_exit
+from .producer import Publisher
+from .result import AsyncResult, ResultConsumer, ResultStore, new_reply_queue_name
+from .routing import Router
+from .settings import Settings
+from .task import CALL_OPTIONS, Task, check_task_options
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_default_app: App | None = None
+
+
+def current_app() -> App:
+    """The most recently created app (what ``AsyncResult(id)`` uses when no app is given)."""
+    if _default_app is None:
+        raise MisuseError("no amqtask App has been created yet; pass app= explicitly")
+    return _default_app
+
+
+@dataclass
+class Runtime:
+    """The broker objects of one event loop."""
+
+    broker: Broker
+    publisher: Publisher
+    results: ResultConsumer
+
+
+def _utc(moment: dt.datetime) -> dt.datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+
+
+def _absolute(value: Any, now: dt.datetime, option: str) -> dt.datetime | None:
+    """A countdown/expires given as seconds, timedelta or datetime, as an aware UTC datetime."""
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime):
+        return _utc(value)
+    if isinstance(value, dt.timedelta):
+        return now + value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return now + dt.timedelta(seconds=value)
+    raise ConfigurationError(f"{option} must be seconds, a timedelta or a datetime, got {value!r}")
+
+
+class App:
+    """An amqtask application: ``App("tasks", broker="amqp://...")``."""
+
+    def __init__(self, main: str = "amqtask", broker: str | list[str] | None = None, **settings: Any) -> None:
+        global _default_app
+        self.main = main
+        self.conf = Settings()
+        self.conf.from_env()
+        if broker is not None:
+            settings["broker_url"] = broker
+        self.conf.update(settings)
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        self.portal = Portal(main)
+        self.result_store = ResultStore()
+        self.middleware: list[Any] = []
+        self._runtimes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Runtime] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._runtime_lock = threading.Lock()
+        self._reply_queue: tuple[int, str] | None = None
+        self._router: tuple[tuple[int, int, str, Any], Router] | None = None
+        register_exit(self.portal, self._close_portal_runtime)
+        _default_app = self
+
+    def __repr__(self) -> str:
+        return f"<App {self.main}>"
+
+    def config_from_object(self, source: object | str | dict[str, Any], namespace: str | None = None) -> None:
+        """Load settings from a module, dotted module path, object or dict (see :meth:`Settings.from_object`)."""
+        self.conf.from_object(source, namespace=namespace)
+
+    # ------------------------------------------------------------------------------------------ tasks
+    @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
+    def task(self, /, **options: Any) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+        """Register a function (plain or ``async def``) as a task; usable bare or with options."""
+
+        def register(func: Callable[..., Any]) -> Task[Any, Any]:
+            name = options.get("name") or f"{func.__module__}.{func.__qualname__}"
+            checked = check_task_options(name, options)
+            if "serializer" in checked:
+                serializers.codec(checked["serializer"])
+            task: Task[Any, Any] = Task(self, func, name, checked)
+            self.tasks[name] = task
+            return task
+
+        return register(fn) if fn is not None else register
+
+    def get_task(self, name: str) -> Task[Any, Any]:
+        """The registered task called ``name``."""
+        try:
+            return self.tasks[name]
+        except KeyError:
+            raise TaskNotRegisteredError(f"task {name!r} is not registered in app {self.main!r}") from None
+
+    @property
+    def router(self) -> Router:
+        """The routing rules, rebuilt whenever the routing settings change."""
+        key = (id(self.conf.task_queues), id(self.conf.task_routes), self.conf.task_default_queue,
+               self.conf.task_default_exchange)  # fmt: skip
+        if self._router is None or self._router[0] != key:
+            self._router = (key, Router(self.conf))
+        return self._router[1]
+
+    # ------------------------------------------------------------------------------------------ runtime
+    @property
+    def reply_queue(self) -> str:
+        """This process's reply queue (a new one after fork)."""
+        pid = os.getpid()
+        if self._reply_queue is None or self._reply_queue[0] != pid:
+            self._reply_queue = (pid, new_reply_queue_name())
+        return self._reply_queue[1]
+
+    def runtime(self) -> Runtime:
+        """The broker runtime of the running event loop (created on first use)."""
+        loop = asyncio.get_running_loop()
+        with self._runtime_lock:
+            found = self._runtimes.get(loop)
+            if found is None or found.broker.settings is not self.conf:
+                broker = Broker(self.conf, name=f"{self.main}-{os.getpid()}")
+                found = Runtime(
+                    broker,
+                    Publisher(broker, self.conf),
+                    ResultConsumer(broker, self.conf, self.reply_queue, self.result_store),
+                )
+                self._runtimes[loop] = found
+            return found
+
+    async def aclose(self) -> None:
+        """Close the connections of the running event loop's runtime."""
+        loop = asyncio.get_running_loop()
+        with self._runtime_lock:
+            runtime = self._runtimes.pop(loop, None)
+        if runtime is not None:
+            await runtime.results.close()
+            await runtime.publisher.close()
+            await runtime.broker.close()
+
+    def close(self) -> None:
+        """Close the connections the synchronous API opened."""
+        self.portal.stop(self._close_portal_runtime())
+
+    async def _close_portal_runtime(self) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------------------------------ sending
+    def send_task(
+        self, name: str, args: tuple[Any, ...] | list[Any] | None = None, kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> AsyncResult[Any]:  # fmt: skip
+        """Send a task by name (it need not be registered here); returns after the broker confirmed it."""
+        return self.portal.run(self.asend_task(name, args, kwargs, **options))
+
+    async def asend_task(
+        self,
+        name: str,
+        args: tuple[Any, ...] | list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        *,
+        task: Task[Any, Any] | None = None,
+        **options: Any,
+    ) -> AsyncResult[Any]:
+        """:meth:`send_task` for async code."""
+        unknown = set(options) - CALL_OPTIONS
+        if unknown:
+            raise ConfigurationError(
+                f"apply_async/send_task: unknown option(s) {sorted(unknown)} for task {name!r}"
+            )
+        message, route, codec_name = self.build_message(name, args, kwargs, task, options)
+        runtime = self.runtime()
+        timeout = self.conf.publish_timeout_s
+        if not message.ignore_result:
+            await runtime.results.ensure_started(timeout)
+        await self.publish_task(runtime, message, route, serializers.codec(codec_name))
+        return AsyncResult(message.id, self, task_name=name)
+
+    def build_message(
+        self,
+        name: str,
+        args: tuple[Any, ...] | list[Any] | None,
+        kwargs: dict[str, Any] | None,
+        task: Task[Any, Any] | None,
+        options: dict[str, Any],
+    ) -> tuple[protocol.TaskMessage, Any, str]:
+        """The protocol message, its route and serializer for a call (options already validated)."""
+        args = list(args or ())
+        kwargs = dict(kwargs or {})
+        task_opts = task.options if task is not None else {}
+        route = self.router.route(name, options, task.route_options() if task else {}, tuple(args), kwargs)
+        now = dt.datetime.now(dt.timezone.utc)
+        eta = _absolute(options.get("eta"), now, "eta")
+        if eta is None and options.get("countdown") is not None:
+            eta = _absolute(options["countdown"], now, "countdown")
+        expires = _absolute(options.get("expires", task_opts.get("expires")), now, "expires")
+        ignore_result = options.get("ignore_result")
+        if ignore_result is None:
+            ignore_result = task_opts.get("ignore_result", self.conf.task_ignore_result)
+        priority = options.get("priority", task_opts.get("priority"))
+        if priority is None:
+            priority = self.conf.task_default_priority
+        task_id = options.get("task_id") or str(uuid.uuid4())
+        message = protocol.TaskMessage(
+            task=name,
+            id=task_id,
+            args=args,
+            kwargs=kwargs,
+            eta=eta,
+            expires=expires,
+            retries=options.get("retries", 0),
+            root_id=options.get("root_id") or task_id,
+            parent_id=options.get("parent_id"),
+            group=options.get("group_id"),
+            group_index=options.get("group_index"),
+            time_limit=options.get("time_limit", task_opts.get("time_limit")),
+            soft_time_limit=options.get("soft_time_limit", task_opts.get("soft_time_limit")),
+            ignore_result=bool(ignore_result),
+            shadow=options.get("shadow"),
+            reply_to=None if ignore_result else options.get("reply_to") or self.reply_queue,
+            priority=priority,
+            callbacks=_signature_list(options.get("link")),
+            errbacks=_signature_list(options.get("link_error")),
+            chain=options.get("chain"),
+            chord=options.get("chord"),
+            extra_headers=dict(options.get("headers") or {}),
+        )
+        codec_name = options.get("serializer") or task_opts.get("serializer") or self.conf.task_serializer
+        return message, route, codec_name
+
+    async def publish_task(
+        self, runtime: Runtime, message: protocol.TaskMessage, route: Any, codec: serializers.Codec
+    ) -> None:
+        """Encode and publish a task message on ``route``, through the delay levels when its eta is ahead."""
+        wire = protocol.encode_task(message, codec)
+        for middleware in self.middleware:
+            await middleware.before_publish(self, message, wire)
+        if route.queue is not None and self.conf.task_create_missing_queues:
+            await runtime.publisher.ensure_queue(route.queue)
+        delay = (message.eta - dt.datetime.now(dt.timezone.utc)).total_seconds() if message.eta else 0.0
+        if delay > 0:
+            if route.queue is None:
+                raise ConfigurationError(
+                    f"task {message.task!r}: countdown/eta need a route to a queue (got exchange "
+                    f"{route.exchange!r} only)"
+                )
+            await runtime.publisher.publish_delayed(wire, route.queue, delay)
+        else:
+            await runtime.publisher.publish(wire, route.exchange, route.routing_key)
+
+
+def _signature_list(value: Any) -> list[dict[str, Any]] | None:
+    if value is None:
+        return None
+    items = value if isinstance(value, list | tuple) else [value]
+    return [dict(item) for item in items]

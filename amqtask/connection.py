@@ -1,0 +1,165 @@
+"""One AMQP connection per process and event loop, kept up by amqtask itself.
+
+amqtask does not use aio-pika's robust connection: it has been seen to restore a connection but not
+its consumers (aio-pika#231), and after a reconnect it hands out channels on which old delivery tags
+are meaningless. Instead :class:`Broker` reconnects (with tenacity's backoff, cycling through the
+configured URLs for cluster fail-over) and bumps a *generation*; every user of the connection
+(publisher, result consumer, worker consumers) notices the new generation and rebuilds its own
+channels, declarations and consumers. A delivery from an older generation is never acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from .errors import BrokerConnectionError
+from .settings import Settings
+from .urls import mask_url
+
+log = logging.getLogger("amqtask.connection")
+
+#: Errors that mean "the connection or channel went away", as opposed to a broker refusal.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    OSError,
+    asyncio.IncompleteReadError,
+)
+
+ReconnectListener = Callable[[int], Awaitable[None]]
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context for ``amqps://`` URLs: CA verification and hostname checks on by default."""
+    options: dict[str, Any] = settings.broker_ssl_options or {}
+    if not any(url.startswith("amqps://") for url in settings.broker_url) and not options:
+        return None
+    context = ssl.create_default_context(cafile=options.get("cafile"))
+    context.check_hostname = bool(options.get("check_hostname", True))
+    if options.get("certfile"):
+        context.load_cert_chain(options["certfile"], options.get("keyfile"))
+    return context
+
+
+class Broker:
+    """A self-healing connection to RabbitMQ, bound to the event loop it was first used on."""
+
+    def __init__(self, settings: Settings, *, name: str) -> None:
+        self.settings = settings
+        self.name = name
+        self.generation = 0
+        self._urls = itertools.cycle(settings.broker_url)
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._ready = asyncio.Event()
+        self._closing = False
+        self._keeper: asyncio.Task[None] | None = None
+        self._listeners: list[ReconnectListener] = []
+        #: The most recent connection failure, masked, for error messages.
+        self.last_error: str | None = None
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is up right now."""
+        return self._ready.is_set() and self._connection is not None and not self._connection.is_closed
+
+    def on_reconnect(self, listener: ReconnectListener) -> None:
+        """Call ``listener(generation)`` after every reconnection (not after the first connect)."""
+        self._listeners.append(listener)
+
+    async def connection(self, timeout: float | None = None) -> aio_pika.abc.AbstractConnection:
+        """The current connection, waiting (up to ``timeout``) while amqtask (re)connects."""
+        if self._keeper is None:
+            self._keeper = asyncio.get_running_loop().create_task(
+                self._keep_connected(), name=f"{self.name}-keeper"
+            )
+        if not self._ready.is_set():
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                last = f"; last error: {self.last_error}" if self.last_error else ""
+                raise BrokerConnectionError(
+                    f"no connection to the broker ({', '.join(map(mask_url, self.settings.broker_url))}) "
+                    f"within {timeout:.1f}s{last}"
+                ) from None
+        assert self._connection is not None
+        return self._connection
+
+    async def channel(self, *, confirms: bool = True, timeout: float | None = None) -> AbstractChannel:
+        """A new channel on the current connection (publisher confirms on unless told otherwise)."""
+        connection = await self.connection(timeout)
+        return await connection.channel(publisher_confirms=confirms, on_return_raises=confirms)
+
+    def connection_lost(self) -> None:
+        """Tell the keeper the connection is unusable (a heartbeat miss may not have closed it yet)."""
+        if self._connection is not None and not self._connection.is_closed:
+            asyncio.get_running_loop().create_task(self._connection.close())
+
+    async def _connect_once(self) -> aio_pika.abc.AbstractConnection:
+        url = next(self._urls)
+        try:
+            return await aio_pika.connect(
+                url,
+                timeout=self.settings.broker_connect_timeout_s,
+                heartbeat=self.settings.broker_heartbeat_s,
+                ssl_context=ssl_context(self.settings),
+                client_properties={"connection_name": self.name},
+            )
+        except Exception as exc:
+            self.last_error = f"{mask_url(url)}: {_describe(exc)}"
+            log.warning("cannot connect to %s", self.last_error)
+            raise BrokerConnectionError(self.last_error) from exc
+
+    async def _keep_connected(self) -> None:
+        retrying = AsyncRetrying(
+            wait=wait_exponential_jitter(initial=0.1, max=self.settings.broker_reconnect_max_s),
+            retry=retry_if_exception_type(BrokerConnectionError),
+        )
+        while not self._closing:
+            async for attempt in retrying:
+                with attempt:
+                    connection = await self._connect_once()
+            lost = asyncio.Event()
+            connection.close_callbacks.add(lambda *_: lost.set())
+            self._connection = connection
+            self.generation += 1
+            self._ready.set()
+            if self.generation > 1:
+                log.info("%s reconnected (generation %d)", self.name, self.generation)
+                for listener in list(self._listeners):
+                    with contextlib.suppress(Exception):
+                        await listener(self.generation)
+            await lost.wait()
+            self._ready.clear()
+            if not self._closing:
+                log.warning("%s lost its broker connection; reconnecting", self.name)
+
+    async def close(self) -> None:
+        """Close the connection and stop reconnecting."""
+        self._closing = True
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._keeper
+        if self._connection is not None and not self._connection.is_closed:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+        self._ready.clear()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+__all__ = ["CONNECTION_ERRORS", "Broker", "ssl_context"]

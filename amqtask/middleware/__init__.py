@@ -1,0 +1,45 @@
+"""Middleware: the one extension mechanism, async hooks around publishing and processing.
+
+Subclass :class:`Middleware`, override the hooks you need, and add an instance to ``app.middleware``.
+Hooks run in list order. Canvas follow-ups (chains, callbacks, chords) and message signing are
+middleware; a hook that raises :class:`~amqtask.errors.Reject` in ``before_process`` dead-letters the
+message.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..app import App
+    from ..protocol import ResultMessage, TaskMessage, WireMessage
+    from ..worker.worker import Worker
+
+
+class Middleware:
+    """Base class with no-op hooks."""
+
+    async def before_publish(self, app: App, message: TaskMessage, wire: WireMessage) -> None:
+        """Called with the encoded message before it is published (may change ``wire.headers``)."""
+
+    async def before_process(self, worker: Worker, message: TaskMessage, wire: WireMessage) -> None:
+        """Called after a delivery was decoded and its task found, before it runs."""
+
+    async def after_success(
+        self, worker: Worker, message: TaskMessage, value: Any, report: ResultMessage
+    ) -> None:
+        """Called after a task succeeded, before its reply is sent and its delivery acked."""
+
+    async def after_failure(
+        self, worker: Worker, message: TaskMessage, exc: BaseException, report: ResultMessage
+    ) -> None:
+        """Called after a task finally failed (no retry left), before it is dead-lettered and acked."""
+
+    async def on_worker_start(self, worker: Worker) -> None:
+        """Called once the worker consumes."""
+
+    async def on_worker_stop(self, worker: Worker) -> None:
+        """Called when the worker stops."""
+
+
+__all__ = ["Middleware"]

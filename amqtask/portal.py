@@ -1,0 +1,109 @@
+"""Synchronous callers (scripts, Django views, worker threads) run amqtask's async code through a portal.
+
+The portal is an event loop on a background thread, one per process; ``delay()`` and ``get()``
+submit coroutines to it and block until they finish. After ``fork()`` the child gets a new loop (and
+so new connections): the parent's thread does not exist in the child. A worker attaches its own loop
+instead, so that sync tasks in its threads share the worker's connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import os
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from .errors import MisuseError
+
+T = TypeVar("T")
+
+
+class Portal:
+    """A background event loop that synchronous code can run coroutines on."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+        self._owned = False
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Use ``loop`` (already running on another thread, e.g. a worker's) instead of a thread of our own."""
+        with self._lock:
+            self._loop, self._thread, self._pid, self._owned = loop, None, os.getpid(), False
+
+    def detach(self) -> None:
+        """Forget an attached loop."""
+        with self._lock:
+            if not self._owned:
+                self._loop = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The portal's loop, started on first use (and again in a forked child)."""
+        with self._lock:
+            if self._loop is None or self._pid != os.getpid() or self._loop.is_closed():
+                self._start()
+            assert self._loop is not None
+            return self._loop
+
+    def _start(self) -> None:
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(ready.set)
+            loop.run_forever()
+
+        thread = threading.Thread(target=run, name=f"{self.name}-portal", daemon=True)
+        thread.start()
+        ready.wait()
+        self._loop, self._thread, self._pid, self._owned = loop, thread, os.getpid(), True
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the portal loop and return its result (blocking the calling thread)."""
+        loop = self.loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            coro.close()
+            raise MisuseError(
+                "a blocking amqtask call was made on the event loop that serves it; in async code use the "
+                "awaitable twin (adelay, aapply_async, aget, or `await result`)"
+            )
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise
+
+    def stop(self, cleanup: Coroutine[Any, Any, Any] | None = None, timeout: float = 5.0) -> None:
+        """Run ``cleanup`` and stop the loop if the portal owns it."""
+        with self._lock:
+            loop, owned, pid = self._loop, self._owned, self._pid
+        if loop is None or not owned or pid != os.getpid() or loop.is_closed():
+            if cleanup is not None:
+                cleanup.close()
+            return
+        if cleanup is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(cleanup, loop).result(timeout)
+            except Exception:
+                pass
+        loop.call_soon_threadsafe(loop.stop)
+        with self._lock:
+            self._loop = None
+
+
+def register_exit(portal: Portal, cleanup: Any) -> None:
+    """Close the portal's connections when the interpreter exits."""
+    atexit.register(lambda: portal.stop(cleanup()))

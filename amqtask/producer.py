@@ -1,0 +1,171 @@
+"""Publishing with publisher confirms: a send returns only once the broker has taken the message.
+
+All sends of one process share one confirm channel, so concurrent callers pipeline their confirms
+instead of waiting one round trip each (RabbitMQ-FACTS: ~1,100 msg/s one by one, ~5,300/s pipelined).
+A send that hits a lost connection waits for the reconnect and publishes again until
+``publish_timeout_s`` runs out; then it raises. A send never vanishes silently: mandatory publishing
+turns "no queue would receive this" into :class:`~amqtask.errors.UnroutableError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel
+
+from . import delays, topology
+from .connection import CONNECTION_ERRORS, Broker
+from .errors import BrokerConnectionError, PublishError, TopologyNotFoundError, UnroutableError
+from .protocol import WireMessage
+from .settings import Settings
+from .topology import QueueSpec
+
+log = logging.getLogger("amqtask.producer")
+
+
+def to_amqp(wire: WireMessage) -> aio_pika.Message:
+    """The aio-pika message for a :class:`WireMessage`."""
+    return aio_pika.Message(
+        wire.body,
+        headers=wire.headers,
+        content_type=wire.content_type,
+        content_encoding=wire.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode(wire.delivery_mode or 1),
+        priority=wire.priority,
+        correlation_id=wire.correlation_id,
+        reply_to=wire.reply_to,
+        expiration=wire.expiration,
+    )
+
+
+class Publisher:
+    """Confirmed publishing on one :class:`Broker`, with queue and delay-topology checks cached per connection."""
+
+    def __init__(self, broker: Broker, settings: Settings) -> None:
+        self.broker = broker
+        self.settings = settings
+        self.delay_topology = delays.DelayTopology(levels=settings.delay_levels)
+        self._channel: AbstractChannel | None = None
+        self._channel_lock = asyncio.Lock()
+        self._ensured: dict[str, int] = {}
+        self._delay_ready_generation = 0
+        self._delay_bound: dict[str, int] = {}
+        self._ensure_locks: dict[str, asyncio.Lock] = {}
+
+    async def _confirm_channel(self, timeout: float) -> AbstractChannel:
+        channel = self._channel
+        if channel is not None and not channel.is_closed:
+            return channel
+        async with self._channel_lock:
+            if self._channel is None or self._channel.is_closed:
+                self._channel = await self.broker.channel(confirms=True, timeout=timeout)
+            return self._channel
+
+    async def publish(
+        self,
+        wire: WireMessage,
+        exchange: str,
+        routing_key: str,
+        *,
+        mandatory: bool = True,
+        timeout: float | None = None,
+    ) -> None:
+        """Publish and wait for the broker's confirm, riding out reconnects until the deadline."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.settings.publish_timeout_s)
+        message = to_amqp(wire)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PublishError(
+                    f"message to exchange {exchange!r} with routing key {routing_key!r} was not confirmed "
+                    f"within {self.settings.publish_timeout_s:.1f}s (broker unreachable)"
+                )
+            try:
+                channel = await self._confirm_channel(remaining)
+                target = (
+                    await channel.get_exchange(exchange, ensure=False)
+                    if exchange
+                    else channel.default_exchange
+                )
+                await target.publish(message, routing_key, mandatory=mandatory, timeout=remaining)
+                return
+            except aio_pika.exceptions.PublishError:
+                raise UnroutableError(
+                    f"no queue is bound to exchange {exchange!r} for routing key {routing_key!r}; the message "
+                    "was returned by the broker, not delivered"
+                ) from None
+            except aio_pika.exceptions.DeliveryError as exc:
+                raise PublishError(
+                    f"broker refused the message (nack) on exchange {exchange!r}: {exc}"
+                ) from None
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                raise TopologyNotFoundError(f"cannot publish: {exc.args[0] if exc.args else exc}") from None
+            except (*CONNECTION_ERRORS, BrokerConnectionError, asyncio.TimeoutError) as exc:
+                log.debug("publish interrupted (%s); retrying after reconnect", type(exc).__name__)
+                await self._wait_for_new_connection(deadline)
+
+    async def _wait_for_new_connection(self, deadline: float) -> None:
+        # A closed channel on a live connection is replaced at once; a dead connection is awaited.
+        if self._channel is not None and self._channel.is_closed and self.broker.connected:
+            return
+        self.broker.connection_lost()
+        await asyncio.sleep(0)  # let the keeper notice the close before we ask for a connection again
+        try:
+            await self.broker.connection(max(0.01, deadline - time.monotonic()))
+        except BrokerConnectionError:
+            return
+
+    async def ensure_queue(self, spec: QueueSpec) -> None:
+        """Make sure ``spec``'s queue exists: check passively, declare it from the configuration only if missing."""
+        generation = self.broker.generation
+        if self._ensured.get(spec.name) == generation and generation:
+            return
+        lock = self._ensure_locks.setdefault(spec.name, asyncio.Lock())
+        async with lock:
+            if self._ensured.get(spec.name) == self.broker.generation and self.broker.generation:
+                return
+            if not await topology.queue_exists(self.broker, spec.name):
+                log.info("queue %r does not exist yet; declaring it", spec.name)
+                await topology.declare_queue(self.broker, spec)
+            self._ensured[spec.name] = self.broker.generation
+
+    async def ensure_delays(self) -> None:
+        """Declare the delay levels once per connection."""
+        if self._delay_ready_generation == self.broker.generation and self.broker.generation:
+            return
+        channel = await self.broker.channel(confirms=False)
+        try:
+            await delays.declare_delay_topology(channel, self.delay_topology)
+        finally:
+            await channel.close()
+        self._delay_ready_generation = self.broker.generation
+
+    async def _bind_delays(self, queue: str) -> None:
+        if self._delay_bound.get(queue) == self.broker.generation:
+            return
+        await self.ensure_delays()
+        channel = await self.broker.channel(confirms=False)
+        try:
+            await delays.bind_destination(channel, self.delay_topology, queue)
+        finally:
+            await channel.close()
+        self._delay_bound[queue] = self.broker.generation
+
+    async def publish_delayed(self, wire: WireMessage, queue: QueueSpec, delay_s: float) -> None:
+        """Publish through the broker's delay levels so the message reaches ``queue`` after ``delay_s``."""
+        await self._bind_delays(queue.name)
+        exchange, routing_key, extra = self.delay_topology.route(delay_s, queue.name)
+        headers: dict[str, Any] = delays.strip_death_headers(dict(wire.headers))
+        headers.update(extra)
+        delayed = WireMessage(**{**wire.__dict__, "headers": headers})
+        await self.publish(delayed, exchange, routing_key)
+
+    async def close(self) -> None:
+        """Close the confirm channel."""
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()

@@ -1,0 +1,267 @@
+"""Results over RPC: the process's reply-to queue, the results that arrived on it, and :class:`AsyncResult`.
+
+Each process has one reply queue (``amqtask.reply.<uuid>``). It is durable and not auto-delete, with
+``x-expires``, so replies wait in it while the client's connection is down and the queue goes away
+by itself once the process is gone for ``result_expires_s``. Every event loop of the process that
+sends tasks consumes from it and feeds one thread-safe :class:`ResultStore`, so a result can be
+awaited from any loop or thread of the process. As with Celery's ``rpc://`` backend, only the process
+that sent a task receives its result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+from . import protocol
+from .connection import CONNECTION_ERRORS, Broker
+from .errors import AmqtaskError, MessageError, RemoteTaskError, TaskRevokedError, TimeoutError
+from .failures import decode_exception
+from .protocol import READY_STATES, ResultMessage, WireMessage
+from .serializers import DecodeLimits, normalize_accept
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .app import App
+
+R = TypeVar("R")
+log = logging.getLogger("amqtask.result")
+_ORDER = {protocol.PENDING: 0, protocol.STARTED: 1, protocol.RETRY: 2}
+
+
+class ResultStore:
+    """Thread-safe latest state per task id, with waiters on any event loop; bounded in size."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self._lock = threading.Lock()
+        self._results: OrderedDict[str, ResultMessage] = OrderedDict()
+        self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[ResultMessage]]]] = {}
+        self._max = max_entries
+
+    def put(self, result: ResultMessage) -> None:
+        """Record a state report; the first ready state wins, earlier states never overwrite later ones."""
+        with self._lock:
+            current = self._results.get(result.task_id)
+            if current is not None and not _newer(result, current):
+                return
+            self._results[result.task_id] = result
+            self._results.move_to_end(result.task_id)
+            while len(self._results) > self._max:
+                self._results.popitem(last=False)
+            waiters = self._waiters.pop(result.task_id, []) if result.status in READY_STATES else []
+        for loop, future in waiters:
+            loop.call_soon_threadsafe(_resolve, future, result)
+
+    def get(self, task_id: str) -> ResultMessage | None:
+        """The latest report for ``task_id``, if any arrived."""
+        with self._lock:
+            return self._results.get(task_id)
+
+    async def wait(self, task_id: str, timeout: float | None) -> ResultMessage:
+        """Wait until ``task_id`` is ready (SUCCESS, FAILURE or REVOKED)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[ResultMessage] = loop.create_future()
+        with self._lock:
+            current = self._results.get(task_id)
+            if current is not None and current.status in READY_STATES:
+                return current
+            self._waiters.setdefault(task_id, []).append((loop, future))
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"result of task {task_id} did not arrive within {timeout}s") from None
+        finally:
+            with self._lock:
+                waiters = self._waiters.get(task_id)
+                if waiters and (loop, future) in waiters:
+                    waiters.remove((loop, future))
+                    if not waiters:
+                        del self._waiters[task_id]
+
+
+def _newer(new: ResultMessage, old: ResultMessage) -> bool:
+    if old.status in READY_STATES:
+        return False
+    return new.status in READY_STATES or _ORDER.get(new.status, 0) >= _ORDER.get(old.status, 0)
+
+
+def _resolve(future: asyncio.Future[ResultMessage], result: ResultMessage) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+class ResultConsumer:
+    """Consumes the process's reply queue on one event loop and feeds the shared store."""
+
+    def __init__(self, broker: Broker, settings: Settings, queue_name: str, store: ResultStore) -> None:
+        self.broker = broker
+        self.settings = settings
+        self.queue_name = queue_name
+        self.store = store
+        self._accept = normalize_accept(settings.result_accept_content)
+        self._limits = DecodeLimits(settings.message_max_bytes, settings.message_max_depth)
+        self._channel: AbstractChannel | None = None
+        self._started_generation = 0
+        self._lock = asyncio.Lock()
+        broker.on_reconnect(self._restart)
+
+    async def ensure_started(self, timeout: float | None = None) -> None:
+        """Declare the reply queue and consume it (once per connection)."""
+        if (
+            self._started_generation == self.broker.generation
+            and self._channel
+            and not self._channel.is_closed
+        ):
+            return
+        async with self._lock:
+            if (
+                self._started_generation == self.broker.generation
+                and self._channel
+                and not self._channel.is_closed
+            ):
+                return
+            channel = await self.broker.channel(confirms=False, timeout=timeout)
+            await channel.set_qos(prefetch_count=1000)
+            queue = await channel.declare_queue(
+                self.queue_name,
+                durable=True,
+                arguments={"x-expires": self.settings.result_expires_s * 1000},
+            )
+            channel.close_callbacks.add(lambda *_: self._channel_closed())
+            await queue.consume(self._on_message)
+            self._channel = channel
+            self._started_generation = self.broker.generation
+
+    def _channel_closed(self) -> None:
+        self._started_generation = 0
+
+    async def _restart(self, generation: int) -> None:
+        try:
+            await self.ensure_started(self.settings.publish_timeout_s)
+        except (*CONNECTION_ERRORS, AmqtaskError) as exc:
+            log.warning("could not resume consuming results: %s", exc)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        wire = WireMessage(
+            body=message.body,
+            content_type=message.content_type,
+            headers=dict(message.headers or {}),
+            correlation_id=message.correlation_id,
+        )
+        try:
+            self.store.put(protocol.decode_result(wire, self._accept, self._limits))
+        except (MessageError, AmqtaskError) as exc:
+            log.error("dropping an unreadable result (correlation_id=%s): %s", message.correlation_id, exc)
+        with contextlib.suppress(*CONNECTION_ERRORS, aiormq.exceptions.AMQPError):
+            await message.ack()
+
+    async def close(self) -> None:
+        """Stop consuming (the queue stays until it expires, keeping replies that still arrive)."""
+        if self._channel is not None and not self._channel.is_closed:
+            with contextlib.suppress(Exception):
+                await self._channel.close()
+
+
+def new_reply_queue_name() -> str:
+    """A fresh, process-unique reply queue name."""
+    return f"amqtask.reply.{uuid.uuid4()}"
+
+
+class AsyncResult(Generic[R]):
+    """A handle on one task's outcome: ``get()`` / ``await aget()`` / ``await result``."""
+
+    def __init__(self, id: str, app: App | None = None, *, task_name: str | None = None) -> None:
+        from .app import current_app
+
+        self.id = id
+        self.app = app if app is not None else current_app()
+        self.task_name = task_name
+        self.parent: AsyncResult[Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"<AsyncResult {self.id} {self.state}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AsyncResult) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def _latest(self) -> ResultMessage | None:
+        return self.app.result_store.get(self.id)
+
+    @property
+    def state(self) -> str:
+        """PENDING, STARTED, RETRY, SUCCESS, FAILURE or REVOKED: the latest state that arrived."""
+        latest = self._latest()
+        return latest.status if latest is not None else protocol.PENDING
+
+    status = state
+
+    def ready(self) -> bool:
+        """Whether the task finished (successfully or not)."""
+        return self.state in READY_STATES
+
+    def successful(self) -> bool:
+        """Whether the task finished successfully."""
+        return self.state == protocol.SUCCESS
+
+    def failed(self) -> bool:
+        """Whether the task failed (or was revoked)."""
+        return self.state in (protocol.FAILURE, protocol.REVOKED)
+
+    @property
+    def result(self) -> Any:
+        """The return value, the exception of a failure, or None while not ready."""
+        latest = self._latest()
+        if latest is None:
+            return None
+        if latest.status == protocol.FAILURE:
+            return decode_exception(latest.result, latest.traceback)
+        return latest.result
+
+    @property
+    def traceback(self) -> str | None:
+        """The remote traceback of a failure."""
+        latest = self._latest()
+        return latest.traceback if latest is not None else None
+
+    def _outcome(self, report: ResultMessage, propagate: bool) -> Any:
+        if report.status == protocol.SUCCESS:
+            return report.result
+        error: AmqtaskError
+        if report.status == protocol.REVOKED:
+            error = TaskRevokedError(f"task {self.id} was revoked: {report.result}")
+        else:
+            error = decode_exception(report.result, report.traceback)
+        if propagate:
+            raise error
+        return error
+
+    async def aget(self, timeout: float | None = None, propagate: bool = True) -> R:
+        """Wait for the outcome: the return value, or raise the task's failure (see :class:`RemoteTaskError`)."""
+        report = await self.app.result_store.wait(self.id, timeout)
+        return self._outcome(report, propagate)  # type: ignore[no-any-return]
+
+    def get(self, timeout: float | None = None, propagate: bool = True) -> R:
+        """Block until the outcome is known; like :meth:`aget` for synchronous code."""
+        return self.app.portal.run(self.aget(timeout, propagate))
+
+    def wait(self, timeout: float | None = None, propagate: bool = True) -> R:
+        """Alias of :meth:`get` (Celery has both)."""
+        return self.get(timeout, propagate)
+
+    def __await__(self) -> Generator[Any, None, R]:
+        return self.aget().__await__()
+
+
+__all__ = ["AsyncResult", "RemoteTaskError", "ResultConsumer", "ResultStore", "new_reply_queue_name"]

@@ -1,0 +1,149 @@
+"""Body codecs (msgpack, JSON), the ``accept_content`` allowlist and the decoder's limits.
+
+Never pickle: only data that both codecs can carry travels. Values that JSON and msgpack lack
+(datetimes, UUIDs, decimals, sets) are turned into strings or lists on the way out, like Celery's
+JSON encoder does, so a Celery peer reads the same values.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import json
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .errors import ConfigurationError, ContentDisallowedError, SerializationError
+
+JSON_CONTENT_TYPE = "application/json"
+MSGPACK_CONTENT_TYPE = "application/x-msgpack"
+
+
+def _to_plain(value: Any) -> Any:
+    """Turn the few non-native types task arguments commonly hold into plain data."""
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID | decimal.Decimal):
+        return str(value)
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", errors="replace")
+    raise TypeError(f"Object of type {type(value).__name__} cannot be serialized")
+
+
+def _json_dumps(obj: Any) -> bytes:
+    # Python's json defaults (", " / ": " separators, ASCII escapes) are what Celery sends.
+    return json.dumps(obj, default=_to_plain).encode("utf-8")
+
+
+def _json_loads(data: bytes) -> Any:
+    return json.loads(data)
+
+
+def _msgpack_dumps(obj: Any) -> bytes:
+    return msgpack.packb(obj, default=_to_plain, use_bin_type=True, datetime=False)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class Codec:
+    """One body encoding: its name in settings, its AMQP content type and encoding."""
+
+    name: str
+    content_type: str
+    content_encoding: str
+    dumps: Callable[[Any], bytes]
+    loads: Callable[[bytes], Any]
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds on what a worker agrees to decode, so a hostile message cannot exhaust it."""
+
+    max_bytes: int = 16 * 1024 * 1024
+    max_depth: int = 64
+
+
+def _msgpack_loads(data: bytes) -> Any:
+    # msgpack caps every container and string at the body's own length, so a short body cannot
+    # claim a huge allocation; the body length itself is checked against the limit before this.
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+JSON = Codec("json", JSON_CONTENT_TYPE, "utf-8", _json_dumps, _json_loads)
+MSGPACK = Codec("msgpack", MSGPACK_CONTENT_TYPE, "binary", _msgpack_dumps, _msgpack_loads)
+
+CODECS: dict[str, Codec] = {JSON.name: JSON, MSGPACK.name: MSGPACK}
+_BY_CONTENT_TYPE: dict[str, Codec] = {c.content_type: c for c in CODECS.values()}
+# Celery accepts these aliases in accept_content; so do we.
+_ALIASES = {JSON_CONTENT_TYPE: "json", MSGPACK_CONTENT_TYPE: "msgpack", "application/msgpack": "msgpack"}
+
+
+def codec(name: str) -> Codec:
+    """The codec called ``name`` (``json`` or ``msgpack``)."""
+    try:
+        return CODECS[name]
+    except KeyError:
+        raise ConfigurationError(f"unknown serializer {name!r}; choose one of {sorted(CODECS)}") from None
+
+
+def normalize_accept(names: Iterable[str]) -> frozenset[str]:
+    """Map ``accept_content`` entries (names or content types) to codec names, rejecting unknown ones."""
+    accepted = set()
+    for entry in names:
+        name = _ALIASES.get(entry, entry)
+        if name not in CODECS:
+            raise ConfigurationError(
+                f"accept_content: unknown content {entry!r}; choose from {sorted(CODECS)}"
+            )
+        accepted.add(name)
+    return frozenset(accepted)
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return False
+
+
+def decode(body: bytes, content_type: str | None, accept: frozenset[str], limits: DecodeLimits) -> Any:
+    """Decode a message body, enforcing the allowlist, the size limit and the nesting limit."""
+    found = _BY_CONTENT_TYPE.get(content_type or "") or (
+        CODECS.get(_ALIASES.get(content_type or "", "")) if content_type else None
+    )
+    if found is None or found.name not in accept:
+        raise ContentDisallowedError(
+            f"content type {content_type!r} is not accepted (accept_content={sorted(accept)})", body
+        )
+    if len(body) > limits.max_bytes:
+        raise SerializationError(f"body of {len(body)} bytes exceeds the limit of {limits.max_bytes}", body)
+    try:
+        value = found.loads(body)
+    except RecursionError:
+        raise SerializationError(
+            f"{found.name} body nests deeper than the limit of {limits.max_depth}", body
+        ) from None
+    except Exception as exc:
+        raise SerializationError(f"cannot decode {found.name} body: {exc}", body) from exc
+    if _depth_exceeds(value, limits.max_depth):
+        raise SerializationError(f"{found.name} body nests deeper than the limit of {limits.max_depth}", body)
+    return value
+
+
+def encode(value: Any, serializer: Codec) -> bytes:
+    """Encode ``value`` with ``serializer``, raising :class:`SerializationError` for unsupported values."""
+    try:
+        return serializer.dumps(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SerializationError(f"cannot encode value as {serializer.name}: {exc}") from exc

@@ -1,0 +1,235 @@
+"""Typed settings with defaults, read from keyword arguments, an object or dict, and ``AMQTASK_*`` env vars.
+
+Every setting is declared once in :data:`SPECS` with its type and default; assigning a value of the
+wrong type, or a name that is not a setting, raises :class:`ConfigurationError` naming the setting
+(and suggesting the nearest known name). Names follow Celery's where amqtask has the same setting, so
+a Celery config module mostly reads as is.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigurationError
+
+ENV_PREFIX = "AMQTASK_"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One setting: its default, a validator that returns the normalized value, and a help line."""
+
+    default: Any
+    check: Callable[[str, Any], Any]
+    help: str
+
+
+def _str(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(f"setting {name!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _opt_str(name: str, value: Any) -> str | None:
+    return None if value is None else _str(name, value)
+
+
+def _bool(name: str, value: Any) -> bool:
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.lower() in ("1", "true", "yes", "on")
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"setting {name!r} must be true or false, got {value!r}")
+    return value
+
+
+def _number(minimum: float, *, integer: bool = False, allow_none: bool = False) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        if value is None and allow_none:
+            return None
+        if isinstance(value, str):
+            try:
+                value = int(value) if integer else float(value)
+            except ValueError:
+                raise ConfigurationError(f"setting {name!r} must be a number, got {value!r}") from None
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or (integer and not isinstance(value, int))
+        ):
+            kind = "an integer" if integer else "a number"
+            raise ConfigurationError(f"setting {name!r} must be {kind}, got {value!r}")
+        if value < minimum:
+            raise ConfigurationError(f"setting {name!r} must be >= {minimum}, got {value!r}")
+        return value
+
+    return check
+
+
+def _broker_urls(name: str, value: Any) -> tuple[str, ...]:
+    urls = [u.strip() for u in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(urls, list | tuple) or not urls or not all(isinstance(u, str) and u for u in urls):
+        raise ConfigurationError(f"setting {name!r} must be a URL or a list of URLs, got {value!r}")
+    for url in urls:
+        if not url.startswith(("amqp://", "amqps://")):
+            raise ConfigurationError(
+                f"setting {name!r}: {url.split('@')[-1]!r} is not an amqp:// or amqps:// URL"
+            )
+    return tuple(urls)
+
+
+def _str_list(name: str, value: Any) -> tuple[str, ...]:
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple | set | frozenset) or not all(isinstance(v, str) for v in items):
+        raise ConfigurationError(f"setting {name!r} must be a list of strings, got {value!r}")
+    return tuple(items)
+
+
+def _serializer(name: str, value: Any) -> str:
+    if value not in ("json", "msgpack"):
+        raise ConfigurationError(f"setting {name!r} must be 'json' or 'msgpack', got {value!r}")
+    return str(value)
+
+
+def _opt_serializer(name: str, value: Any) -> str | None:
+    return None if value is None else _serializer(name, value)
+
+
+def _json_value(kind: type, what: str) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ConfigurationError(
+                    f"setting {name!r} must be {what} (JSON in the environment)"
+                ) from None
+        if value is not None and not isinstance(value, kind):
+            raise ConfigurationError(f"setting {name!r} must be {what}, got {type(value).__name__}")
+        return value
+
+    return check
+
+
+def _anything(name: str, value: Any) -> Any:
+    return value
+
+
+def _keys(name: str, value: Any) -> tuple[str, ...] | None:
+    return None if value is None else _str_list(name, value)
+
+
+_CPUS = os.cpu_count() or 1
+
+SPECS: dict[str, Spec] = {
+    "broker_url": Spec(("amqp://guest:guest@localhost:5672//",), _broker_urls,
+                       "broker URL, or several (comma-separated) to fail over between cluster nodes"),
+    "broker_heartbeat_s": Spec(30, _number(0, integer=True), "AMQP heartbeat; a dead peer is noticed in ~2x this"),
+    "broker_connect_timeout_s": Spec(10.0, _number(0.1), "time to wait for one connection attempt"),
+    "broker_reconnect_max_s": Spec(10.0, _number(0.1), "longest pause between reconnection attempts"),
+    "broker_ssl_options": Spec(None, _json_value(dict, "a dict of ssl options"),
+                               "TLS: cafile, certfile, keyfile, check_hostname (amqps:// URLs)"),
+    "publish_timeout_s": Spec(30.0, _number(0.1), "how long a send may take, reconnects included, before it fails"),
+    "task_default_queue": Spec("default", _str, "queue of tasks with no other route (Celery users: 'celery')"),
+    "task_default_exchange": Spec("", _anything, "exchange of the default queue ('' = the default exchange)"),
+    "task_default_priority": Spec(None, _number(0, integer=True, allow_none=True), "priority of tasks without one"),
+    "task_serializer": Spec("msgpack", _serializer, "body encoding of task messages: msgpack or json"),
+    "result_serializer": Spec(None, _opt_serializer, "encoding of results; default: the task message's own"),
+    "accept_content": Spec(("msgpack", "json"), _str_list, "encodings a worker accepts"),
+    "result_accept_content": Spec(("msgpack", "json"), _str_list, "encodings a client accepts in results"),
+    "task_ignore_result": Spec(False, _bool, "send no results unless a task asks for them"),
+    "task_track_started": Spec(False, _bool, "report STARTED when a worker begins a task"),
+    "task_create_missing_queues": Spec(True, _bool, "declare a task's queue on first send when it is missing"),
+    "task_queues": Spec(None, _anything, "queue definitions (see the routing section)"),
+    "task_routes": Spec(None, _anything, "task name -> route: dict, list of dicts/functions, or a function"),
+    "task_time_limit": Spec(None, _number(0, allow_none=True), "hard time limit per task, seconds"),
+    "task_soft_time_limit": Spec(None, _number(0, allow_none=True), "soft time limit per task, seconds"),
+    "task_default_retry_delay": Spec(180.0, _number(0), "default countdown of self.retry(), seconds"),
+    "task_max_retries": Spec(3, _number(0, integer=True, allow_none=True), "default max_retries"),
+    "result_expires_s": Spec(86400, _number(1, integer=True), "reply queues vanish after being unused this long"),
+    "result_persistent": Spec(True, _bool, "replies survive a broker restart"),
+    "worker_concurrency": Spec(_CPUS, _number(1, integer=True), "tasks run at once per worker process"),
+    "worker_prefetch_multiplier": Spec(4, _number(1, integer=True), "prefetch = concurrency x this"),
+    "worker_shutdown_grace_s": Spec(30.0, _number(0), "time running tasks get to finish on SIGTERM"),
+    "worker_hostname": Spec(None, _opt_str, "worker node name (default amqtask@<host>)"),
+    "message_max_bytes": Spec(16 * 1024 * 1024, _number(1, integer=True), "largest body a worker decodes"),
+    "message_max_depth": Spec(64, _number(1, integer=True), "deepest nesting a worker decodes"),
+    "delay_levels": Spec(28, _number(1, integer=True), "number of binary delay levels (2^n s max delay)"),
+    "timezone": Spec("UTC", _str, "timezone of crontab schedules and naive datetimes in beat"),
+    "beat_schedule": Spec(None, _json_value(dict, "a dict of entries"), "periodic tasks"),
+    "beat_lock_name": Spec(None, _opt_str, "name of beat's lock queue (default amqtask.beat.<app>)"),
+    "signing_keys": Spec(None, _keys, "HMAC keys; the first signs, all verify"),
+}  # fmt: skip
+
+
+class Settings:
+    """The settings of one :class:`~amqtask.App`; attribute access, validated on every assignment."""
+
+    def __init__(self, **values: Any) -> None:
+        for name, spec in SPECS.items():
+            object.__setattr__(self, name, spec.default)
+        self.update(values)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        spec = SPECS.get(name)
+        if spec is None:
+            raise ConfigurationError(_unknown(name))
+        object.__setattr__(self, name, spec.check(name, value))
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(_unknown(name))
+
+    def update(self, values: Mapping[str, Any]) -> None:
+        """Set several settings at once; every name must be a known setting."""
+        for name, value in values.items():
+            setattr(self, name, value)
+
+    def from_env(self, environ: Mapping[str, str] | None = None) -> None:
+        """Read ``AMQTASK_<NAME>`` variables (``AMQTASK_BROKER_URL`` and so on)."""
+        environ = os.environ if environ is None else environ
+        for key, value in environ.items():
+            if key.startswith(ENV_PREFIX):
+                name = key[len(ENV_PREFIX) :].lower()
+                if name not in SPECS:
+                    raise ConfigurationError(f"environment variable {key}: {_unknown(name)}")
+                setattr(self, name, value)
+
+    def from_object(self, source: object | str | Mapping[str, Any], namespace: str | None = None) -> None:
+        """Read settings from a module (or its dotted path), an object's attributes, or a mapping.
+
+        With ``namespace="CELERY"``, names like ``CELERY_BROKER_URL`` are read (the Django convention);
+        otherwise lowercase attribute names that are settings are read and the rest ignored.
+        """
+        if isinstance(source, str):
+            source = importlib.import_module(source)
+        items: Iterable[tuple[str, Any]] = (
+            source.items() if isinstance(source, Mapping) else ((k, getattr(source, k)) for k in dir(source))
+        )
+        prefix = f"{namespace}_" if namespace else ""
+        for key, value in items:
+            if prefix:
+                if not key.startswith(prefix):
+                    continue
+                key = key[len(prefix) :].lower()
+                if key not in SPECS:
+                    raise ConfigurationError(f"{prefix}{key.upper()}: {_unknown(key)}")
+            elif key not in SPECS:
+                if isinstance(source, Mapping):
+                    raise ConfigurationError(_unknown(key))
+                continue
+            setattr(self, key, value)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every setting and its current value."""
+        return {name: getattr(self, name) for name in SPECS}
+
+
+def _unknown(name: str) -> str:
+    close = difflib.get_close_matches(name, SPECS, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown setting {name!r}{hint}"

@@ -1,0 +1,210 @@
+"""Everything amqtask declares on the broker: task queues, their exchanges, bindings and dead-letter queues.
+
+Declarations are idempotent. A broker refusal is translated into an :class:`~amqtask.errors.AmqtaskError`
+that says what was refused: a queue that exists with other arguments raises
+:class:`~amqtask.errors.TopologyMismatchError` naming the queue, the argument the broker holds and the
+arguments amqtask wanted. Every queue is durable (RabbitMQ 4.3 refuses transient non-exclusive queues).
+Each declaration runs on a channel of its own, because a refusal closes the channel it happened on.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiormq
+from aio_pika.abc import AbstractChannel, ExchangeType
+
+from .connection import Broker
+from .errors import ConfigurationError, TopologyError, TopologyMismatchError, TopologyNotFoundError
+
+EXCHANGE_TYPES = ("direct", "topic", "fanout", "headers")
+QUEUE_TYPES = ("classic", "quorum")
+DLQ_SUFFIX = ".dlq"
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """A task queue: how it is declared and how messages reach it.
+
+    ``exchange=""`` means the default exchange, where the routing key is the queue name (Celery's
+    layout for its queues). ``dead_letter`` declares ``<name>.dlq`` next to the queue and points the
+    queue's dead-letter arguments at it, so messages the broker drops (delivery limit, TTL) land there.
+    """
+
+    name: str
+    exchange: str = ""
+    exchange_type: str = "direct"
+    routing_key: str | None = None
+    binding_keys: tuple[str, ...] = ()
+    binding_arguments: Mapping[str, Any] = field(default_factory=dict)
+    max_priority: int | None = None
+    queue_type: str = "classic"
+    delivery_limit: int | None = None
+    dead_letter: bool = True
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        where = f"queue {self.name!r}"
+        if not self.name or self.name.startswith("amq."):
+            raise ConfigurationError(f"{where}: a queue name must be non-empty and not start with 'amq.'")
+        if self.exchange_type not in EXCHANGE_TYPES:
+            raise ConfigurationError(
+                f"{where}: exchange_type must be one of {EXCHANGE_TYPES}, got {self.exchange_type!r}"
+            )
+        if self.queue_type not in QUEUE_TYPES:
+            raise ConfigurationError(
+                f"{where}: queue_type must be one of {QUEUE_TYPES}, got {self.queue_type!r}"
+            )
+        if self.max_priority is not None:
+            if self.queue_type == "quorum":
+                raise ConfigurationError(
+                    f"{where}: max_priority is not supported on quorum queues (RabbitMQ refuses x-max-priority "
+                    "there); RabbitMQ 4.x quorum queues honour message priorities without it"
+                )
+            if not 1 <= self.max_priority <= 255:
+                raise ConfigurationError(f"{where}: max_priority must be 1..255, got {self.max_priority}")
+        if self.delivery_limit is not None and self.queue_type != "quorum":
+            raise ConfigurationError(f"{where}: delivery_limit needs queue_type='quorum'")
+
+    @property
+    def publish_exchange(self) -> str:
+        """The exchange a task for this queue is published to."""
+        return self.exchange
+
+    @property
+    def publish_routing_key(self) -> str:
+        """The routing key a task for this queue is published with."""
+        if not self.exchange:
+            return self.name
+        if self.routing_key is not None:
+            return self.routing_key
+        return self.binding_keys[0] if self.binding_keys else self.name
+
+    @property
+    def bindings(self) -> tuple[str, ...]:
+        """The routing keys the queue is bound with on its exchange."""
+        if not self.exchange:
+            return ()
+        if self.binding_keys:
+            return self.binding_keys
+        return (self.routing_key if self.routing_key is not None else self.name,)
+
+    @property
+    def dlq_name(self) -> str:
+        """Name of this queue's dead-letter queue."""
+        return self.name + DLQ_SUFFIX
+
+    def queue_arguments(self) -> dict[str, Any]:
+        """The ``x-`` arguments the queue is declared with."""
+        args: dict[str, Any] = {}
+        if self.queue_type == "quorum":
+            args["x-queue-type"] = "quorum"
+            if self.delivery_limit is not None:
+                args["x-delivery-limit"] = self.delivery_limit
+        if self.max_priority is not None:
+            args["x-max-priority"] = self.max_priority
+        if self.dead_letter:
+            args["x-dead-letter-exchange"] = ""
+            args["x-dead-letter-routing-key"] = self.dlq_name
+        args.update(self.arguments)
+        return args
+
+    def dlq_arguments(self) -> dict[str, Any]:
+        """Arguments of the dead-letter queue (same type as the queue, so it is as safe)."""
+        return {"x-queue-type": "quorum"} if self.queue_type == "quorum" else {}
+
+
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<arg>[^']+)' for (?P<kind>queue|exchange) '(?P<name>[^']+)'.*?"
+    r"received (?:the value '(?P<received>[^']*)' of type '[^']*'|none) but current is (?P<current>.+)$"
+)
+
+
+def translate(exc: Exception, kind: str, name: str, wanted: Any) -> Exception:
+    """Turn an aiormq channel error from a declaration into amqtask's exception for it."""
+    text = str(exc.args[0] if exc.args else exc)
+    if isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed):
+        match = _INEQUIVALENT.search(text)
+        if match:
+            existing = {match["arg"]: match["current"].strip()}
+            return TopologyMismatchError(kind, name, existing, wanted, text)
+        return TopologyMismatchError(kind, name, "unknown", wanted, text)
+    if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
+        return TopologyNotFoundError(f"{kind} {name!r} does not exist ({text})")
+    return TopologyError(f"broker refused {kind} {name!r}: {text}")
+
+
+async def _on_fresh_channel(broker: Broker, kind: str, name: str, wanted: Any, action: Any) -> Any:
+    channel = await broker.channel(confirms=False)
+    try:
+        return await action(channel)
+    except aiormq.exceptions.AMQPChannelError as exc:
+        raise translate(exc, kind, name, wanted) from None
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def declare_exchange(broker: Broker, name: str, exchange_type: str = "direct") -> None:
+    """Declare a durable exchange."""
+
+    async def action(channel: AbstractChannel) -> None:
+        await channel.declare_exchange(name, ExchangeType(exchange_type), durable=True)
+
+    await _on_fresh_channel(broker, "exchange", name, {"type": exchange_type, "durable": True}, action)
+
+
+async def declare_queue(broker: Broker, spec: QueueSpec) -> None:
+    """Declare ``spec``'s exchange, dead-letter queue, queue and bindings (idempotent)."""
+    if spec.exchange:
+        await declare_exchange(broker, spec.exchange, spec.exchange_type)
+    if spec.dead_letter:
+        dlq_args = spec.dlq_arguments()
+
+        async def declare_dlq(channel: AbstractChannel) -> None:
+            await channel.declare_queue(spec.dlq_name, durable=True, arguments=dlq_args)
+
+        await _on_fresh_channel(broker, "queue", spec.dlq_name, {"durable": True, **dlq_args}, declare_dlq)
+    wanted = spec.queue_arguments()
+
+    async def declare(channel: AbstractChannel) -> None:
+        queue = await channel.declare_queue(spec.name, durable=True, arguments=wanted)
+        for key in spec.bindings:
+            await queue.bind(spec.exchange, key, arguments=dict(spec.binding_arguments) or None)
+
+    await _on_fresh_channel(broker, "queue", spec.name, {"durable": True, **wanted}, declare)
+
+
+async def queue_exists(broker: Broker, name: str) -> bool:
+    """Whether a queue exists (a passive declare, which never changes anything)."""
+
+    async def passive(channel: AbstractChannel) -> bool:
+        await channel.declare_queue(name, passive=True)
+        return True
+
+    try:
+        return bool(await _on_fresh_channel(broker, "queue", name, None, passive))
+    except TopologyNotFoundError:
+        return False
+
+
+async def queue_depth(broker: Broker, name: str) -> int:
+    """Messages ready in a queue (not counting deliveries a consumer holds unacked)."""
+
+    async def passive(channel: AbstractChannel) -> int:
+        queue = await channel.declare_queue(name, passive=True)
+        return int(queue.declaration_result.message_count or 0)
+
+    return int(await _on_fresh_channel(broker, "queue", name, None, passive))
+
+
+async def delete_queue(broker: Broker, name: str) -> None:
+    """Delete a queue if it exists."""
+
+    async def action(channel: AbstractChannel) -> None:
+        await channel.queue_delete(name)
+
+    await _on_fresh_channel(broker, "queue", name, None, action)

@@ -1,0 +1,141 @@
+"""The worker's consumers: its queues on one channel, with per-consumer prefetch, kept consuming.
+
+Prefetch is the flow control: each consumer may hold ``concurrency x prefetch_multiplier`` unacked
+deliveries, never unbounded, and per-consumer QoS only (global QoS is ignored by RabbitMQ 4.3 and
+refused by quorum queues). The consumer watches for three ways of silently stopping — the channel
+closing, the connection dropping, and a broker-sent ``basic.cancel`` (queue deleted, or a quorum
+queue's consumer timeout on 4.3) — and consumes again in each case, re-declaring its queues first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from tenacity import wait_exponential_jitter
+
+from ..connection import CONNECTION_ERRORS
+from ..errors import AmqtaskError, BrokerConnectionError, TopologyError
+from ..topology import QueueSpec
+
+log = logging.getLogger("amqtask.worker")
+
+OnMessage = Callable[[AbstractIncomingMessage, QueueSpec], Awaitable[None]]
+_RECOVERABLE = (*CONNECTION_ERRORS, BrokerConnectionError, aiormq.exceptions.AMQPError, asyncio.TimeoutError)
+
+
+class Consumer:
+    """Consumes ``queues`` and hands every delivery to ``on_message``; survives reconnects and cancels."""
+
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[AbstractChannel]],
+        declare: Callable[[], Awaitable[None]],
+        queues: list[QueueSpec],
+        prefetch: int,
+        on_message: OnMessage,
+    ) -> None:
+        self._connect = connect
+        self._declare = declare
+        self.queues = queues
+        self.prefetch = prefetch
+        self._on_message = on_message
+        self._channel: AbstractChannel | None = None
+        self._interrupted = asyncio.Event()
+        self._stopping = False
+        #: Set while consumers are registered on a live channel (tests and health checks wait on it).
+        self.consuming = asyncio.Event()
+        self.resumptions = 0
+        self._tags: dict[str, str] = {}
+
+    async def run(self) -> None:
+        """Consume until :meth:`stop`; after any interruption consume again, backing off on repeated failures."""
+        wait = wait_exponential_jitter(initial=0.05, max=5.0)
+        failures = 0
+        while not self._stopping:
+            try:
+                await self._consume_until_interrupted()
+                failures = 0
+            except TopologyError:
+                raise
+            except _RECOVERABLE as exc:
+                failures += 1
+                log.warning("consumer interrupted (%s: %s); consuming again", type(exc).__name__, exc)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopped_event(), wait(_attempt(failures)))
+
+    async def _stopped_event(self) -> None:
+        while not self._stopping:
+            await self._interrupted.wait()
+            self._interrupted.clear()
+
+    async def _consume_until_interrupted(self) -> None:
+        self._interrupted.clear()
+        await self._declare()
+        channel = await self._connect()
+        channel.close_callbacks.add(lambda *_: self._interrupt())
+        underlay = await channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(self._on_cancel)
+        await channel.set_qos(prefetch_count=self.prefetch)
+        self._tags.clear()
+        for spec in self.queues:
+            queue = await channel.declare_queue(spec.name, passive=True)
+            tag = await queue.consume(self._callback(spec))
+            self._tags[tag] = spec.name
+        self._channel = channel
+        if self.resumptions or self.consuming.is_set():
+            log.info("consuming again from %s", ", ".join(q.name for q in self.queues))
+        self.resumptions += 1
+        self.consuming.set()
+        await self._interrupted.wait()
+        self.consuming.clear()
+        if not channel.is_closed and not self._stopping:
+            # Closing the channel hands its unacked deliveries back; in-flight tasks will then skip their ack.
+            with contextlib.suppress(*_RECOVERABLE):
+                await channel.close()
+
+    def _callback(self, spec: QueueSpec) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+        async def deliver(message: AbstractIncomingMessage) -> None:
+            await self._on_message(message, spec)
+
+        return deliver
+
+    def _interrupt(self) -> None:
+        self._interrupted.set()
+
+    def _on_cancel(self, frame: Any) -> None:
+        queue = self._tags.get(getattr(frame, "consumer_tag", ""), "?")
+        log.warning("the broker cancelled the consumer of queue %r; consuming again", queue)
+        self._interrupt()
+
+    async def cancel(self) -> None:
+        """Stop receiving new deliveries, keeping the channel open so running tasks can still ack."""
+        self._stopping = True
+        self._interrupt()
+        channel = self._channel
+        if channel is None or channel.is_closed:
+            return
+        underlay = await channel.get_underlay_channel()
+        for tag in list(self._tags):
+            with contextlib.suppress(*_RECOVERABLE, AmqtaskError):
+                await underlay.basic_cancel(tag)
+
+    async def close(self) -> None:
+        """Close the channel; the broker requeues whatever is still unacked."""
+        self._stopping = True
+        self._interrupt()
+        if self._channel is not None and not self._channel.is_closed:
+            with contextlib.suppress(*_RECOVERABLE):
+                await self._channel.close()
+
+
+def _attempt(number: int) -> Any:
+    class _State:
+        attempt_number = number
+
+    return _State()

@@ -1,0 +1,319 @@
+"""What happens to one delivery: the single place where ack, retry, dead-letter and replies are decided.
+
+Order matters for "lose nothing": anything the worker publishes because of a delivery (the reply,
+a retry copy, a dead-letter copy, the next step of a chain) is confirmed by the broker *before* the
+delivery is acked. A worker killed at any instant therefore loses nothing; at worst the broker
+redelivers and a step repeats (at-least-once). A delivery is acked only on the channel it arrived on;
+if that channel is gone, the broker redelivers it and the ack is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import socket
+from typing import TYPE_CHECKING, Any
+
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage
+
+from .. import delays, protocol, serializers
+from ..connection import CONNECTION_ERRORS
+from ..errors import AmqtaskError, MessageError, Reject, Retry, SerializationError
+from ..failures import encode_exception, format_traceback
+from ..protocol import ResultMessage, TaskMessage, WireMessage
+from ..retry import retry_countdown
+from ..task import Request, Task
+from ..topology import QueueSpec
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+log = logging.getLogger("amqtask.worker")
+#: A message this close to its eta runs now rather than making another trip through the delay levels.
+ETA_TOLERANCE = dt.timedelta(milliseconds=50)
+REASON = "x-amqtask-reason"
+
+
+def wire_of(message: AbstractIncomingMessage) -> WireMessage:
+    """The protocol view of an incoming aio-pika message."""
+    return WireMessage(
+        body=message.body,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        headers=dict(message.headers or {}),
+        delivery_mode=2,
+        priority=message.priority,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+    )
+
+
+class DeliveryHandler:
+    """Processes deliveries for a :class:`~amqtask.worker.worker.Worker`."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.app = worker.app
+        conf = worker.app.conf
+        self.accept = serializers.normalize_accept(conf.accept_content)
+        self.limits = serializers.DecodeLimits(conf.message_max_bytes, conf.message_max_depth)
+
+    @property
+    def publisher(self) -> Any:
+        return self.worker.runtime.publisher
+
+    # ------------------------------------------------------------------------------------------ entry
+    async def handle(self, message: AbstractIncomingMessage, queue: QueueSpec) -> None:
+        """Decode, check and run one delivery, then settle it."""
+        wire = wire_of(message)
+        try:
+            msg = protocol.decode_task(wire, self.accept, self.limits)
+        except (MessageError, SerializationError) as exc:
+            await self.reply_to_unreadable(wire, exc)
+            await self.dead_letter(message, queue, "malformed", str(exc))
+            return
+        task = self.app.tasks.get(msg.task)
+        if task is None:
+            error = f"task {msg.task!r} is not registered on this worker"
+            await self.reply(msg, wire, self.failure(msg, _Unregistered(error), None))
+            await self.dead_letter(message, queue, "unknown-task", error)
+            return
+        try:
+            for middleware in self.app.middleware:
+                await middleware.before_process(self.worker, msg, wire)
+        except Reject as exc:
+            await self.dead_letter(message, queue, "rejected", exc.reason)
+            return
+        if await self._expired_or_early(message, queue, msg, wire):
+            return
+        await self.run(message, queue, task, msg, wire)
+
+    async def _expired_or_early(
+        self, message: AbstractIncomingMessage, queue: QueueSpec, msg: TaskMessage, wire: WireMessage
+    ) -> bool:
+        now = dt.datetime.now(dt.timezone.utc)
+        if msg.expires is not None and now >= msg.expires:
+            log.warning(
+                "task %s[%s] expired at %s; not running it", msg.task, msg.id, msg.expires.isoformat()
+            )
+            revoked = ResultMessage(msg.id, protocol.REVOKED, {"reason": "expired", "expires": msg.expires.isoformat()},
+                                    date_done=protocol.now_iso())  # fmt: skip
+            await self.reply(msg, wire, revoked)
+            await self.ack(message)
+            return True
+        if msg.eta is not None and msg.eta - now > ETA_TOLERANCE:
+            # Never hold a delivery waiting for its time: hand it back to the broker's delay levels.
+            await self.publisher.publish_delayed(_stripped(wire), queue, (msg.eta - now).total_seconds())
+            await self.ack(message)
+            return True
+        return False
+
+    # ------------------------------------------------------------------------------------------ running
+    async def run(
+        self, message: AbstractIncomingMessage, queue: QueueSpec, task: Task[Any, Any], msg: TaskMessage,
+        wire: WireMessage,
+    ) -> None:  # fmt: skip
+        """Run the task and settle the delivery according to the outcome."""
+        request = self.request(message, queue, msg)
+        if task.options.get("track_started", self.app.conf.task_track_started):
+            started = ResultMessage(
+                msg.id, protocol.STARTED, {"pid": self.worker.pid, "hostname": self.worker.hostname}
+            )
+            await self.reply(msg, wire, started)
+        time_limit = msg.time_limit or task.options.get("time_limit") or self.app.conf.task_time_limit
+        try:
+            with self.worker.tracking(msg):
+                value = await self.worker.executor.run(task, request, time_limit)
+        except Retry as exc:
+            await self.retry(message, queue, msg, wire, exc)
+        except Reject as exc:
+            if exc.requeue:
+                await self.release(message)
+            else:
+                await self.dead_letter(message, queue, "rejected", exc.reason)
+        except Exception as exc:
+            await self.failed(message, queue, task, msg, wire, exc)
+        else:
+            await self.succeeded(message, msg, wire, value)
+
+    def request(self, message: AbstractIncomingMessage, queue: QueueSpec, msg: TaskMessage) -> Request:
+        """The ``self.request`` a task sees."""
+        return Request(
+            id=msg.id, task=msg.task, args=msg.args, kwargs=msg.kwargs, retries=msg.retries, eta=msg.eta,
+            expires=msg.expires, root_id=msg.root_id, parent_id=msg.parent_id, group=msg.group,
+            group_index=msg.group_index, reply_to=msg.reply_to, correlation_id=message.correlation_id,
+            headers=msg.extra_headers, hostname=self.worker.hostname, origin=msg.origin, is_eager=False,
+            delivery_info={"exchange": message.exchange, "routing_key": message.routing_key, "queue": queue.name,
+                           "priority": message.priority, "redelivered": message.redelivered},
+            callbacks=msg.callbacks, errbacks=msg.errbacks, chain=msg.chain, chord=msg.chord,
+        )  # fmt: skip
+
+    async def succeeded(
+        self, message: AbstractIncomingMessage, msg: TaskMessage, wire: WireMessage, value: Any
+    ) -> None:
+        """Report success, start follow-ups (middleware: chains, callbacks), then ack."""
+        self.worker.stats["succeeded"] += 1
+        report = ResultMessage(
+            msg.id, protocol.SUCCESS, value, date_done=protocol.now_iso(), parent_id=msg.parent_id
+        )
+        for middleware in self.app.middleware:
+            await middleware.after_success(self.worker, msg, value, report)
+        await self.reply(msg, wire, report)
+        await self.ack(message)
+
+    async def failed(
+        self, message: AbstractIncomingMessage, queue: QueueSpec, task: Task[Any, Any], msg: TaskMessage,
+        wire: WireMessage, exc: Exception,
+    ) -> None:  # fmt: skip
+        """Retry automatically when the task says so; otherwise dead-letter and report the failure."""
+        autoretry = task.options.get("autoretry_for", ())
+        excluded = task.options.get("dont_autoretry_for", ())
+        limit = task.max_retries
+        if autoretry and isinstance(exc, autoretry) and not (excluded and isinstance(exc, excluded)):
+            if limit is None or msg.retries < limit:
+                countdown = task.options.get("retry_kwargs", {}).get("countdown")
+                when = retry_countdown(task, msg.retries, countdown)
+                await self.retry(
+                    message, queue, msg, wire, Retry(f"Retry in {when:g}s: {exc!r}", exc=exc, when=when)
+                )
+                return
+        self.worker.stats["failed"] += 1
+        log.error("task %s[%s] failed: %s: %s", msg.task, msg.id, type(exc).__name__, exc)
+        report = self.failure(msg, exc, format_traceback(exc))
+        for middleware in self.app.middleware:
+            await middleware.after_failure(self.worker, msg, exc, report)
+        await self.dead_letter(
+            message, queue, "failed", f"{type(exc).__name__}: {exc}", exc=exc, settle=False
+        )
+        await self.reply(msg, wire, report)
+        await self.ack(message)
+
+    def failure(self, msg: TaskMessage, exc: BaseException, traceback: str | None) -> ResultMessage:
+        """The FAILURE report for ``exc``."""
+        return ResultMessage(msg.id, protocol.FAILURE, encode_exception(exc), traceback=traceback,
+                             date_done=protocol.now_iso(), parent_id=msg.parent_id)  # fmt: skip
+
+    async def retry(
+        self,
+        message: AbstractIncomingMessage,
+        queue: QueueSpec,
+        msg: TaskMessage,
+        wire: WireMessage,
+        exc: Retry,
+    ) -> None:
+        """Republish the message (retries + 1) through the delay levels; ack only after the broker confirmed it."""
+        delay = exc.when or 0.0
+        eta = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=delay)
+        headers = dict(_stripped(wire).headers)
+        headers.update(retries=msg.retries + 1, eta=eta.isoformat(), parent_id=msg.id)
+        again = WireMessage(**{**wire.__dict__, "headers": headers})
+        if delay > 0:
+            await self.publisher.publish_delayed(again, queue, delay)
+        else:
+            await self.publisher.publish(again, "", queue.name)
+        self.worker.stats["retried"] += 1
+        log.info(
+            "task %s[%s] retry %d in %.1fs: %s", msg.task, msg.id, msg.retries + 1, delay, exc.exc or exc
+        )
+        cause = exc.exc if exc.exc is not None else exc
+        report = ResultMessage(msg.id, protocol.RETRY, encode_exception(cause), traceback=str(exc),
+                               parent_id=msg.parent_id)  # fmt: skip
+        await self.reply(msg, wire, report)
+        await self.ack(message)
+
+    # ------------------------------------------------------------------------------------------ settling
+    async def reply(self, msg: TaskMessage, wire: WireMessage, report: ResultMessage) -> None:
+        """Send a state report to the caller's reply queue, unless it asked for none."""
+        if not msg.reply_to or msg.ignore_result:
+            return
+        codec = self._result_codec(wire.content_type)
+        try:
+            out = protocol.encode_result(report, codec, persistent=self.app.conf.result_persistent)
+        except SerializationError as exc:
+            fallback = self.failure(msg, exc, None)
+            out = protocol.encode_result(fallback, codec, persistent=self.app.conf.result_persistent)
+        # Not mandatory: a caller that went away (its reply queue expired) is nobody to tell.
+        await self.publisher.publish(out, "", msg.reply_to, mandatory=False)
+
+    def _result_codec(self, content_type: str | None) -> serializers.Codec:
+        name = self.app.conf.result_serializer
+        if name is None:
+            # Answer in the caller's own encoding: a Celery client that sent JSON may accept only JSON.
+            name = "msgpack" if content_type == serializers.MSGPACK_CONTENT_TYPE else "json"
+        return serializers.codec(name)
+
+    async def reply_to_unreadable(self, wire: WireMessage, exc: Exception) -> None:
+        """Tell a caller whose message could not be read why, when its properties say where to answer."""
+        if wire.reply_to and wire.correlation_id:
+            msg = TaskMessage(task="?", id=wire.correlation_id, reply_to=wire.reply_to)
+            await self.reply(msg, wire, self.failure(msg, exc, None))
+
+    async def dead_letter(
+        self, message: AbstractIncomingMessage, queue: QueueSpec, reason: str, detail: str,
+        exc: BaseException | None = None, *, settle: bool = True,
+    ) -> None:  # fmt: skip
+        """Copy the message, as received, into ``<queue>.dlq`` with the reason in headers; then ack it."""
+        headers = delays.strip_death_headers(dict(message.headers or {}))
+        headers.update({
+            REASON: reason,
+            "x-amqtask-detail": detail[:4096],
+            "x-amqtask-worker": self.worker.hostname,
+            "x-amqtask-failed-at": protocol.now_iso(),
+            "x-amqtask-queue": queue.name,
+            "x-amqtask-exchange": message.exchange or "",
+            "x-amqtask-routing-key": message.routing_key or "",
+        })  # fmt: skip
+        if exc is not None:
+            headers.update({
+                "x-amqtask-exception-type": type(exc).__name__,
+                "x-amqtask-exception-message": str(exc)[:4096],
+                "x-amqtask-traceback": format_traceback(exc)[-16384:],
+            })  # fmt: skip
+        copy = WireMessage(**{**wire_of(message).__dict__, "headers": headers})
+        try:
+            await self.publisher.publish(copy, "", queue.dlq_name)
+        except AmqtaskError as error:
+            log.error("cannot dead-letter into %s (%s); rejecting so the broker's dead-lettering applies",
+                      queue.dlq_name, error)  # fmt: skip
+            with contextlib.suppress(*CONNECTION_ERRORS, aiormq.exceptions.AMQPError):
+                await message.reject(requeue=False)
+            return
+        self.worker.stats["dead_lettered"] += 1
+        if reason != "failed":
+            log.error(
+                "dead-lettered a message from %s into %s: %s: %s", queue.name, queue.dlq_name, reason, detail
+            )
+        if settle:
+            await self.ack(message)
+
+    async def ack(self, message: AbstractIncomingMessage) -> None:
+        """Ack on the delivery's own channel; if that channel is gone, the broker redelivers instead."""
+        try:
+            await message.ack()
+        except (*CONNECTION_ERRORS, aiormq.exceptions.AMQPError) as exc:
+            log.warning(
+                "could not ack delivery %s (%s); the broker will redeliver it", message.delivery_tag, exc
+            )
+
+    async def release(self, message: AbstractIncomingMessage) -> None:
+        """Give a delivery back unprocessed (nack + requeue, which does not count against a delivery limit)."""
+        with contextlib.suppress(*CONNECTION_ERRORS, aiormq.exceptions.AMQPError):
+            await message.nack(requeue=True)
+
+
+class _Unregistered(Exception):
+    pass
+
+
+_Unregistered.__name__ = _Unregistered.__qualname__ = "NotRegistered"
+
+
+def _stripped(wire: WireMessage) -> WireMessage:
+    return WireMessage(**{**wire.__dict__, "headers": delays.strip_death_headers(dict(wire.headers))})
+
+
+def default_hostname() -> str:
+    """``amqtask@<host>``."""
+    return f"amqtask@{socket.gethostname()}"

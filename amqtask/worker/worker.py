@@ -1,0 +1,214 @@
+"""The worker: declares its queues, consumes them, runs tasks, and shuts down without losing any.
+
+Shutdown (SIGTERM/SIGINT, or :meth:`Worker.stop`) is decided here once: stop receiving, hand every
+delivery that has not started back to the broker at once (nack + requeue, which does not use up a
+quorum queue's delivery limit), give running tasks ``worker_shutdown_grace_s`` to finish and ack, then
+close the channel, which makes the broker requeue whatever is still unacked. The consumer channel
+stays open during the grace period because acks can only travel on the channel a delivery came on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+from .. import delays, topology
+from ..errors import ConfigurationError
+from ..protocol import TaskMessage
+from ..topology import QueueSpec
+from .consumer import Consumer
+from .delivery import DeliveryHandler, default_hostname
+from .executor import Executor
+
+if TYPE_CHECKING:
+    from ..app import App, Runtime
+
+log = logging.getLogger("amqtask.worker")
+
+
+class Worker:
+    """Consumes queues of an :class:`~amqtask.App` and runs its tasks.
+
+    ``burst=True`` makes :meth:`run` return once the queues are empty and nothing is running (tests,
+    batch jobs).
+    """
+
+    def __init__(
+        self,
+        app: App,
+        queues: list[str] | None = None,
+        *,
+        exclude_queues: list[str] | None = None,
+        concurrency: int | None = None,
+        prefetch_multiplier: int | None = None,
+        hostname: str | None = None,
+        burst: bool = False,
+    ) -> None:
+        self.app = app
+        conf = app.conf
+        names = list(queues) if queues else [conf.task_default_queue, *app.router.queues]
+        names = [n for n in dict.fromkeys(names) if n not in set(exclude_queues or ())]
+        if not names:
+            raise ConfigurationError("the worker has no queue to consume (all excluded?)")
+        self.queues: list[QueueSpec] = app.router.all_queues(names)
+        self.concurrency = concurrency or conf.worker_concurrency
+        self.prefetch = self.concurrency * (prefetch_multiplier or conf.worker_prefetch_multiplier)
+        self.hostname = hostname or conf.worker_hostname or default_hostname()
+        self.burst = burst
+        self.pid = os.getpid()
+        self.executor = Executor(self.concurrency)
+        self.handler = DeliveryHandler(self)
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.active: dict[str, TaskMessage] = {}
+        self.started_at = time.time()
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._waiting: dict[AbstractIncomingMessage, asyncio.Task[None]] = {}
+        self._stopped = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._runtime: Runtime | None = None
+        self.consumer = Consumer(self._channel, self.declare, self.queues, self.prefetch, self._on_message)
+
+    @property
+    def runtime(self) -> Runtime:
+        """The app runtime (connection, publisher) of the worker's event loop."""
+        assert self._runtime is not None, "the worker has not started"
+        return self._runtime
+
+    async def _channel(self) -> AbstractChannel:
+        return await self.runtime.broker.channel(confirms=False)
+
+    async def declare(self) -> None:
+        """Declare the delay levels and every queue the worker consumes (idempotent)."""
+        publisher = self.runtime.publisher
+        await publisher.ensure_delays()
+        channel = await self.runtime.broker.channel(confirms=False)
+        try:
+            for spec in self.queues:
+                await topology.declare_queue(self.runtime.broker, spec)
+                await delays.bind_destination(channel, publisher.delay_topology, spec.name)
+        finally:
+            await channel.close()
+
+    # ------------------------------------------------------------------------------------------ running
+    async def start(self) -> None:
+        """Connect, declare, and begin consuming; returns once consumers are registered."""
+        self._runtime = self.app.runtime()
+        self.app.portal.attach(asyncio.get_running_loop())
+        self._consume_task = asyncio.create_task(self.consumer.run(), name="amqtask-consumer")
+        consuming = asyncio.create_task(self.consumer.consuming.wait())
+        done, _ = await asyncio.wait({consuming, self._consume_task}, return_when=asyncio.FIRST_COMPLETED)
+        if self._consume_task in done:
+            consuming.cancel()
+            self._consume_task.result()  # raises the topology error that stopped it
+        for middleware in self.app.middleware:
+            await middleware.on_worker_start(self)
+        log.info("worker %s consuming %s (concurrency %d, prefetch %d)", self.hostname,
+                 ", ".join(q.name for q in self.queues), self.concurrency, self.prefetch)  # fmt: skip
+
+    async def run(self) -> None:
+        """Start and process until stopped (or, in burst mode, until the queues are drained)."""
+        await self.start()
+        if self.burst:
+            await self._drain()
+            await self.stop()
+        await self._stopped.wait()
+
+    async def _drain(self) -> None:
+        while True:
+            await self._wait_idle()
+            depths = [await topology.queue_depth(self.runtime.broker, q.name) for q in self.queues]
+            if not any(depths) and not self._inflight:
+                return
+            # Messages are ready but not delivered yet: wait for work to start, or a short while.
+            self._idle.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), 0.05)
+
+    async def _wait_idle(self) -> None:
+        while self._inflight:
+            await asyncio.wait(set(self._inflight))
+
+    async def _on_message(self, message: AbstractIncomingMessage, queue: QueueSpec) -> None:
+        task = asyncio.create_task(self._process(message, queue))
+        self._inflight.add(task)
+        self._waiting[message] = task
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if not self._inflight:
+            self._idle.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery handling crashed", exc_info=task.exception())
+
+    async def _process(self, message: AbstractIncomingMessage, queue: QueueSpec) -> None:
+        try:
+            async with self._slots:
+                self._waiting.pop(message, None)
+                await self.handler.handle(message, queue)
+        finally:
+            self._waiting.pop(message, None)
+
+    @contextlib.contextmanager
+    def tracking(self, msg: TaskMessage) -> Iterator[None]:
+        """Mark ``msg`` as running (for ``inspect active`` and stats)."""
+        self.active[msg.id] = msg
+        try:
+            yield
+        finally:
+            self.active.pop(msg.id, None)
+            self.stats["processed"] += 1
+
+    # ------------------------------------------------------------------------------------------ stopping
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop consuming, release deliveries not started, let running tasks finish within ``grace``."""
+        if self._stopped.is_set():
+            return
+        grace = self.app.conf.worker_shutdown_grace_s if grace is None else grace
+        await self.consumer.cancel()
+        for message, task in list(self._waiting.items()):
+            task.cancel()
+            await self.handler.release(message)
+        self._waiting.clear()
+        if self._inflight:
+            log.info("waiting up to %.0fs for %d running task(s)", grace, len(self._inflight))
+            _, pending = await asyncio.wait(set(self._inflight), timeout=grace or None)
+            if pending:
+                log.warning("%d task(s) still running after the grace period; the broker will redeliver them",
+                            len(pending))  # fmt: skip
+                for task in pending:
+                    task.cancel()
+        await self.consumer.close()
+        for middleware in self.app.middleware:
+            with contextlib.suppress(Exception):
+                await middleware.on_worker_stop(self)
+        self.executor.shutdown()
+        if hasattr(self, "_consume_task"):
+            self._consume_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._consume_task
+        self.app.portal.detach()
+        await self.app.aclose()
+        self._stopped.set()
+
+    def info(self) -> dict[str, Any]:
+        """Stats for ``inspect stats``."""
+        return {
+            "hostname": self.hostname,
+            "pid": self.pid,
+            "queues": [q.name for q in self.queues],
+            "concurrency": self.concurrency,
+            "prefetch": self.prefetch,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "total": dict(self.stats),
+            "active": len(self.active),
+        }
