@@ -21,6 +21,8 @@ from typing import Any, ParamSpec, TypeVar, overload
 from . import protocol, serializers
 from .connection import Broker
 from .errors import ConfigurationError, MisuseError, TaskNotRegisteredError
+from .middleware import Middleware
+from .middleware.defaults import default_middleware
 from .portal import Portal, register_exit
 from .producer import Publisher
 from .result import AsyncResult, ResultConsumer, ResultStore, new_reply_queue_name
@@ -81,7 +83,7 @@ class App:
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.portal = Portal(main)
         self.result_store = ResultStore()
-        self.middleware: list[Any] = []
+        self.middleware: list[Middleware] = default_middleware()
         self._runtimes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Runtime] = (
             weakref.WeakKeyDictionary()
         )

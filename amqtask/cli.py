@@ -194,5 +194,12 @@ def topology_apply(app_spec: str) -> None:
         click.echo(f"declared queue {name} (+ {name}.dlq)")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
+def _register_command_groups() -> None:
+    for module_name in COMMAND_MODULES:
+        module = importlib.import_module(f"amqtask.commands.{module_name}")
+        main.add_command(module.command)
+
+
+#: Modules under ``amqtask/commands`` that each define one click ``command`` (a command or a group).
+COMMAND_MODULES: tuple[str, ...] = ()
+_register_command_groups()
