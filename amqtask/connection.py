@@ -21,7 +21,7 @@ from typing import Any
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
 from .errors import BrokerConnectionError
 from .settings import Settings
@@ -123,7 +123,7 @@ class Broker:
 
     async def _keep_connected(self) -> None:
         retrying = AsyncRetrying(
-            wait=wait_exponential_jitter(initial=0.1, max=self.settings.broker_reconnect_max_s),
+            wait=wait_exponential(multiplier=0.1, max=self.settings.broker_reconnect_max_s) + wait_random(0, 0.1),
             retry=retry_if_exception_type(BrokerConnectionError),
         )
         while not self._closing:

@@ -30,24 +30,28 @@ class Portal:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
-        self._owned = False
+        self._attached: asyncio.AbstractEventLoop | None = None
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Use ``loop`` (already running on another thread, e.g. a worker's) instead of a thread of our own."""
+        """Serve sync callers on ``loop`` (a worker's, running on another thread) until :meth:`detach`."""
         with self._lock:
-            self._loop, self._thread, self._pid, self._owned = loop, None, os.getpid(), False
+            self._attached = loop
 
     def detach(self) -> None:
-        """Forget an attached loop."""
+        """Go back to the portal's own loop."""
         with self._lock:
-            if not self._owned:
-                self._loop = None
+            self._attached = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
-        """The portal's loop, started on first use (and again in a forked child)."""
+        """The attached loop, else the portal's own, started on first use (and again in a forked child)."""
         with self._lock:
-            if self._loop is None or self._pid != os.getpid() or self._loop.is_closed():
+            if self._pid != os.getpid():
+                self._loop = self._attached = None
+                self._pid = os.getpid()
+            if self._attached is not None and not self._attached.is_closed():
+                return self._attached
+            if self._loop is None or self._loop.is_closed():
                 self._start()
             assert self._loop is not None
             return self._loop
@@ -59,12 +63,15 @@ class Portal:
         def run() -> None:
             asyncio.set_event_loop(loop)
             loop.call_soon(ready.set)
-            loop.run_forever()
+            try:
+                loop.run_forever()
+            finally:
+                loop.close()
 
         thread = threading.Thread(target=run, name=f"{self.name}-portal", daemon=True)
         thread.start()
         ready.wait()
-        self._loop, self._thread, self._pid, self._owned = loop, thread, os.getpid(), True
+        self._loop, self._thread = loop, thread
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run ``coro`` on the portal loop and return its result (blocking the calling thread)."""
@@ -87,10 +94,10 @@ class Portal:
             raise
 
     def stop(self, cleanup: Coroutine[Any, Any, Any] | None = None, timeout: float = 5.0) -> None:
-        """Run ``cleanup`` and stop the loop if the portal owns it."""
+        """Run ``cleanup`` on the portal's own loop, then stop that loop (an attached loop is left alone)."""
         with self._lock:
-            loop, owned, pid = self._loop, self._owned, self._pid
-        if loop is None or not owned or pid != os.getpid() or loop.is_closed():
+            loop, pid = self._loop, self._pid
+        if loop is None or pid != os.getpid() or loop.is_closed():
             if cleanup is not None:
                 cleanup.close()
             return

@@ -17,7 +17,6 @@ from typing import Any
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
-from tenacity import wait_exponential_jitter
 
 from ..connection import CONNECTION_ERRORS
 from ..errors import AmqtaskError, BrokerConnectionError, TopologyError
@@ -55,7 +54,6 @@ class Consumer:
 
     async def run(self) -> None:
         """Consume until :meth:`stop`; after any interruption consume again, backing off on repeated failures."""
-        wait = wait_exponential_jitter(initial=0.05, max=5.0)
         failures = 0
         while not self._stopping:
             try:
@@ -66,13 +64,10 @@ class Consumer:
             except _RECOVERABLE as exc:
                 failures += 1
                 log.warning("consumer interrupted (%s: %s); consuming again", type(exc).__name__, exc)
+                # Back off on repeated failures, but wake up at once when asked to stop.
+                self._interrupted.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stopped_event(), wait(_attempt(failures)))
-
-    async def _stopped_event(self) -> None:
-        while not self._stopping:
-            await self._interrupted.wait()
-            self._interrupted.clear()
+                    await asyncio.wait_for(self._interrupted.wait(), min(5.0, 0.05 * 2**failures))
 
     async def _consume_until_interrupted(self) -> None:
         self._interrupted.clear()
@@ -133,9 +128,3 @@ class Consumer:
             with contextlib.suppress(*_RECOVERABLE):
                 await self._channel.close()
 
-
-def _attempt(number: int) -> Any:
-    class _State:
-        attempt_number = number
-
-    return _State()
