@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -84,6 +85,8 @@ class Broker:
             self._keeper = asyncio.get_running_loop().create_task(
                 self._keep_connected(), name=f"{self.name}-keeper"
             )
+        if self._ready.is_set() and self._connection is not None and self._connection.is_closed:
+            self._ready.clear()  # closed, and the keeper is about to hear of it: wait for the next one
         if not self._ready.is_set():
             try:
                 await asyncio.wait_for(self._ready.wait(), timeout)
@@ -97,9 +100,22 @@ class Broker:
         return self._connection
 
     async def channel(self, *, confirms: bool = True, timeout: float | None = None) -> AbstractChannel:
-        """A new channel on the current connection (publisher confirms on unless told otherwise)."""
-        connection = await self.connection(timeout)
-        return await connection.channel(publisher_confirms=confirms, on_return_raises=confirms)
+        """A new channel (publisher confirms on unless told otherwise), waiting out a reconnect.
+
+        ``timeout`` bounds the wait for a usable connection (default ``publish_timeout_s``).
+        """
+        deadline = time.monotonic() + (self.settings.publish_timeout_s if timeout is None else timeout)
+        while True:
+            connection = await self.connection(max(0.0, deadline - time.monotonic()))
+            try:
+                return await connection.channel(publisher_confirms=confirms, on_return_raises=confirms)
+            except (*CONNECTION_ERRORS, RuntimeError) as exc:
+                # The connection died between our check and the channel open: wait for the next one.
+                log.debug("channel open failed (%s); waiting for a new connection", _describe(exc))
+                self.connection_lost()
+                await asyncio.sleep(0)
+                if time.monotonic() >= deadline:
+                    raise BrokerConnectionError(f"cannot open a channel: {_describe(exc)}") from exc
 
     def connection_lost(self) -> None:
         """Tell the keeper the connection is unusable (a heartbeat miss may not have closed it yet)."""

@@ -1,0 +1,132 @@
+"""Core fault promises: a killed worker, a restarted broker, cut connections and graceful shutdown lose nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.broker import TestBroker
+from support.workers import queue_depth, running_worker, stop_process, wait_for, worker_process
+
+from amqtask import App
+
+pytestmark = [pytest.mark.broker, pytest.mark.fault]
+
+
+@pytest.fixture
+def client(broker_url: str, unique: str) -> Iterator[App]:
+    app = App(f"client-{unique}", broker=broker_url, task_default_queue=f"q-{unique}", publish_timeout_s=60)
+    yield app
+    app.close()
+
+
+def _env(unique: str, tmp_path: Path) -> dict[str, str]:
+    return {"AMQTASK_TASK_DEFAULT_QUEUE": f"q-{unique}", "CORE_MARKER_DIR": str(tmp_path)}
+
+
+def test_worker_killed_mid_task_the_task_runs_again_and_the_caller_gets_its_result(
+    client: App, broker_url: str, unique: str, tmp_path: Path
+) -> None:
+    first = worker_process("core_tasks", broker_url, "-c", "1", env=_env(unique, tmp_path))
+    try:
+        result = client.send_task("core.hang_once", args=("k",))
+        wait_for(lambda: (tmp_path / "k.started").exists(), what="the task to start on the first worker")
+        stop_process(first, signal.SIGKILL)
+        second = worker_process("core_tasks", broker_url, "-c", "1", env=_env(unique, tmp_path))
+        try:
+            assert result.get(timeout=60) == f"done by {second.pid}"
+        finally:
+            stop_process(second)
+    finally:
+        if first.poll() is None:
+            stop_process(first, signal.SIGKILL)
+
+
+def test_sigterm_lets_the_running_task_finish_and_gives_the_rest_back(
+    client: App, broker_url: str, unique: str, tmp_path: Path
+) -> None:
+    worker = worker_process("core_tasks", broker_url, "-c", "1", "--prefetch-multiplier", "4",
+                            env=_env(unique, tmp_path))  # fmt: skip
+    try:
+        running = client.send_task("core.slow", args=("s1", 1.0))
+        queued = [client.send_task("core.add", args=(i, i)) for i in range(3)]
+        wait_for(lambda: (tmp_path / "s1.started").exists(), what="the slow task to start")
+        output = stop_process(worker, signal.SIGTERM)
+        assert worker.returncode == 0, output
+        assert (tmp_path / "s1.finished").exists()
+        assert running.get(timeout=10) == "finished"
+        assert all(not r.ready() for r in queued)
+        assert asyncio.run(queue_depth(broker_url, f"q-{unique}")) == 3
+    finally:
+        if worker.poll() is None:
+            stop_process(worker, signal.SIGKILL)
+    successor = worker_process("core_tasks", broker_url, env=_env(unique, tmp_path))
+    try:
+        assert [r.get(timeout=30) for r in queued] == [0, 2, 4]
+    finally:
+        stop_process(successor)
+
+
+def test_broker_restart_with_worker_and_client_connected_loses_nothing(
+    client: App, rabbitmq: TestBroker, unique: str
+) -> None:
+    @client.task(name="fault.double")
+    def double(x: int) -> int:
+        return 2 * x
+
+    async def scenario() -> None:
+        async with running_worker(client, concurrency=4) as worker:
+            before = [await double.adelay(i) for i in range(50)]
+            assert [await r.aget(timeout=30) for r in before] == [2 * i for i in range(50)]
+            rabbitmq.stop_node(0)
+            sending = asyncio.ensure_future(asyncio.gather(*(double.adelay(i) for i in range(50, 100))))
+            await asyncio.to_thread(rabbitmq.start_node, 0)
+            after = await sending
+            assert [await r.aget(timeout=60) for r in after] == [2 * i for i in range(50, 100)]
+            assert worker.consumer.consuming.is_set() and worker.consumer.resumptions >= 2
+
+    asyncio.run(scenario())
+
+
+def test_results_survive_the_clients_connection_being_cut(client: App, rabbitmq: TestBroker, broker_vhost: str) -> None:
+    release = asyncio.Event()
+
+    @client.task(name="fault.gated")
+    async def gated() -> str:
+        await release.wait()
+        return "delivered"
+
+    async def scenario() -> None:
+        async with running_worker(client):
+            result = await gated.adelay()
+            # Cut every connection of the vhost (the client's and the worker's) while the task is running.
+            rabbitmq.ctl("close_all_connections", "-p", broker_vhost, "test cut")
+            release.set()
+            assert await result.aget(timeout=60) == "delivered"
+
+    asyncio.run(scenario())
+
+
+def test_pid_of_worker_is_reported_in_started_state(broker_url: str, unique: str) -> None:
+    app = App(f"pid-{unique}", broker=broker_url, task_default_queue=f"q-{unique}", task_track_started=True)
+    gate = asyncio.Event()
+
+    @app.task(name="fault.wait")
+    async def wait() -> int:
+        await gate.wait()
+        return os.getpid()
+
+    async def scenario() -> None:
+        async with running_worker(app):
+            result = await wait.adelay()
+            while result.state != "STARTED":
+                await asyncio.sleep(0.01)
+            assert app.result_store.get(result.id).result["pid"] == os.getpid()  # type: ignore[union-attr]
+            gate.set()
+            assert await result.aget(timeout=10) == os.getpid()
+
+    asyncio.run(scenario())
