@@ -91,13 +91,17 @@ class _Problem(Exception):
     """Internal: a validation problem, given its file and entry context by the caller."""
 
 
+def _import_tomli() -> ModuleType:
+    return importlib.import_module("tomli")
+
+
 def _toml_module(path: Path) -> ModuleType:
     if sys.version_info >= (3, 11):
         import tomllib
 
         return tomllib
     try:
-        return importlib.import_module("tomli")
+        return _import_tomli()
     except ImportError as exc:
         raise ScheduleFileError(
             path, "reading TOML on Python 3.10 needs the 'tomli' package (pip install tomli); or use .json"

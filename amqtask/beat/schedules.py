@@ -28,6 +28,7 @@ from amqtask.errors import ConfigurationError
 
 __all__ = [
     "EPOCH",
+    "CronField",
     "InvalidScheduleError",
     "Schedule",
     "crontab",
@@ -38,10 +39,10 @@ __all__ = [
     "resolve_tz",
 ]
 
-UTC = timezone.utc
+_UTC = timezone.utc
 
 #: The default anchor of :class:`interval`: 1970-01-01T00:00:00Z.
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+EPOCH = datetime(1970, 1, 1, tzinfo=_UTC)
 
 # The Gregorian calendar repeats every 400 years, so a date pattern that has no match in 401 years
 # never matches.
@@ -69,7 +70,7 @@ def resolve_tz(tz: tzinfo | str | None) -> tzinfo | None:
         return tz
     if isinstance(tz, str):
         if tz.strip().upper() in ("UTC", "Z"):
-            return UTC
+            return _UTC
         try:
             return ZoneInfo(tz.strip())
         except (ZoneInfoNotFoundError, ValueError) as exc:
@@ -194,7 +195,7 @@ class interval(Schedule):  # lowercase, like Celery's schedule classes
         if anchor is None:
             self._anchor = EPOCH
         else:
-            self._anchor = _require_aware(anchor, "interval anchor").astimezone(UTC)
+            self._anchor = _require_aware(anchor, "interval anchor").astimezone(_UTC)
 
     @property
     def every(self) -> timedelta:
@@ -208,7 +209,7 @@ class interval(Schedule):  # lowercase, like Celery's schedule classes
 
     def next_after(self, moment: datetime) -> datetime:
         """Return the first ``anchor + k * every`` (k >= 0) strictly after ``moment``, in UTC."""
-        moment = _require_aware(moment, "moment").astimezone(UTC)
+        moment = _require_aware(moment, "moment").astimezone(_UTC)
         if moment < self._anchor:
             return self._anchor
         periods = (moment - self._anchor) // self._every  # exact integer arithmetic on microseconds
@@ -361,6 +362,7 @@ _MONTH_OF_YEAR = _Field("month_of_year", 1, 12, _MONTH_NAMES)
 # Longest each month can be (February in a leap year), to reject patterns that can never match.
 _MAX_MONTH_DAYS = {month: 29 if month == 2 else calendar.monthrange(2001, month)[1] for month in range(1, 13)}
 
+#: What a crontab field accepts: a cron-syntax string, an int, or an iterable of ints (or strings).
 CronField: TypeAlias = "str | int | Iterable[int | str]"
 
 _ALIASES = {
@@ -383,7 +385,7 @@ def _spec_text(spec: CronField) -> str:
 def _first_occurrence_utc(wall: datetime, tz: tzinfo) -> datetime | None:
     """Map a naive wall-clock time in ``tz`` to UTC: None if the time does not exist there (DST gap),
     otherwise its first occurrence (``fold=0``) when the time is repeated (DST fall-back)."""
-    instant = wall.replace(tzinfo=tz, fold=0).astimezone(UTC)
+    instant = wall.replace(tzinfo=tz, fold=0).astimezone(_UTC)
     if instant.astimezone(tz).replace(tzinfo=None) != wall:
         return None
     return instant
@@ -470,7 +472,7 @@ class crontab(Schedule):  # lowercase, like Celery's crontab
     @property
     def effective_tz(self) -> tzinfo:
         """The time zone the fields are evaluated in: :attr:`tz`, or UTC when none was given."""
-        return self._tz if self._tz is not None else UTC
+        return self._tz if self._tz is not None else _UTC
 
     def with_default_tz(self, tz: tzinfo | str | None) -> crontab:
         """Return this schedule if it has its own time zone, otherwise a copy evaluated in ``tz``."""
@@ -488,7 +490,7 @@ class crontab(Schedule):  # lowercase, like Celery's crontab
         Walks only the candidate dates (matching month, day of month and day of week) and, within them,
         the candidate hours and minutes, so the cost does not depend on how far away the next match is.
         """
-        moment = _require_aware(moment, "moment").astimezone(UTC)
+        moment = _require_aware(moment, "moment").astimezone(_UTC)
         tz = self.effective_tz
         start = moment.astimezone(tz).replace(tzinfo=None, second=0, microsecond=0)
         for day in self._dates_from(start.date()):
@@ -496,7 +498,7 @@ class crontab(Schedule):  # lowercase, like Celery's crontab
                 fire = _first_occurrence_utc(datetime.combine(day, time(hour, minute)), tz)
                 # On an existing wall-clock time, fold=0 is the earliest instant, and wall-clock order is
                 # UTC order over first occurrences, so the first candidate after moment is the answer.
-                if fire is not None and fire >= moment:
+                if fire is not None and fire > moment:
                     return fire
         raise InvalidScheduleError(f"{self.describe()} never fires after {moment.isoformat()}")
 
