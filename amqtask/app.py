@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import os
 import threading
 import uuid
@@ -20,6 +21,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 from . import protocol, serializers
 from .connection import Broker
+from .control import Control
 from .errors import ConfigurationError, MisuseError, TaskNotRegisteredError
 from .middleware import Middleware
 from .middleware.defaults import default_middleware
@@ -136,6 +138,11 @@ class App:
         if self._router is None or self._router[0] != key:
             self._router = (key, Router(self.conf))
         return self._router[1]
+
+    @functools.cached_property
+    def control(self) -> Control:
+        """Remote control of the workers: ``app.control.ping()``, ``.inspect().stats()``, ``.revoke(id)``."""
+        return Control(self)
 
     # ------------------------------------------------------------------------------------------ runtime
     @property

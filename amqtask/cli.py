@@ -194,6 +194,39 @@ def topology_apply(app_spec: str) -> None:
         click.echo(f"declared queue {name} (+ {name}.dlq)")
 
 
+@topology.command("verify")
+@app_option
+@click.option("-v", "--verbose", is_flag=True, help="list the objects that are fine too")
+def topology_verify(app_spec: str, verbose: bool) -> None:
+    """Check, changing nothing, that every queue, exchange and delay level the app defines exists as wanted.
+
+    Prints what is missing or exists with other arguments, and exits 1 if anything is. Bindings are
+    not checked: AMQP cannot list them (`topology apply` re-adds them, which is harmless).
+    """
+    from . import topology as broker_topology
+
+    app = load_app(app_spec)
+
+    async def verify() -> list[broker_topology.Check]:
+        runtime = app.runtime()
+        try:
+            return await broker_topology.verify(
+                runtime.broker, app.router.all_queues(), runtime.publisher.delay_topology
+            )
+        finally:
+            await app.aclose()
+
+    checks: list[broker_topology.Check] = _run(app, lambda: asyncio.run(verify()))
+    for check in checks:
+        if verbose or not check.ok:
+            detail = f": {check.detail}" if check.detail else ""
+            click.echo(f"{check.problem or 'ok':<9}{check.kind:<9}{check.name}{detail}")
+    problems = sum(not check.ok for check in checks)
+    click.echo(f"{len(checks)} exchanges and queues checked, {problems} problem(s)")
+    if problems:
+        sys.exit(EXIT_FAILED)
+
+
 def _register_command_groups() -> None:
     for module_name in COMMAND_MODULES:
         module = importlib.import_module(f"amqtask.commands.{module_name}")
@@ -201,5 +234,5 @@ def _register_command_groups() -> None:
 
 
 #: Modules under ``amqtask/commands`` that each define one click ``command`` (a command or a group).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("control", "remote", "dlq")
 _register_command_groups()

@@ -38,6 +38,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.IncompleteReadError,
 )
+#: Errors of acking, rejecting or cancelling on a channel that may be gone: never worth more than a log line.
+SETTLE_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, aiormq.exceptions.AMQPError)
+_CHANNEL_OPEN_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, RuntimeError)
 
 ReconnectListener = Callable[[int], Awaitable[None]]
 
@@ -108,8 +111,11 @@ class Broker:
         while True:
             connection = await self.connection(max(0.0, deadline - time.monotonic()))
             try:
-                return await connection.channel(publisher_confirms=confirms, on_return_raises=confirms)
-            except (*CONNECTION_ERRORS, RuntimeError) as exc:
+                channel: AbstractChannel = await connection.channel(
+                    publisher_confirms=confirms, on_return_raises=confirms
+                )
+                return channel
+            except _CHANNEL_OPEN_ERRORS as exc:
                 # The connection died between our check and the channel open: wait for the next one.
                 log.debug("channel open failed (%s); waiting for a new connection", _describe(exc))
                 self.connection_lost()
@@ -139,7 +145,8 @@ class Broker:
 
     async def _keep_connected(self) -> None:
         retrying = AsyncRetrying(
-            wait=wait_exponential(multiplier=0.1, max=self.settings.broker_reconnect_max_s) + wait_random(0, 0.1),
+            wait=wait_exponential(multiplier=0.1, max=self.settings.broker_reconnect_max_s)
+            + wait_random(0, 0.1),
             retry=retry_if_exception_type(BrokerConnectionError),
         )
         while not self._closing:
@@ -147,7 +154,7 @@ class Broker:
                 with attempt:
                     connection = await self._connect_once()
             lost = asyncio.Event()
-            connection.close_callbacks.add(lambda *_: lost.set())
+            connection.close_callbacks.add(lambda *_, event=lost: event.set())
             self._connection = connection
             self.generation += 1
             self._ready.set()
@@ -178,4 +185,4 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-__all__ = ["CONNECTION_ERRORS", "Broker", "ssl_context"]
+__all__ = ["CONNECTION_ERRORS", "SETTLE_ERRORS", "Broker", "ssl_context"]

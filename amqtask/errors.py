@@ -130,5 +130,13 @@ class Reject(ControlFlow):
         self.requeue = requeue
 
 
+class Revoked(ControlFlow):
+    """Raised by middleware in ``before_process``: the task was revoked; ack it and report REVOKED unrun."""
+
+    def __init__(self, reason: str = "revoked") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class MaxRetriesExceededError(AmqtaskError):
     """``Task.retry()`` was called after the task used up its retries."""

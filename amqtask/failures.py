@@ -10,15 +10,27 @@ from __future__ import annotations
 
 import builtins
 import functools
+import json
 import traceback
 from typing import Any
 
 from .errors import RemoteTaskError
 
 
+def _plain_arg(arg: Any) -> Any:
+    """``arg`` itself when JSON can carry it (as kombu's ``ensure_serializable`` keeps it), else its repr."""
+    if isinstance(arg, str | int | float | bool | type(None)):
+        return arg
+    try:
+        json.dumps(arg)
+    except (TypeError, ValueError, RecursionError):
+        return repr(arg)
+    return arg
+
+
 def encode_exception(exc: BaseException) -> dict[str, Any]:
     """Celery's exception dict for ``exc``; arguments that cannot be serialized become their repr."""
-    args = [arg if isinstance(arg, str | int | float | bool | type(None)) else repr(arg) for arg in exc.args]
+    args = [_plain_arg(arg) for arg in exc.args]
     return {"exc_type": type(exc).__name__, "exc_message": args, "exc_module": type(exc).__module__}
 
 
@@ -34,11 +46,14 @@ def _remote_class(exc_type: str, exc_module: str) -> type[RemoteTaskError]:
     if isinstance(builtin, type) and issubclass(builtin, Exception) and builtin is not Exception:
         bases = (RemoteTaskError, builtin)
     attrs = {"exc_type": exc_type, "exc_module": exc_module, "__module__": exc_module or "amqtask.remote"}
-    try:
-        return type(exc_type, bases, attrs)
-    except TypeError:
-        # Some builtins (OSError's subclasses, UnicodeError) have an incompatible C layout.
-        return type(exc_type, (RemoteTaskError,), attrs)
+    for candidate in (bases, (RemoteTaskError,)):
+        try:
+            return type(exc_type, candidate, attrs)
+        except (TypeError, ValueError):
+            # TypeError: a builtin with an incompatible C layout; ValueError: a name no class can have
+            # (NUL or surrogate characters).
+            continue
+    return RemoteTaskError
 
 
 def decode_exception(value: Any, remote_traceback: str | None) -> RemoteTaskError:
@@ -50,6 +65,14 @@ def decode_exception(value: Any, remote_traceback: str | None) -> RemoteTaskErro
     message = value.get("exc_message")
     args = tuple(message) if isinstance(message, list | tuple) else (message,)
     cls = _remote_class(exc_type, module or "")
-    exc = cls.__new__(cls)
-    RemoteTaskError.__init__(exc, *args, remote_traceback=remote_traceback)
+    try:
+        exc = cls.__new__(cls)
+        RemoteTaskError.__init__(exc, *args, remote_traceback=remote_traceback)
+    except Exception:
+        # Builtins whose constructor insists on its own arguments (UnicodeDecodeError wants 5, SyntaxError
+        # a location tuple, MemoryError and ExceptionGroup refuse this __new__): keep the name only.
+        cls = _remote_class(exc_type, "amqtask.remote")
+        exc = cls.__new__(cls)
+        RemoteTaskError.__init__(exc, *args, remote_traceback=remote_traceback)
+        exc.exc_module = module or ""
     return exc

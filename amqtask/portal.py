@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import os
 import threading
 from collections.abc import Coroutine
@@ -102,10 +103,8 @@ class Portal:
                 cleanup.close()
             return
         if cleanup is not None:
-            try:
+            with contextlib.suppress(Exception):  # best effort at exit
                 asyncio.run_coroutine_threadsafe(cleanup, loop).result(timeout)
-            except Exception:
-                pass
         loop.call_soon_threadsafe(loop.stop)
         with self._lock:
             self._loop = None

@@ -26,6 +26,11 @@ from .settings import Settings
 from .topology import QueueSpec
 
 log = logging.getLogger("amqtask.producer")
+_RETRYABLE: tuple[type[BaseException], ...] = (
+    *CONNECTION_ERRORS,
+    BrokerConnectionError,
+    asyncio.TimeoutError,
+)
 
 
 def to_amqp(wire: WireMessage) -> aio_pika.Message:
@@ -39,7 +44,7 @@ def to_amqp(wire: WireMessage) -> aio_pika.Message:
         priority=wire.priority,
         correlation_id=wire.correlation_id,
         reply_to=wire.reply_to,
-        expiration=wire.expiration,
+        expiration=int(wire.expiration) / 1000 if wire.expiration else None,
     )
 
 
@@ -105,7 +110,7 @@ class Publisher:
                 ) from None
             except aiormq.exceptions.ChannelNotFoundEntity as exc:
                 raise TopologyNotFoundError(f"cannot publish: {exc.args[0] if exc.args else exc}") from None
-            except (*CONNECTION_ERRORS, BrokerConnectionError, asyncio.TimeoutError) as exc:
+            except _RETRYABLE as exc:
                 log.debug("publish interrupted (%s); retrying after reconnect", type(exc).__name__)
                 await self._wait_for_new_connection(deadline)
 
@@ -121,7 +126,13 @@ class Publisher:
             return
 
     async def ensure_queue(self, spec: QueueSpec) -> None:
-        """Make sure ``spec``'s queue exists: check passively, declare it from the configuration only if missing."""
+        """Make sure ``spec``'s queue exists, once per connection.
+
+        A queue the configuration describes (anything beyond a bare name) is declared, which is
+        idempotent and raises :class:`~amqtask.errors.TopologyMismatchError` when the queue exists
+        with other arguments. A bare name is checked passively and declared only when missing, so
+        tasks can be sent to queues that other services declared their own way (a Celery worker's).
+        """
         generation = self.broker.generation
         if self._ensured.get(spec.name) == generation and generation:
             return
@@ -129,7 +140,9 @@ class Publisher:
         async with lock:
             if self._ensured.get(spec.name) == self.broker.generation and self.broker.generation:
                 return
-            if not await topology.queue_exists(self.broker, spec.name):
+            if spec != QueueSpec(spec.name):
+                await topology.declare_queue(self.broker, spec)
+            elif not await topology.queue_exists(self.broker, spec.name):
                 log.info("queue %r does not exist yet; declaring it", spec.name)
                 await topology.declare_queue(self.broker, spec)
             self._ensured[spec.name] = self.broker.generation

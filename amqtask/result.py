@@ -19,11 +19,10 @@ from collections import OrderedDict
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from . import protocol
-from .connection import CONNECTION_ERRORS, Broker
+from .connection import CONNECTION_ERRORS, SETTLE_ERRORS, Broker
 from .errors import AmqtaskError, MessageError, RemoteTaskError, TaskRevokedError, TimeoutError
 from .failures import decode_exception
 from .protocol import READY_STATES, ResultMessage, WireMessage
@@ -35,6 +34,7 @@ if TYPE_CHECKING:
 
 R = TypeVar("R")
 log = logging.getLogger("amqtask.result")
+_RESUME_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, AmqtaskError)
 _ORDER = {protocol.PENDING: 0, protocol.STARTED: 1, protocol.RETRY: 2}
 
 
@@ -147,7 +147,7 @@ class ResultConsumer:
     async def _restart(self, generation: int) -> None:
         try:
             await self.ensure_started(self.settings.publish_timeout_s)
-        except (*CONNECTION_ERRORS, AmqtaskError) as exc:
+        except _RESUME_ERRORS as exc:
             log.warning("could not resume consuming results: %s", exc)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
@@ -161,7 +161,7 @@ class ResultConsumer:
             self.store.put(protocol.decode_result(wire, self._accept, self._limits))
         except (MessageError, AmqtaskError) as exc:
             log.error("dropping an unreadable result (correlation_id=%s): %s", message.correlation_id, exc)
-        with contextlib.suppress(*CONNECTION_ERRORS, aiormq.exceptions.AMQPError):
+        with contextlib.suppress(*SETTLE_ERRORS):
             await message.ack()
 
     async def close(self) -> None:

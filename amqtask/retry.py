@@ -43,6 +43,23 @@ def retry_countdown(task: Task[Any, Any], retries: int, countdown: float | None)
     return float(task.options.get("default_retry_delay", task.app.conf.task_default_retry_delay))
 
 
+def autoretry_delay(task: Task[Any, Any], exc: BaseException, retries: int) -> float | None:
+    """The countdown of an automatic retry after ``exc``, or None when ``exc`` ends the task.
+
+    ``autoretry_for`` / ``dont_autoretry_for`` pick the exceptions; ``retry_kwargs`` may set
+    ``countdown`` and ``max_retries`` like ``self.retry()`` would.
+    """
+    autoretry = task.options.get("autoretry_for", ())
+    excluded = task.options.get("dont_autoretry_for", ())
+    if not autoretry or not isinstance(exc, autoretry) or (excluded and isinstance(exc, excluded)):
+        return None
+    retry_kwargs = task.options.get("retry_kwargs", {})
+    limit = retry_kwargs.get("max_retries", task.max_retries)
+    if limit is not None and retries >= limit:
+        return None
+    return retry_countdown(task, retries, retry_kwargs.get("countdown"))
+
+
 def request_retry(
     task: Task[Any, Any],
     *,

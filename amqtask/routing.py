@@ -10,6 +10,7 @@ its definition says. A queue not in ``task_queues`` is a durable classic queue o
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
@@ -69,14 +70,18 @@ def parse_queues(value: Any) -> dict[str, QueueSpec]:
     raise ConfigurationError(f"task_queues must be a dict or a list, got {type(value).__name__}")
 
 
-def _compile_rules(value: Any) -> list[Callable[[str, tuple[Any, ...], dict[str, Any]], Any]]:
+#: A compiled ``task_routes`` rule: ``(name, args, kwargs, call options) -> route or None``.
+CompiledRule = Callable[[str, tuple[Any, ...], dict[str, Any], Mapping[str, Any]], Any]
+
+
+def _compile_rules(value: Any) -> list[CompiledRule]:
     if value is None:
         return []
     rules = value if isinstance(value, list | tuple) else [value]
     compiled = []
     for rule in rules:
         if callable(rule):
-            compiled.append(rule)
+            compiled.append(_function_rule(rule))
         elif isinstance(rule, Mapping):
             compiled.append(_mapping_rule(rule))
         else:
@@ -84,11 +89,33 @@ def _compile_rules(value: Any) -> list[Callable[[str, tuple[Any, ...], dict[str,
     return compiled
 
 
-def _mapping_rule(rule: Mapping[str, Any]) -> Callable[[str, tuple[Any, ...], dict[str, Any]], Any]:
+def _function_rule(fn: Callable[..., Any]) -> CompiledRule:
+    """Call a routing function with the arguments it takes, decided once from its signature.
+
+    ``fn(name)``, ``fn(name, args, kwargs)``, or Celery's ``fn(name, args, kwargs, options, task=None,
+    **kw)``. Deciding up front, rather than retrying on ``TypeError``, keeps a ``TypeError`` raised
+    inside the function from being mistaken for a signature mismatch.
+    """
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no introspectable signature (some builtins): the documented form
+        count = 3
+    else:
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        varargs = any(p.kind is p.VAR_POSITIONAL for p in params)
+        count = 4 if varargs else max(1, min(len(positional), 4))
+
+    def call(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: Mapping[str, Any]) -> Any:
+        return fn(*(name, args, kwargs, options)[:count])
+
+    return call
+
+
+def _mapping_rule(rule: Mapping[str, Any]) -> CompiledRule:
     exact = {k: v for k, v in rule.items() if not any(c in k for c in "*?[")}
     patterns = [(re.compile(fnmatch.translate(k)), v) for k, v in rule.items() if k not in exact]
 
-    def match(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def match(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: Mapping[str, Any]) -> Any:
         if name in exact:
             return exact[name]
         for pattern, route in patterns:
@@ -127,13 +154,16 @@ class Router:
             return QueueSpec(name, exchange=self.default_exchange, routing_key=name)
         return QueueSpec(name)
 
-    def from_rules(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    def from_rules(
+        self,
+        name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        options: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Options the first matching ``task_routes`` rule gives ``name`` (empty when none matches)."""
         for rule in self.rules:
-            try:
-                found = rule(name, args, kwargs)
-            except TypeError:
-                found = rule(name)
+            found = rule(name, args, kwargs, options or {})
             if found is not None:
                 return _as_options(found, f"task_routes for {name!r}")
         return {}
@@ -147,7 +177,7 @@ class Router:
         kwargs: dict[str, Any] | None = None,
     ) -> Route:
         """Resolve the destination of a message for task ``name`` (see the module doc for precedence)."""
-        for level in (call, task, lambda: self.from_rules(name, args, kwargs or {})):
+        for level in (call, task, lambda: self.from_rules(name, args, kwargs or {}, call)):
             options = level() if callable(level) else level
             if any(options.get(key) is not None for key in _ROUTE_KEYS):
                 return self._resolve(options)
@@ -160,6 +190,10 @@ class Router:
         routing_key = options.get("routing_key")
         if exchange is None:
             if spec is None:
+                if not routing_key:
+                    raise ConfigurationError(
+                        f"route {dict(options)!r} names no queue, exchange or routing key"
+                    )
                 # Only a routing key: the default exchange delivers to the queue of that name.
                 return Route("", routing_key, self.queue(routing_key))
             return Route(spec.publish_exchange, routing_key or spec.publish_routing_key, spec)

@@ -190,11 +190,18 @@ class Settings:
             setattr(self, name, value)
 
     def from_env(self, environ: Mapping[str, str] | None = None) -> None:
-        """Read ``AMQTASK_<NAME>`` variables (``AMQTASK_BROKER_URL`` and so on)."""
+        """Read ``AMQTASK_<NAME>`` variables (``AMQTASK_BROKER_URL`` and so on).
+
+        ``AMQTASK_<NAME>_FILE`` reads the value from a file instead (the Docker/Kubernetes secrets
+        convention), so credentials need not sit in the environment.
+        """
         environ = os.environ if environ is None else environ
         for key, value in environ.items():
             if key.startswith(ENV_PREFIX):
                 name = key[len(ENV_PREFIX) :].lower()
+                if name.endswith("_file") and name[: -len("_file")] in SPECS:
+                    name = name[: -len("_file")]
+                    value = _read_secret(key, value)
                 if name not in SPECS:
                     raise ConfigurationError(f"environment variable {key}: {_unknown(name)}")
                 setattr(self, name, value)
@@ -227,6 +234,16 @@ class Settings:
     def as_dict(self) -> dict[str, Any]:
         """Every setting and its current value."""
         return {name: getattr(self, name) for name in SPECS}
+
+
+def _read_secret(variable: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as secret:
+            return secret.read().strip()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"environment variable {variable}: cannot read {path!r}: {exc.strerror}"
+        ) from None
 
 
 def _unknown(name: str) -> str:

@@ -5,20 +5,28 @@ that says what was refused: a queue that exists with other arguments raises
 :class:`~amqtask.errors.TopologyMismatchError` naming the queue, the argument the broker holds and the
 arguments amqtask wanted. Every queue is durable (RabbitMQ 4.3 refuses transient non-exclusive queues).
 Each declaration runs on a channel of its own, because a refusal closes the channel it happened on.
+
+:func:`verify` checks the broker against the app without changing it: a passive declare says whether
+an object exists, and re-declaring an existing object with the wanted arguments is a read-only
+comparison (the broker either finds them equivalent and does nothing, or refuses and keeps its own).
+AMQP 0-9-1 has no way to list bindings, so bindings are not verified; ``declare_queue`` re-adds them.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiormq
 from aio_pika.abc import AbstractChannel, ExchangeType
 
 from .connection import Broker
 from .errors import ConfigurationError, TopologyError, TopologyMismatchError, TopologyNotFoundError
+
+if TYPE_CHECKING:
+    from .delays import DelayTopology
 
 EXCHANGE_TYPES = ("direct", "topic", "fanout", "headers")
 QUEUE_TYPES = ("classic", "quorum")
@@ -61,8 +69,9 @@ class QueueSpec:
         if self.max_priority is not None:
             if self.queue_type == "quorum":
                 raise ConfigurationError(
-                    f"{where}: max_priority is not supported on quorum queues (RabbitMQ refuses x-max-priority "
-                    "there); RabbitMQ 4.x quorum queues honour message priorities without it"
+                    f"{where}: max_priority is not supported on quorum queues (RabbitMQ refuses "
+                    "x-max-priority there); quorum queues honour message priorities without it on "
+                    "RabbitMQ 4.0-4.2 (two levels) and 4.3 (32 levels), and ignore them on 3.x"
                 )
             if not 1 <= self.max_priority <= 255:
                 raise ConfigurationError(f"{where}: max_priority must be 1..255, got {self.max_priority}")
@@ -117,10 +126,20 @@ class QueueSpec:
         return {"x-queue-type": "quorum"} if self.queue_type == "quorum" else {}
 
 
+# The broker names one differing argument per refusal. It writes a value three ways, depending on
+# version and type: ``none``, ``'5'``, or ``the value '5' of type 'byte'`` (seen on 3.10 and 4.3).
+_ARG_VALUE = r"none|'[^']*'|the value '[^']*' of type '[^']*'"
 _INEQUIVALENT = re.compile(
-    r"inequivalent arg '(?P<arg>[^']+)' for (?P<kind>queue|exchange) '(?P<name>[^']+)'.*?"
-    r"received (?:the value '(?P<received>[^']*)' of type '[^']*'|none) but current is (?P<current>.+)$"
+    rf"inequivalent arg '(?P<arg>[^']+)' for (?P<kind>queue|exchange) '(?P<name>[^']+)'.*?"
+    rf"received (?P<received>{_ARG_VALUE}) but current is (?P<current>{_ARG_VALUE})"
 )
+
+
+def _arg_value(text: str) -> str | None:
+    """The value in one of the broker's spellings (``None`` for ``none``: the argument is not set)."""
+    if text == "none":
+        return None
+    return text.split("'")[1]
 
 
 def translate(exc: Exception, kind: str, name: str, wanted: Any) -> Exception:
@@ -129,7 +148,7 @@ def translate(exc: Exception, kind: str, name: str, wanted: Any) -> Exception:
     if isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed):
         match = _INEQUIVALENT.search(text)
         if match:
-            existing = {match["arg"]: match["current"].strip()}
+            existing = {match["arg"]: _arg_value(match["current"])}
             return TopologyMismatchError(kind, name, existing, wanted, text)
         return TopologyMismatchError(kind, name, "unknown", wanted, text)
     if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
@@ -208,3 +227,118 @@ async def delete_queue(broker: Broker, name: str) -> None:
         await channel.queue_delete(name)
 
     await _on_fresh_channel(broker, "queue", name, None, action)
+
+
+async def delete_exchange(broker: Broker, name: str) -> None:
+    """Delete an exchange if it exists."""
+
+    async def action(channel: AbstractChannel) -> None:
+        await channel.exchange_delete(name)
+
+    await _on_fresh_channel(broker, "exchange", name, None, action)
+
+
+async def server_version(broker: Broker) -> str:
+    """The RabbitMQ version the broker reports, e.g. ``"3.10.8"``."""
+    connection = await broker.connection()
+    channel = await connection.channel()
+    try:
+        underlay = await channel.get_underlay_channel()
+        version = underlay.connection.server_properties.get("version", "")
+    finally:
+        await channel.close()
+    return version.decode() if isinstance(version, bytes) else str(version)
+
+
+# ---------------------------------------------------------------------------------------------- verify
+
+
+@dataclass(frozen=True)
+class Check:
+    """What :func:`verify` found for one exchange or queue: ``problem`` is None, "missing" or "mismatch"."""
+
+    kind: str
+    name: str
+    problem: str | None = None
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Whether the object exists as the app wants it."""
+        return self.problem is None
+
+
+async def _check(broker: Broker, kind: str, name: str, wanted: Any, passive: Any, active: Any) -> Check:
+    try:
+        await _on_fresh_channel(broker, kind, name, wanted, passive)
+    except TopologyNotFoundError:
+        return Check(kind, name, "missing")
+    try:
+        await _on_fresh_channel(broker, kind, name, wanted, active)
+    except TopologyMismatchError as exc:
+        return Check(kind, name, "mismatch", f"existing {exc.existing}, wanted {exc.wanted}")
+    return Check(kind, name)
+
+
+async def verify_exchange(
+    broker: Broker, name: str, exchange_type: str, arguments: Mapping[str, Any] | None = None
+) -> Check:
+    """Check that a durable exchange of this type (and arguments) exists, without declaring it."""
+
+    async def passive(channel: AbstractChannel) -> None:
+        await channel.declare_exchange(name, passive=True)
+
+    async def active(channel: AbstractChannel) -> None:
+        await channel.declare_exchange(
+            name, ExchangeType(exchange_type), durable=True, arguments=dict(arguments or {}) or None
+        )
+
+    wanted = {"type": ExchangeType(exchange_type).value, "durable": True, **(arguments or {})}
+    return await _check(broker, "exchange", name, wanted, passive, active)
+
+
+async def verify_queue_arguments(broker: Broker, name: str, arguments: Mapping[str, Any]) -> Check:
+    """Check that a durable queue with exactly these ``x-`` arguments exists, without declaring it."""
+
+    async def passive(channel: AbstractChannel) -> None:
+        await channel.declare_queue(name, passive=True)
+
+    async def active(channel: AbstractChannel) -> None:
+        await channel.declare_queue(name, durable=True, arguments=dict(arguments))
+
+    return await _check(broker, "queue", name, {"durable": True, **arguments}, passive, active)
+
+
+async def verify(
+    broker: Broker, specs: Iterable[QueueSpec], delay_topology: DelayTopology | None = None
+) -> list[Check]:
+    """Check every exchange and queue of ``specs`` (and of the delay levels) against the broker.
+
+    Nothing is created or changed. Each object appears once, in declaration order, whether it is
+    as wanted, missing, or exists with other arguments.
+    """
+    checks: dict[tuple[str, str], Check] = {}
+    for spec in specs:
+        if spec.exchange and ("exchange", spec.exchange) not in checks:
+            checks["exchange", spec.exchange] = await verify_exchange(
+                broker, spec.exchange, spec.exchange_type
+            )
+        if spec.dead_letter:
+            checks["queue", spec.dlq_name] = await verify_queue_arguments(
+                broker, spec.dlq_name, spec.dlq_arguments()
+            )
+        checks["queue", spec.name] = await verify_queue_arguments(broker, spec.name, spec.queue_arguments())
+    if delay_topology is not None:
+        # Imported here: delays builds on this module (it uses translate).
+        from .delays import supports_quorum_levels
+
+        quorum = delay_topology.quorum and supports_quorum_levels(await server_version(broker))
+        for exchange in delay_topology.exchanges():
+            checks["exchange", exchange.name] = await verify_exchange(
+                broker, exchange.name, exchange.type.value, exchange.arguments
+            )
+        for queue in delay_topology.queues():
+            checks["queue", queue.name] = await verify_queue_arguments(
+                broker, queue.name, delay_topology.queue_arguments(queue, quorum)
+            )
+    return list(checks.values())

@@ -15,17 +15,16 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from ..connection import CONNECTION_ERRORS
+from ..connection import SETTLE_ERRORS
 from ..errors import AmqtaskError, BrokerConnectionError, TopologyError
 from ..topology import QueueSpec
 
 log = logging.getLogger("amqtask.worker")
 
 OnMessage = Callable[[AbstractIncomingMessage, QueueSpec], Awaitable[None]]
-_RECOVERABLE = (*CONNECTION_ERRORS, BrokerConnectionError, aiormq.exceptions.AMQPError, asyncio.TimeoutError)
+_RECOVERABLE: tuple[type[BaseException], ...] = (*SETTLE_ERRORS, BrokerConnectionError, asyncio.TimeoutError)
 
 
 class Consumer:
@@ -127,4 +126,3 @@ class Consumer:
         if self._channel is not None and not self._channel.is_closed:
             with contextlib.suppress(*_RECOVERABLE):
                 await self._channel.close()
-

@@ -15,15 +15,14 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any
 
-import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
 from .. import delays, protocol, serializers
-from ..connection import CONNECTION_ERRORS
-from ..errors import AmqtaskError, MessageError, Reject, Retry, SerializationError
+from ..connection import SETTLE_ERRORS
+from ..errors import AmqtaskError, MessageError, Reject, Retry, Revoked, SerializationError
 from ..failures import encode_exception, format_traceback
 from ..protocol import ResultMessage, TaskMessage, WireMessage
-from ..retry import retry_countdown
+from ..retry import autoretry_delay
 from ..task import Request, Task
 from ..topology import QueueSpec
 
@@ -86,6 +85,9 @@ class DeliveryHandler:
         except Reject as exc:
             await self.dead_letter(message, queue, "rejected", exc.reason)
             return
+        except Revoked as exc:
+            await self.revoked(message, msg, wire, exc.reason)
+            return
         if await self._expired_or_early(message, queue, msg, wire):
             return
         await self.run(message, queue, task, msg, wire)
@@ -110,6 +112,19 @@ class DeliveryHandler:
             return True
         return False
 
+    async def revoked(
+        self, message: AbstractIncomingMessage, msg: TaskMessage, wire: WireMessage, reason: str
+    ) -> None:
+        """Report REVOKED without running the task, then ack; the result is Celery's TaskRevokedError."""
+        log.info("task %s[%s] was revoked; not running it", msg.task, msg.id)
+        self.worker.stats["revoked"] += 1
+        error = {"exc_type": "TaskRevokedError", "exc_message": [reason], "exc_module": "celery.exceptions"}
+        report = ResultMessage(
+            msg.id, protocol.REVOKED, error, date_done=protocol.now_iso(), parent_id=msg.parent_id
+        )
+        await self.reply(msg, wire, report)
+        await self.ack(message)
+
     # ------------------------------------------------------------------------------------------ running
     async def run(
         self, message: AbstractIncomingMessage, queue: QueueSpec, task: Task[Any, Any], msg: TaskMessage,
@@ -130,7 +145,7 @@ class DeliveryHandler:
             await self.retry(message, queue, msg, wire, exc)
         except Reject as exc:
             if exc.requeue:
-                await self.release(message)
+                await self.requeue_failed(message)
             else:
                 await self.dead_letter(message, queue, "rejected", exc.reason)
         except Exception as exc:
@@ -168,17 +183,12 @@ class DeliveryHandler:
         wire: WireMessage, exc: Exception,
     ) -> None:  # fmt: skip
         """Retry automatically when the task says so; otherwise dead-letter and report the failure."""
-        autoretry = task.options.get("autoretry_for", ())
-        excluded = task.options.get("dont_autoretry_for", ())
-        limit = task.max_retries
-        if autoretry and isinstance(exc, autoretry) and not (excluded and isinstance(exc, excluded)):
-            if limit is None or msg.retries < limit:
-                countdown = task.options.get("retry_kwargs", {}).get("countdown")
-                when = retry_countdown(task, msg.retries, countdown)
-                await self.retry(
-                    message, queue, msg, wire, Retry(f"Retry in {when:g}s: {exc!r}", exc=exc, when=when)
-                )
-                return
+        when = autoretry_delay(task, exc, msg.retries)
+        if when is not None:
+            await self.retry(
+                message, queue, msg, wire, Retry(f"Retry in {when:g}s: {exc!r}", exc=exc, when=when)
+            )
+            return
         self.worker.stats["failed"] += 1
         log.error("task %s[%s] failed: %s: %s", msg.task, msg.id, type(exc).__name__, exc)
         report = self.failure(msg, exc, format_traceback(exc))
@@ -207,7 +217,7 @@ class DeliveryHandler:
         delay = exc.when or 0.0
         eta = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=delay)
         headers = dict(_stripped(wire).headers)
-        headers.update(retries=msg.retries + 1, eta=eta.isoformat(), parent_id=msg.id)
+        headers.update(retries=msg.retries + 1, eta=eta.isoformat())
         again = WireMessage(**{**wire.__dict__, "headers": headers})
         if delay > 0:
             await self.publisher.publish_delayed(again, queue, delay)
@@ -277,7 +287,7 @@ class DeliveryHandler:
         except AmqtaskError as error:
             log.error("cannot dead-letter into %s (%s); rejecting so the broker's dead-lettering applies",
                       queue.dlq_name, error)  # fmt: skip
-            with contextlib.suppress(*CONNECTION_ERRORS, aiormq.exceptions.AMQPError):
+            with contextlib.suppress(*SETTLE_ERRORS):
                 await message.reject(requeue=False)
             return
         self.worker.stats["dead_lettered"] += 1
@@ -292,14 +302,19 @@ class DeliveryHandler:
         """Ack on the delivery's own channel; if that channel is gone, the broker redelivers instead."""
         try:
             await message.ack()
-        except (*CONNECTION_ERRORS, aiormq.exceptions.AMQPError) as exc:
+        except SETTLE_ERRORS as exc:
             log.warning(
                 "could not ack delivery %s (%s); the broker will redeliver it", message.delivery_tag, exc
             )
 
+    async def requeue_failed(self, message: AbstractIncomingMessage) -> None:
+        """Requeue a failed attempt (``basic.reject``: it counts against a quorum queue's delivery limit)."""
+        with contextlib.suppress(*SETTLE_ERRORS):
+            await message.reject(requeue=True)
+
     async def release(self, message: AbstractIncomingMessage) -> None:
         """Give a delivery back unprocessed (nack + requeue, which does not count against a delivery limit)."""
-        with contextlib.suppress(*CONNECTION_ERRORS, aiormq.exceptions.AMQPError):
+        with contextlib.suppress(*SETTLE_ERRORS):
             await message.nack(requeue=True)
 
 

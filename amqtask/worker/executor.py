@@ -44,7 +44,7 @@ class Executor:
                 except asyncio.TimeoutError:
                     raise TimeLimitExceeded(
                         f"task {task.name}[{request.id}] exceeded its time limit of {time_limit}s"
-                    )
+                    ) from None
             return await call
         finally:
             current_request.reset(token)

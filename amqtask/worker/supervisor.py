@@ -31,6 +31,7 @@ async def serve(app: App, **options: Any) -> int:
     worker = Worker(app, **options)
     loop = asyncio.get_running_loop()
     signals_seen = 0
+    stopping: list[asyncio.Task[None]] = []  # keeps the stop task referenced until it finishes
 
     def on_signal(signum: int) -> None:
         nonlocal signals_seen
@@ -41,7 +42,7 @@ async def serve(app: App, **options: Any) -> int:
             )
             os._exit(1)
         log.info("%s: finishing running tasks (press again to exit at once)", signal.Signals(signum).name)
-        loop.create_task(worker.stop())
+        stopping.append(loop.create_task(worker.stop()))
 
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, on_signal, signum)
@@ -79,15 +80,16 @@ def supervise(child_command: Callable[[int], list[str]], processes: int) -> int:
         spawn(index)
     while children:
         pid, status = os.wait()
-        index = next((i for i, c in children.items() if c.pid == pid), None)
-        if index is None:
+        which = next((i for i, c in children.items() if c.pid == pid), None)
+        if which is None:
             continue
-        children.pop(index).returncode = os.waitstatus_to_exitcode(status)
+        exited = children.pop(which)
+        exited.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
         if not stopping:
             # Back off when a child keeps dying at once (a broken deploy must not spin the CPU).
-            wait = 1.0 if time.monotonic() - restarts.get(index, 0.0) < 5 else 0.0
-            log.warning("worker process %d (pid %d) died (status %d); restarting", index, pid, status)
+            wait = 1.0 if time.monotonic() - restarts.get(which, 0.0) < 5 else 0.0
+            log.warning("worker process %d (pid %d) died (status %d); restarting", which, pid, status)
             time.sleep(wait)
-            restarts[index] = time.monotonic()
-            spawn(index)
+            restarts[which] = time.monotonic()
+            spawn(which)
     return 0

@@ -1,0 +1,242 @@
+"""Dead-letter queues: list, replay and purge ``<queue>.dlq``.
+
+Two kinds of messages land in a dead-letter queue. Those a worker gave up on (the task failed after
+its last retry, raised ``Reject``, or the message was unreadable or named an unknown task): the
+worker copies them there with ``x-amqtask-*`` headers naming the reason, the exception, its
+traceback, the worker and the time. And those the broker dead-lettered by itself through the
+queue's ``x-dead-letter-*`` arguments (a quorum queue's delivery limit, a TTL): these carry
+RabbitMQ's ``x-death`` headers instead. :class:`DeadLetter` reads both.
+
+Listing does not take messages out. It holds them with ``basic.get`` without acking (a held
+message is not handed out again, so each is seen once), then gives them all back with one
+``basic.nack(multiple, requeue)``. Not by closing the channel: on RabbitMQ 4.3 a message returned by
+a closed channel counts against a quorum queue's delivery limit (20 by default), and a dead-letter
+queue with no dead-letter target of its own drops a message that used its limit up; a nack does not
+count there. Classic queues put requeued messages back where they were.
+
+Replay publishes a copy to the original queue through the default exchange, with ``retries`` reset
+to 0 and the dead-lettering headers (``x-amqtask-*``, ``x-death``, delivery counters) removed, waits
+for the broker's confirm, and only then acks the dead-lettered message: a crash in between leaves a
+duplicate, never a loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import AsyncIterator, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+
+from . import topology
+from .delays import strip_death_headers
+from .errors import TopologyNotFoundError
+from .protocol import WireMessage
+from .topology import DLQ_SUFFIX
+from .worker.delivery import REASON, wire_of
+
+if TYPE_CHECKING:
+    from .app import App
+
+#: Prefix of the headers a worker adds when it dead-letters a message (see ``worker/delivery.py``).
+HEADER_PREFIX = "x-amqtask-"
+#: Counters RabbitMQ adds to quorum queue deliveries; stale once the message is published again.
+_DELIVERY_COUNTERS = ("x-delivery-count", "x-acquired-count")
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One dead-lettered message, as ``amqtask dlq list`` shows it."""
+
+    id: str | None
+    task: str | None
+    #: Why it was dead-lettered: the worker's reason (``failed``, ``rejected``, ``malformed``,
+    #: ``unknown-task``) or the broker's (``delivery_limit``, ``expired``, ``rejected``, ``maxlen``).
+    reason: str
+    #: ``Type: message`` of the task's exception, or the worker's detail; empty for broker reasons.
+    exception: str
+    failed_at: str | None
+    #: The queue it came from, where a replay sends it.
+    queue: str
+    retries: int | None
+    headers: Mapping[str, Any] = field(repr=False)
+
+    @classmethod
+    def from_message(cls, message: AbstractIncomingMessage, dlq: str) -> DeadLetter:
+        """Read a message taken from dead-letter queue ``dlq``."""
+        headers = dict(message.headers or {})
+        death = _latest_death(headers)
+        exc_type = _text(headers.get(HEADER_PREFIX + "exception-type"))
+        if exc_type:
+            exception = f"{exc_type}: {_text(headers.get(HEADER_PREFIX + 'exception-message')) or ''}"
+        else:
+            exception = _text(headers.get(HEADER_PREFIX + "detail")) or ""
+        failed_at = _text(headers.get(HEADER_PREFIX + "failed-at"))
+        if failed_at is None and isinstance(death.get("time"), dt.datetime):
+            failed_at = death["time"].isoformat()
+        retries = headers.get("retries")
+        return cls(
+            id=_text(headers.get("id")) or message.correlation_id,
+            task=_text(headers.get("task")),
+            reason=_text(headers.get(REASON)) or _text(death.get("reason")) or "unknown",
+            exception=exception,
+            failed_at=failed_at,
+            queue=_text(headers.get(HEADER_PREFIX + "queue")) or dlq.removesuffix(DLQ_SUFFIX),
+            retries=retries if isinstance(retries, int) and not isinstance(retries, bool) else None,
+            headers=headers,
+        )
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A dead-letter queue's message count and its first messages."""
+
+    queue: str
+    count: int
+    messages: list[DeadLetter]
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """The outcome of a replay: ids sent back to their queues, and asked-for ids that were not found."""
+
+    replayed: list[str | None]
+    missing: list[str]
+
+
+def dlq_name(app: App, queue: str) -> str:
+    """The dead-letter queue of task queue ``queue`` (a name already ending in ``.dlq`` is taken as is)."""
+    return queue if queue.endswith(DLQ_SUFFIX) else app.router.queue(queue).dlq_name
+
+
+def replay_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """The headers of a replayed copy: no dead-lettering history, ``retries`` back at 0."""
+    kept = {
+        key: value
+        for key, value in strip_death_headers(headers).items()
+        if not key.startswith(HEADER_PREFIX) and key not in _DELIVERY_COUNTERS
+    }
+    kept["retries"] = 0
+    return kept
+
+
+async def inspect(app: App, queue: str, limit: int = 100) -> Listing:
+    """Count the messages in ``queue``'s dead-letter queue and read the first ``limit`` of them."""
+    name = dlq_name(app, queue)
+    async with _browse(app, name) as browser:
+        messages = [DeadLetter.from_message(m, name) async for m in browser.take(min(browser.count, limit))]
+    return Listing(name, browser.count, messages)
+
+
+async def replay(app: App, queue: str, ids: Collection[str] | None = None) -> Replayed:
+    """Send dead-lettered messages back to their queues: those with ``ids``, or all when ``ids`` is None.
+
+    Only messages present when the replay starts are considered, so a message that fails again
+    and comes back during a replay is not replayed twice.
+    """
+    name = dlq_name(app, queue)
+    wanted = None if ids is None else set(ids)
+    replayed: list[str | None] = []
+    publisher = app.runtime().publisher
+    async with _browse(app, name) as browser:
+        async for message in browser.take(browser.count):
+            entry = DeadLetter.from_message(message, name)
+            if wanted is not None and entry.id not in wanted:
+                continue
+            wire = wire_of(message)
+            copy = WireMessage(**{**wire.__dict__, "headers": replay_headers(wire.headers)})
+            await publisher.publish(copy, "", entry.queue)
+            await browser.ack(message)
+            replayed.append(entry.id)
+            if wanted is not None:
+                wanted.discard(entry.id or "")
+                if not wanted:
+                    break
+    return Replayed(replayed, sorted(wanted or ()))
+
+
+async def purge(app: App, queue: str) -> int:
+    """Delete every ready message of ``queue``'s dead-letter queue; returns how many were deleted."""
+    name = dlq_name(app, queue)
+    await _require(app, name)
+    channel = await app.runtime().broker.channel(confirms=False)
+    try:
+        dlq = await channel.declare_queue(name, passive=True)
+        result = await dlq.purge()
+    finally:
+        await channel.close()
+    return int(result.message_count or 0)
+
+
+async def _require(app: App, name: str) -> None:
+    if not await topology.queue_exists(app.runtime().broker, name):
+        base = name.removesuffix(DLQ_SUFFIX)
+        raise TopologyNotFoundError(
+            f"dead-letter queue {name!r} does not exist (is {base!r} a queue of this app?)"
+        )
+
+
+class _Browser:
+    """Takes messages from a queue without acking them, and gives back whatever it did not ack."""
+
+    def __init__(self, queue: AbstractQueue, count: int) -> None:
+        self.queue = queue
+        #: Messages in the queue when browsing began.
+        self.count = count
+        self._held: list[AbstractIncomingMessage] = []
+
+    async def take(self, limit: int) -> AsyncIterator[AbstractIncomingMessage]:
+        """Up to ``limit`` messages, each held until :meth:`ack` or :meth:`give_back`."""
+        for _ in range(limit):
+            message = await self.queue.get(no_ack=False, fail=False)
+            if message is None:
+                return
+            self._held.append(message)
+            yield message
+
+    async def ack(self, message: AbstractIncomingMessage) -> None:
+        """Remove a held message from the queue for good."""
+        await message.ack()
+        self._held.remove(message)
+
+    async def give_back(self) -> None:
+        """Requeue every held message with one nack of the newest (``multiple`` covers the older ones)."""
+        if self._held:
+            await self._held[-1].nack(multiple=True, requeue=True)
+            self._held.clear()
+
+
+@contextlib.asynccontextmanager
+async def _browse(app: App, name: str) -> AsyncIterator[_Browser]:
+    """A :class:`_Browser` on queue ``name``; what it still holds at exit goes back to the queue."""
+    await _require(app, name)
+    channel = await app.runtime().broker.channel(confirms=False)
+    try:
+        queue = await channel.declare_queue(name, passive=True)
+        browser = _Browser(queue, int(queue.declaration_result.message_count or 0))
+        try:
+            yield browser
+        finally:
+            if not channel.is_closed:
+                await browser.give_back()
+    finally:
+        await channel.close()
+
+
+def _latest_death(headers: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The most recent ``x-death`` entry (RabbitMQ keeps them newest first), or an empty mapping."""
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list | tuple) and deaths and isinstance(deaths[0], Mapping):
+        return deaths[0]
+    return {}
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value if isinstance(value, str) else None
+
+
+__all__ = ["DeadLetter", "Listing", "Replayed", "dlq_name", "inspect", "purge", "replay", "replay_headers"]
