@@ -9,6 +9,7 @@ loop. All runtimes of a process share one reply queue and one result store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import functools
 import os
@@ -36,6 +37,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _default_app: App | None = None
+CLOSE_TIMEOUT_S = 5.0
 
 
 def current_app() -> App:
@@ -174,8 +176,10 @@ class App:
         with self._runtime_lock:
             runtime = self._runtimes.pop(loop, None)
         if runtime is not None:
-            await runtime.results.close()
-            await runtime.publisher.close()
+            # Closing channels on a connection that is down can wait for an answer that never comes.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(runtime.results.close(), CLOSE_TIMEOUT_S)
+                await asyncio.wait_for(runtime.publisher.close(), CLOSE_TIMEOUT_S)
             await runtime.broker.close()
 
     def close(self) -> None:

@@ -131,7 +131,7 @@ class Broker:
     async def _connect_once(self) -> aio_pika.abc.AbstractConnection:
         url = next(self._urls)
         try:
-            return await aio_pika.connect(
+            connection = await aio_pika.connect(
                 url,
                 timeout=self.settings.broker_connect_timeout_s,
                 heartbeat=self.settings.broker_heartbeat_s,
@@ -142,6 +142,8 @@ class Broker:
             self.last_error = f"{mask_url(url)}: {_describe(exc)}"
             log.warning("cannot connect to %s", self.last_error)
             raise BrokerConnectionError(self.last_error) from exc
+        _detect_stalls_after_two_heartbeats(connection, self.settings.broker_heartbeat_s)
+        return connection
 
     async def _keep_connected(self) -> None:
         retrying = AsyncRetrying(
@@ -177,8 +179,29 @@ class Broker:
                 await self._keeper
         if self._connection is not None and not self._connection.is_closed:
             with contextlib.suppress(Exception):
-                await self._connection.close()
+                await asyncio.wait_for(self._connection.close(), 5.0)
         self._ready.clear()
+
+
+#: Where aiormq keeps how long a connection may stay silent before it is given up (a name-mangled attribute).
+_AIORMQ_GRACE = "_Connection__heartbeat_grace_timeout"
+
+
+def _detect_stalls_after_two_heartbeats(connection: aio_pika.abc.AbstractConnection, heartbeat_s: int) -> None:
+    """Give up on a connection that received nothing for two heartbeat intervals.
+
+    A stalled peer (a black-holed route, a hung load balancer) closes nothing: only silence tells.
+    aiormq's own detector waits 3 x (heartbeat + 1) s (93 s at the default 30 s, 9 s at 2 s), which is
+    what delays reconnection, consumer recovery and every confirm waiting on that connection. AMQP and
+    RabbitMQ's own rule is two missed heartbeats, and RabbitMQ sends one every heartbeat / 2 s, so a
+    healthy connection is never silent that long. aiormq has no public knob for this; it reads the
+    bound from this attribute each time it checks, so setting it keeps aiormq's own teardown of a
+    stuck connection (transport aborted, no wait for the dead peer). If a future aiormq drops the
+    attribute, its slower default applies (tests/test_faults_connection.py would say so).
+    """
+    underlay = getattr(getattr(connection, "transport", None), "connection", None)
+    if heartbeat_s > 0 and underlay is not None and hasattr(underlay, _AIORMQ_GRACE):
+        setattr(underlay, _AIORMQ_GRACE, 2 * heartbeat_s)
 
 
 def _describe(exc: BaseException) -> str:

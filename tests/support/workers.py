@@ -93,7 +93,12 @@ def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, ti
     """Signal a subprocess, wait for it, return its output."""
     if process.poll() is None:
         process.send_signal(sig)
-    out, _ = process.communicate(timeout=timeout)
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, _ = process.communicate()
+        raise AssertionError(f"worker did not exit within {timeout}s of {sig!r}:\n{out.decode(errors='replace')}")
     return out.decode(errors="replace")
 
 

@@ -1,0 +1,67 @@
+"""Fixtures for the whole suite: the RabbitMQ broker, a vhost per session, unique names.
+
+The broker fixtures start (or reuse) a broker only when a test that needs one runs, so
+pure-logic tests run anywhere. Tests that use them are marked ``broker``, so
+``-m "not broker"`` runs the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from support.broker import TestBroker
+
+BROKER_FIXTURES = frozenset({"rabbitmq", "rabbitmq_version_info", "broker_vhost", "broker_url"})
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--rabbitmq",
+        default=os.environ.get("AMQTASK_TEST_RABBITMQ", "3.10"),
+        choices=("3.10", "4.3"),
+        help="RabbitMQ version for broker tests (default: $AMQTASK_TEST_RABBITMQ, else 3.10)",
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if BROKER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.broker)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq(pytestconfig: pytest.Config) -> TestBroker:
+    """The broker of the requested version, started through deploy/rabbitmq.sh or reused."""
+    broker = TestBroker()
+    broker.start(pytestconfig.getoption("--rabbitmq"))
+    return broker
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_version_info(rabbitmq: TestBroker) -> tuple[int, ...]:
+    """The server's real version, e.g. (3, 10, 8)."""
+    return rabbitmq.version_info
+
+
+@pytest.fixture(scope="session")
+def broker_vhost(rabbitmq: TestBroker) -> Iterator[str]:
+    """A vhost of this session's own, deleted at its end: other users of the broker stay apart."""
+    vhost = f"amqtask-test-{uuid.uuid4().hex[:8]}"
+    rabbitmq.add_vhost(vhost)
+    yield vhost
+    rabbitmq.delete_vhost(vhost)
+
+
+@pytest.fixture(scope="session")
+def broker_url(rabbitmq: TestBroker, broker_vhost: str) -> str:
+    """AMQP URL of ``broker_vhost`` (guest, full permissions)."""
+    return rabbitmq.vhost_url(broker_vhost)
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short unique name for queues, exchanges and the like."""
+    return f"t{uuid.uuid4().hex[:8]}"
