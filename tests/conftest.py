@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from support.broker import TestBroker
 
-BROKER_FIXTURES = frozenset({"rabbitmq", "rabbitmq_version_info", "broker_vhost", "broker_url"})
+BROKER_FIXTURES = frozenset({"rabbitmq", "rabbitmq_version_info", "broker_vhost", "broker_url", "private_rabbitmq"})
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -59,6 +59,20 @@ def broker_vhost(rabbitmq: TestBroker) -> Iterator[str]:
 def broker_url(rabbitmq: TestBroker, broker_vhost: str) -> str:
     """AMQP URL of ``broker_vhost`` (guest, full permissions)."""
     return rabbitmq.vhost_url(broker_vhost)
+
+
+@pytest.fixture(scope="session")
+def private_rabbitmq(pytestconfig: pytest.Config) -> Iterator[TestBroker]:
+    """A broker of this session's own, for tests that stop or restart it.
+
+    Restarting the shared broker would break other processes using it (other test sessions,
+    developers); a private one costs a few seconds to start and is deleted at the end.
+    """
+    version = pytestconfig.getoption("--rabbitmq")
+    broker = TestBroker(name=f"amqtask-private-{version.replace('.', '')}-{os.getpid()}")
+    broker.start(version)
+    yield broker
+    broker.stop()
 
 
 @pytest.fixture

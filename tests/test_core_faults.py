@@ -72,8 +72,12 @@ def test_sigterm_lets_the_running_task_finish_and_gives_the_rest_back(
 
 
 def test_broker_restart_with_worker_and_client_connected_loses_nothing(
-    client: App, rabbitmq: TestBroker, unique: str
+    private_rabbitmq: TestBroker, unique: str
 ) -> None:
+    rabbitmq = private_rabbitmq
+    client = App(f"restart-{unique}", broker=rabbitmq.add_vhost(unique), task_default_queue=f"q-{unique}",
+                 publish_timeout_s=60)  # fmt: skip
+
     @client.task(name="fault.double")
     def double(x: int) -> int:
         return 2 * x

@@ -27,19 +27,34 @@ class TestBroker:
 
     __test__ = False  # a helper, not a test class
 
-    def __init__(self, name: str | None = None, nodes: int = 1) -> None:
+    def __init__(self, name: str | None = None, nodes: int = 1, tls: str | None = None) -> None:
         self._name = name
         self.nodes = nodes
+        self.tls = tls
         self.urls: list[str] = []
+        self.amqps_url: str | None = None
         self.requested_version = ""
         self._target: list[str] = []
 
     def start(self, version: str) -> None:
         """Start the broker unless it runs already; return once every node accepts AMQP."""
         self._target = ["--name", self._name] if self._name else ["--version", version]
-        out = self._run("start", "--version", version, "--nodes", str(self.nodes), *self._target)
+        tls = ["--tls", self.tls] if self.tls else []
+        out = self._run("start", "--version", version, "--nodes", str(self.nodes), *tls, *self._target)
         self.urls = out.splitlines()[-1].split(",")
         self.requested_version = version
+        if self.tls:
+            found = re.search(r"amqps://[^\s',]+", self._state())
+            self.amqps_url = found.group(0) if found else None
+
+    def _state(self) -> str:
+        name = self._name or f"amqtask-{self.requested_version.replace('.', '')}"
+        path = Path("/var/tmp/amqtask-rabbitmq") / name / "state"
+        return path.read_text() if path.exists() else ""
+
+    def stop(self) -> None:
+        """Stop every node and delete the broker's data."""
+        self._run("stop", *self._target)
 
     @property
     def url(self) -> str:
