@@ -12,7 +12,7 @@ import pytest
 from support.broker import TestBroker
 from support.workers import queue_depth, running_worker, stop_process, wait_for, worker_process
 
-from amqtask import App
+from amqtask import App, topology
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault]
 
@@ -132,5 +132,24 @@ def test_pid_of_worker_is_reported_in_started_state(broker_url: str, unique: str
             assert app.result_store.get(result.id).result["pid"] == os.getpid()  # type: ignore[union-attr]
             gate.set()
             assert await result.aget(timeout=10) == os.getpid()
+
+    asyncio.run(scenario())
+
+
+def test_a_consumer_cancelled_by_the_broker_consumes_again(client: App, unique: str) -> None:
+    """The broker cancels consumers when their queue is deleted (and, on 4.3, on a consumer timeout)."""
+
+    @client.task(name="fault.echo")
+    def echo(x: str) -> str:
+        return x
+
+    async def scenario() -> None:
+        async with running_worker(client) as worker:
+            assert await (await echo.adelay("before")).aget(timeout=10) == "before"
+            resumptions = worker.consumer.resumptions
+            await topology.delete_queue(client.runtime().broker, f"q-{unique}")
+            while worker.consumer.resumptions == resumptions:  # the worker re-declares and consumes again
+                await asyncio.sleep(0.01)
+            assert await (await echo.adelay("after")).aget(timeout=10) == "after"
 
     asyncio.run(scenario())
