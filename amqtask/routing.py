@@ -196,7 +196,11 @@ class Router:
                     )
                 # Only a routing key: the default exchange delivers to the queue of that name.
                 return Route("", routing_key, self.queue(routing_key))
-            return Route(spec.publish_exchange, routing_key or spec.publish_routing_key, spec)
+            if routing_key is None or spec.exchange_type == "direct":
+                # On the default or a direct exchange the key *is* the queue's binding: another key
+                # would miss the queue (Celery behaves the same way).
+                return Route(spec.publish_exchange, spec.publish_routing_key, spec)
+            return Route(spec.publish_exchange, routing_key, spec)
         if routing_key is None:
             routing_key = (
                 spec.publish_routing_key if spec and spec.exchange == exchange else (queue_name or "")

@@ -17,8 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigurationError
+from .urls import mask_text
 
 ENV_PREFIX = "AMQTASK_"
+#: Variables under this prefix belong to amqtask's own test suite, not to an app's settings.
+ENV_TEST_PREFIX = "AMQTASK_TEST_"
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,9 @@ def _number(minimum: float, *, integer: bool = False, allow_none: bool = False) 
 def _broker_urls(name: str, value: Any) -> tuple[str, ...]:
     urls = [u.strip() for u in value.split(",")] if isinstance(value, str) else value
     if not isinstance(urls, list | tuple) or not urls or not all(isinstance(u, str) and u for u in urls):
-        raise ConfigurationError(f"setting {name!r} must be a URL or a list of URLs, got {value!r}")
+        known = tuple(u for u in urls if isinstance(u, str)) if isinstance(urls, list | tuple) else ()
+        shown = mask_text(repr(value), known)
+        raise ConfigurationError(f"setting {name!r} must be a URL or a non-empty list of URLs, got {shown}")
     for url in urls:
         if not url.startswith(("amqp://", "amqps://")):
             raise ConfigurationError(
@@ -162,7 +167,12 @@ SPECS: dict[str, Spec] = {
     "delay_levels": Spec(28, _number(1, integer=True), "number of binary delay levels (2^n s max delay)"),
     "timezone": Spec("UTC", _str, "timezone of crontab schedules and naive datetimes in beat"),
     "beat_schedule": Spec(None, _json_value(dict, "a dict of entries"), "periodic tasks"),
-    "beat_lock_name": Spec(None, _opt_str, "name of beat's lock queue (default amqtask.beat.<app>)"),
+    "beat_lock_name": Spec(None, _opt_str, "name of beat's lock queue (default amqtask.beat.<app>.lock)"),
+    "beat_state_name": Spec(None, _opt_str, "name of beat's last-run state queue (default amqtask.beat.<app>.state)"),
+    "beat_lock_retry_s": Spec(5.0, _number(0.01), "how often a standby beat tries to take the lock: takeover "
+                              "after the leader dies takes this, plus ~2x broker_heartbeat_s if its host vanished"),
+    "beat_max_loop_s": Spec(5.0, _number(0.01), "longest beat sleeps between checks (schedule file, clock jumps)"),
+    "beat_schedule_file": Spec(None, _opt_str, "TOML/JSON schedule file merged over beat_schedule, re-read on change"),
     "signing_keys": Spec(None, _keys, "HMAC keys; the first signs, all verify"),
 }  # fmt: skip
 
@@ -197,7 +207,7 @@ class Settings:
         """
         environ = os.environ if environ is None else environ
         for key, value in environ.items():
-            if key.startswith(ENV_PREFIX):
+            if key.startswith(ENV_PREFIX) and not key.startswith(ENV_TEST_PREFIX):
                 name = key[len(ENV_PREFIX) :].lower()
                 if name.endswith("_file") and name[: -len("_file")] in SPECS:
                     name = name[: -len("_file")]

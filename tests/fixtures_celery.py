@@ -1,6 +1,6 @@
 """Loader for the Celery 5.7 wire fixtures (``shared/fixtures/celery-v2/*.json``, beside the repo).
 
-The directory is ``<repo>/../shared/fixtures/celery-v2``, or ``$AMQTASK_FIXTURES_DIR``. When it is
+The directory is ``<repo>/../shared/fixtures/celery-v2``, or ``$AMQTASK_TEST_FIXTURES_DIR``. When it is
 missing, the tests that use it FAIL (CI always has it): a placeholder parameter stands in for the
 files, so parametrization never comes out empty (which pytest would report as a skip).
 """
@@ -18,7 +18,7 @@ import pytest
 
 from amqtask.protocol import WireMessage
 
-ENV_VAR = "AMQTASK_FIXTURES_DIR"
+ENV_VAR = "AMQTASK_TEST_FIXTURES_DIR"
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "celery-v2"
 MISSING = "<celery-v2 fixtures directory missing>"
 

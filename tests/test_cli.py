@@ -1,0 +1,64 @@
+"""The command line as a user runs it: worker, call, topology apply, and their exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support.workers import TESTS_DIR, stop_process, worker_process
+
+pytestmark = pytest.mark.broker
+
+
+def amqtask(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, **env, "PYTHONPATH": str(TESTS_DIR)}
+    return subprocess.run([sys.executable, "-m", "amqtask", *args], env=environment, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def test_call_waits_for_the_result_of_a_running_worker(broker_url: str, unique: str, tmp_path: Path) -> None:
+    env = {"AMQTASK_BROKER_URL": broker_url, "AMQTASK_TASK_DEFAULT_QUEUE": f"q-{unique}"}
+    worker = worker_process("core_tasks", broker_url, "-c", "2", env=env)
+    try:
+        done = amqtask("call", "-A", "core_tasks", "core.add", "--args", "[20, 22]", "--wait", env=env)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == 42
+    finally:
+        stop_process(worker)
+
+
+def test_burst_worker_drains_what_call_sent_and_exits(broker_url: str, unique: str) -> None:
+    env = {"AMQTASK_BROKER_URL": broker_url, "AMQTASK_TASK_DEFAULT_QUEUE": f"q-{unique}"}
+    sent = amqtask("call", "-A", "core_tasks", "core.add", "--args", "[1, 2]", env=env)
+    assert sent.returncode == 0, sent.stderr
+    assert len(sent.stdout.strip()) == 36  # the task id
+    drained = amqtask("worker", "-A", "core_tasks", "--burst", "-l", "info", env=env)
+    assert drained.returncode == 0, drained.stderr
+    assert "consuming" in drained.stderr
+
+
+def test_topology_apply_declares_the_queues(broker_url: str, unique: str) -> None:
+    env = {"AMQTASK_BROKER_URL": broker_url, "AMQTASK_TASK_DEFAULT_QUEUE": f"q-{unique}"}
+    applied = amqtask("topology", "apply", "-A", "core_tasks", env=env)
+    assert applied.returncode == 0, applied.stderr
+    assert f"declared queue q-{unique}" in applied.stdout
+
+
+def test_bad_arguments_and_settings_exit_2_with_a_clear_message(broker_url: str) -> None:
+    env = {"AMQTASK_BROKER_URL": broker_url}
+    not_json = amqtask("call", "-A", "core_tasks", "core.add", "--args", "[1,", env=env)
+    assert not_json.returncode == 2 and "not JSON" in not_json.stderr
+    bad_setting = amqtask("call", "-A", "core_tasks", "core.add", env={**env, "AMQTASK_WORKER_CONCURENCY": "4"})
+    assert bad_setting.returncode != 0 and "worker_concurrency" in bad_setting.stderr
+
+
+def test_unreachable_broker_exits_3_without_the_password() -> None:
+    env = {"AMQTASK_BROKER_URL": "amqp://guest:hunter2@127.0.0.1:1//", "AMQTASK_PUBLISH_TIMEOUT_S": "1",
+           "AMQTASK_BROKER_CONNECT_TIMEOUT_S": "0.2"}  # fmt: skip
+    failed = amqtask("call", "-A", "core_tasks", "core.add", "--args", "[1, 2]", env=env)
+    assert failed.returncode == 3, failed.stderr
+    assert "hunter2" not in failed.stderr + failed.stdout
