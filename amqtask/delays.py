@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractExchange, ExchangeType
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, ExchangeType
 
 from .connection import CONNECTION_ERRORS
 from .errors import BrokerConnectionError, ConfigurationError
@@ -115,9 +115,7 @@ class DelayTopology:
         if not 1 <= self.levels <= MAX_LEVELS:
             raise ConfigurationError(f"delay levels must be between 1 and {MAX_LEVELS}, got {self.levels}")
         if not self.prefix or self.prefix.startswith("amq."):
-            raise ConfigurationError(
-                f"delay prefix must be non-empty and not start with 'amq.', got {self.prefix!r}"
-            )
+            raise ConfigurationError(f"delay prefix must be non-empty and not start with 'amq.', got {self.prefix!r}")
 
     def level_name(self, level: int) -> str:
         """Name of level ``level``'s queue and of its exchange (they share it)."""
@@ -175,9 +173,7 @@ class DelayTopology:
         """Every exchange, in an order where each one exists before anything refers to it."""
         return [
             ExchangeDecl(self.unroutable_name, ExchangeType.FANOUT),
-            ExchangeDecl(
-                self.deliver_exchange, ExchangeType.HEADERS, {"alternate-exchange": self.unroutable_name}
-            ),
+            ExchangeDecl(self.deliver_exchange, ExchangeType.HEADERS, {"alternate-exchange": self.unroutable_name}),
             *(ExchangeDecl(self.level_name(k), ExchangeType.TOPIC) for k in range(self.levels)),
         ]
 
@@ -202,9 +198,7 @@ class DelayTopology:
             skip = ["*"] * k  # word k of the key is bit k
             name = self.level_name(k)
             result.append(BindingDecl(name, name, ".".join([*skip, "1", "#"]), to_exchange=False))
-            result.append(
-                BindingDecl(name, self._next_exchange(k), ".".join([*skip, "0", "#"]), to_exchange=True)
-            )
+            result.append(BindingDecl(name, self._next_exchange(k), ".".join([*skip, "0", "#"]), to_exchange=True))
         return result
 
     def queue_arguments(self, queue: QueueDecl, quorum: bool) -> dict[str, Any]:
@@ -247,11 +241,10 @@ async def _server_version(channel: AbstractChannel) -> str:
 
 
 async def _declare(channel: AbstractChannel, topology: DelayTopology, quorum: bool) -> None:
-    exchanges: dict[str, AbstractExchange] = {}
     for exchange in topology.exchanges():
         wanted = {"type": exchange.type.value, "durable": True, **exchange.arguments}
         with _refusals("exchange", exchange.name, wanted):
-            exchanges[exchange.name] = await channel.declare_exchange(
+            await channel.declare_exchange(
                 exchange.name, exchange.type, durable=True, arguments=exchange.arguments or None
             )
     for queue in topology.queues():
@@ -261,11 +254,12 @@ async def _declare(channel: AbstractChannel, topology: DelayTopology, quorum: bo
     for binding in topology.bindings():
         kind = "exchange" if binding.to_exchange else "queue"
         with _refusals(f"binding of {kind}", binding.destination, {binding.source: binding.routing_key}):
+            target: AbstractExchange | AbstractQueue
             if binding.to_exchange:
-                await exchanges[binding.destination].bind(binding.source, binding.routing_key)
+                target = await channel.get_exchange(binding.destination, ensure=False)
             else:
                 target = await channel.get_queue(binding.destination, ensure=False)
-                await target.bind(binding.source, binding.routing_key)
+            await target.bind(binding.source, binding.routing_key)
 
 
 async def declare_delay_topology(channel: AbstractChannel, topology: DelayTopology) -> None:
@@ -280,9 +274,7 @@ async def declare_delay_topology(channel: AbstractChannel, topology: DelayTopolo
     if quorum:
         version = await _server_version(channel)
         if not supports_quorum_levels(version):
-            log.warning(
-                "RabbitMQ %s has no message TTL on quorum queues; delay levels are classic queues", version
-            )
+            log.warning("RabbitMQ %s has no message TTL on quorum queues; delay levels are classic queues", version)
             quorum = False
     await _declare(channel, topology, quorum)
 
@@ -301,14 +293,13 @@ async def bind_destination(channel: AbstractChannel, topology: DelayTopology, qu
 
 async def delete_delay_topology(channel: AbstractChannel, topology: DelayTopology) -> None:
     """Delete every queue and exchange of ``topology``, with any messages still waiting in it."""
-    underlay = await channel.get_underlay_channel()
     for queue in topology.queues():
         with _refusals("queue", queue.name, None):
-            # if_unused is refused by quorum queues, and with a connection error (540), not a channel one.
-            await underlay.queue_delete(queue.name, if_unused=False, if_empty=False)
+            # Not Queue.delete(), whose if_unused=True default quorum queues refuse by closing the connection.
+            await channel.queue_delete(queue.name, if_unused=False, if_empty=False)
     for exchange in reversed(topology.exchanges()):
         with _refusals("exchange", exchange.name, None):
-            await underlay.exchange_delete(exchange.name, if_unused=False)
+            await channel.exchange_delete(exchange.name, if_unused=False)
 
 
 @contextlib.contextmanager

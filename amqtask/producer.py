@@ -175,7 +175,8 @@ class Publisher:
         exchange, routing_key, extra = self.delay_topology.route(delay_s, queue.name)
         headers: dict[str, Any] = delays.strip_death_headers(dict(wire.headers))
         headers.update(extra)
-        delayed = WireMessage(**{**wire.__dict__, "headers": headers})
+        # A per-message TTL would cut a level's wait short and deliver early: the eta header carries the time.
+        delayed = WireMessage(**{**wire.__dict__, "headers": headers, "expiration": None})
         await self.publish(delayed, exchange, routing_key)
 
     async def close(self) -> None:

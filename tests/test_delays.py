@@ -64,9 +64,7 @@ def test_no_delay_goes_straight_to_the_queue(delay: float) -> None:
     assert DelayTopology().route(delay, "my.queue") == ("", "my.queue", {})
 
 
-@pytest.mark.parametrize(
-    ("delay", "seconds"), [(0.001, 1), (0.5, 1), (1.0, 1), (1.2, 2), (2.999, 3), (1000.1, 1001)]
-)
+@pytest.mark.parametrize(("delay", "seconds"), [(0.001, 1), (0.5, 1), (1.0, 1), (1.2, 2), (2.999, 3), (1000.1, 1001)])
 def test_delays_round_up_to_whole_seconds(delay: float, seconds: int) -> None:
     assert DelayTopology().route(delay, "q") == DelayTopology().route(seconds, "q")
 
@@ -150,14 +148,12 @@ def _topic_match(pattern: str, routing_key: str) -> bool:
 def _simulate(topology: DelayTopology, routing_key: str, entry: str) -> tuple[int, list[str]]:
     """Follow a message through the bindings and dead-lettering: (total TTL in s, queues waited in)."""
     ttl = {q.name: q.arguments.get("x-message-ttl", 0) for q in topology.queues()}
-    dlx = {q.name: q.arguments.get("x-dead-letter-exchange") for q in topology.queues()}
+    dlx = {q.name: str(q.arguments.get("x-dead-letter-exchange")) for q in topology.queues()}
     waited: list[str] = []
     exchange = entry
     while exchange != topology.deliver_exchange:
         (binding,) = [
-            b
-            for b in topology.bindings()
-            if b.source == exchange and _topic_match(b.routing_key, routing_key)
+            b for b in topology.bindings() if b.source == exchange and _topic_match(b.routing_key, routing_key)
         ]
         if binding.to_exchange:
             exchange = binding.destination
@@ -256,14 +252,8 @@ class Rig:
         """Publish (confirmed) and return the monotonic time just before."""
         exchange, routing_key, extra = self.topology.route(delay_s, queue)
         headers = {**strip_death_headers(properties.pop("headers", {})), **extra}
-        message = aio_pika.Message(
-            body, headers=headers, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **properties
-        )
-        target = (
-            await self.channel.get_exchange(exchange, ensure=False)
-            if exchange
-            else self.channel.default_exchange
-        )
+        message = aio_pika.Message(body, headers=headers, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **properties)
+        target = await self.channel.get_exchange(exchange, ensure=False) if exchange else self.channel.default_exchange
         started = time.monotonic()
         await target.publish(message, routing_key)
         return started
@@ -271,14 +261,10 @@ class Rig:
 
 @contextlib.asynccontextmanager
 async def rig(broker_url: str, name: str, *, levels: int = 6, quorum: bool = True) -> AsyncIterator[Rig]:
-    connection = await aio_pika.connect(
-        broker_url, client_properties={"connection_name": f"test_delays {name}"}
-    )
+    connection = await aio_pika.connect(broker_url, client_properties={"connection_name": f"test_delays {name}"})
     try:
         channel = await connection.channel()
-        topology = DelayTopology(
-            levels=levels, prefix=f"amqtask.test.{name}.{uuid.uuid4().hex[:6]}", quorum=quorum
-        )
+        topology = DelayTopology(levels=levels, prefix=f"amqtask.test.{name}.{uuid.uuid4().hex[:6]}", quorum=quorum)
         await declare_delay_topology(channel, topology)
         setup = Rig(channel, topology)
         try:
@@ -322,9 +308,7 @@ def test_declare_is_idempotent_and_the_default_levels_deliver(broker_url: str, u
             await queue.consume(inbox.on_message)
             started = time.monotonic()
             exchange, routing_key, headers = topology.route(1, inbox_name)
-            await (await channel.get_exchange(exchange)).publish(
-                aio_pika.Message(b"x", headers=headers), routing_key
-            )
+            await (await channel.get_exchange(exchange)).publish(aio_pika.Message(b"x", headers=headers), routing_key)
             within(await inbox.next(3), started, 1)
             await queue.delete(if_unused=False, if_empty=False)
         finally:
@@ -391,9 +375,7 @@ def test_topologies_of_two_sizes_share_their_levels(broker_url: str, unique: str
 
 @pytest.mark.broker
 @pytest.mark.parametrize("quorum", [True, False], ids=["quorum", "classic"])
-def test_delays_arrive_no_earlier_and_at_most_a_second_late(
-    broker_url: str, unique: str, quorum: bool
-) -> None:
+def test_delays_arrive_no_earlier_and_at_most_a_second_late(broker_url: str, unique: str, quorum: bool) -> None:
     async def scenario() -> None:
         async with rig(broker_url, f"timing-{quorum}", quorum=quorum) as r:
             inboxes = {d: await r.destination(f"amqtask.test.{unique}.timing.{d}") for d in (0, 1, 3)}
@@ -435,7 +417,7 @@ def test_properties_and_headers_survive_and_republishing_strips_x_death(broker_u
 
 
 def _deaths(headers: dict[str, Any]) -> dict[str, int]:
-    return {str(d["queue"]): int(d["count"]) for d in headers.get("x-death", [])}  # type: ignore[union-attr]
+    return {str(d["queue"]): int(d["count"]) for d in headers.get("x-death", [])}
 
 
 @pytest.mark.broker
@@ -475,9 +457,7 @@ def test_a_due_message_for_an_unbound_queue_is_kept_in_unroutable(broker_url: st
     run(scenario())
 
 
-async def _lateness(
-    broker_url: str, name: str, delays: Iterable[float], copies: int
-) -> dict[float, list[float]]:
+async def _lateness(broker_url: str, name: str, delays: Iterable[float], copies: int) -> dict[float, list[float]]:
     async with rig(broker_url, name) as r:
         inboxes = {d: await r.destination(f"amqtask.test.{name}.{uuid.uuid4().hex[:6]}.{d}") for d in delays}
         started = {d: [await r.publish(d, inbox.name) for _ in range(copies)] for d, inbox in inboxes.items()}
