@@ -99,9 +99,7 @@ def expired(headers: dict[str, Any]) -> bool:
     return isinstance(expires, int | float) and not isinstance(expires, bool) and 0 < expires < time.time()
 
 
-def encode_message(
-    body: Any, headers: dict[str, Any], codec: serializers.Codec, *, reply: bool
-) -> WireMessage:
+def encode_message(body: Any, headers: dict[str, Any], codec: serializers.Codec, *, reply: bool) -> WireMessage:
     """A request (persistent) or reply (transient) with the properties kombu gives them."""
     return WireMessage(
         body=serializers.encode(body, codec),
@@ -216,9 +214,7 @@ class Control:
             )
         )
 
-    async def aping(
-        self, timeout: float = 1.0, destination: Sequence[str] | None = None
-    ) -> list[dict[str, Any]]:
+    async def aping(self, timeout: float = 1.0, destination: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """Ping the workers: ``[{"node@host": {"ok": "pong"}}, ...]``, one item per worker that answered."""
         return await self.abroadcast("ping", destination=destination, reply=True, timeout=timeout)
 

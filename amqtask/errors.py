@@ -40,16 +40,20 @@ class TopologyError(AmqtaskError):
 class TopologyMismatchError(TopologyError):
     """An exchange or queue exists with other arguments than the app wants."""
 
-    def __init__(self, kind: str, name: str, existing: Any, wanted: Any, detail: str = "") -> None:
+    def __init__(self, kind: str, name: str, existing: Any, wanted: Any, detail: str = "", hint: str = "") -> None:
         self.kind = kind
         self.name = name
         self.existing = existing
         self.wanted = wanted
+        self.detail = detail
+        self.hint = hint
         text = (
             f"{kind} {name!r} already exists with other arguments: existing={existing!r}, wanted={wanted!r}"
         )
         if detail:
             text += f" (broker said: {detail})"
+        if hint:
+            text += f"; {hint}"
         super().__init__(text)
 
 
