@@ -1,6 +1,8 @@
 """amqtask: a task runner built for RabbitMQ, speaking the Celery message protocol v2."""
 
 from .app import App, current_app
+from .beat.schedules import crontab, interval
+from .canvas import Signature, chain, chord, group, signature
 from .errors import (
     AmqtaskError,
     BrokerConnectionError,
@@ -22,6 +24,7 @@ from .errors import (
     TopologyNotFoundError,
     UnroutableError,
 )
+from .group_result import GroupResult
 from .middleware import Middleware
 from .result import AsyncResult
 from .task import Request, Task
@@ -38,6 +41,16 @@ __all__ = [
     "Task",
     "Worker",
     "current_app",
+    # canvas
+    "GroupResult",
+    "Signature",
+    "chain",
+    "chord",
+    "group",
+    "signature",
+    # periodic tasks (amqtask beat)
+    "crontab",
+    "interval",
     # errors
     "AmqtaskError",
     "BrokerConnectionError",

@@ -81,6 +81,11 @@ class TaskMessage:
     #: ``argsrepr`` / ``kwargsrepr`` as received; computed when sending.
     argsrepr: str | None = None
     kwargsrepr: str | None = None
+    #: The codec name (``json``/``msgpack``) a received message came in, set by :func:`decode_task`, so
+    #: what a worker sends on the caller's behalf (replies, chain steps) can keep the caller's encoding:
+    #: a Celery client often accepts JSON only. Not part of the message's identity; ignored by
+    #: :func:`encode_task`, which is given its codec.
+    serializer: str | None = field(default=None, compare=False)
 
 
 def origin_name() -> str:
@@ -254,6 +259,7 @@ def decode_task(wire: WireMessage, accept: frozenset[str], limits: DecodeLimits)
         extra_headers={k: v for k, v in headers.items() if k not in _KNOWN_HEADERS},
         argsrepr=_header(headers, "argsrepr", str),
         kwargsrepr=_header(headers, "kwargsrepr", str),
+        serializer=codec.name if (codec := serializers.for_content_type(wire.content_type)) else None,
     )
 
 

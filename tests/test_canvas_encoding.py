@@ -185,6 +185,18 @@ def test_worker_publishes_the_next_chain_step_as_celery_does(app: App) -> None:
     assert sends[0].args == [8, 2] and sends[0].options["chain"] == []
 
 
+def test_follow_ups_keep_the_encoding_of_the_message_that_triggered_them(app: App) -> None:
+    own = sig(app, "add", 1).set(serializer="msgpack")
+    steps = [dict(own), dict(sig(app, "mul", 2))]
+
+    sends = follow_up(app, steps.pop(), [1], reply_to="r", parent_id="p", root_id="p", rest=steps,
+                      serializer="json")  # fmt: skip
+    assert sends[0].options["serializer"] == "json"
+    assert sends[0].options["chain"] == [dict(own)]  # later steps decide when their turn comes
+    sends = follow_up(app, own, [1], reply_to="r", parent_id="p", root_id="p", serializer="json")
+    assert sends[0].options["serializer"] == "msgpack"
+
+
 # ---------------------------------------------------------------------------------------------- signatures
 
 
