@@ -16,7 +16,7 @@ from support.queues import delete
 from support.workers import running_worker, worker_thread
 
 from amqtask import App, GroupResult, RemoteTaskError, Signature, chain, chord, group, topology
-from amqtask.chord import queue_name
+from amqtask.chords import queue_name
 
 pytestmark = pytest.mark.broker
 TIMEOUT = 15

@@ -20,7 +20,7 @@ from support.queues import QueueStats, delete
 from support.workers import stop_process, wait_for, worker_process
 
 from amqtask import App, GroupResult, Signature, chord, protocol, topology
-from amqtask.chord import ChordKeeper, Outcome, Part, queue_name
+from amqtask.chords import ChordKeeper, Outcome, Part, queue_name
 
 pytestmark = pytest.mark.broker
 TIMEOUT = 15

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .. import canvas, protocol, serializers
-from ..chord import ChordKeeper, Part
+from ..chords import ChordKeeper, Part
 from ..errors import AmqtaskError, ConfigurationError, MessageError, SerializationError, TopologyError, UnroutableError
 from ..failures import encode_exception
 from ..protocol import ResultMessage, TaskMessage
