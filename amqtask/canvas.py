@@ -11,7 +11,7 @@ first task is published; the rest travels in ``embed.chain``, reversed (the next
 with its pre-assigned ``task_id`` and the caller's ``reply_to`` so the caller gets every step's result.
 A group is one message per member with headers ``group`` and ``group_index``. Chord members carry the
 body in ``embed.chord``; amqtask adds ``chord_size`` to that body (a key Celery's own backends read),
-because amqtask completes chords in the broker (:mod:`amqtask.chord`), not in a result store.
+because amqtask completes chords in the broker (:mod:`amqtask.chords`), not in a result store.
 
 Sending a canvas takes two steps, the same in the caller and in a worker applying a follow-up found in
 ``embed`` (:mod:`amqtask.middleware.canvas`): *freezing* assigns every id and builds the result

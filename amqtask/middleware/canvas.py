@@ -2,7 +2,7 @@
 
 On success: the ``link`` callbacks and the next chain step, each with the result prepended (the step
 with ``parent_id`` = this task and ``embed.chain`` = the rest), and, for a chord header task, its part
-of the chord (:mod:`amqtask.chord`), which may complete the chord and publish the body.
+of the chord (:mod:`amqtask.chords`), which may complete the chord and publish the body.
 
 On final failure: the ``link_error`` errbacks, called with the failed task's id first. That is Celery's
 task-id convention; Celery calls errbacks that accept ``(request, exc, traceback)`` in the failing
