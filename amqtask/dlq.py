@@ -173,9 +173,7 @@ async def purge(app: App, queue: str) -> int:
 async def _require(app: App, name: str) -> None:
     if not await topology.queue_exists(app.runtime().broker, name):
         base = name.removesuffix(DLQ_SUFFIX)
-        raise TopologyNotFoundError(
-            f"dead-letter queue {name!r} does not exist (is {base!r} a queue of this app?)"
-        )
+        raise TopologyNotFoundError(f"dead-letter queue {name!r} does not exist (is {base!r} a queue of this app?)")
 
 
 class _Browser:

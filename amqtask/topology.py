@@ -38,8 +38,12 @@ class QueueSpec:
     """A task queue: how it is declared and how messages reach it.
 
     ``exchange=""`` means the default exchange, where the routing key is the queue name (Celery's
-    layout for its queues). ``dead_letter`` declares ``<name>.dlq`` next to the queue and points the
-    queue's dead-letter arguments at it, so messages the broker drops (delivery limit, TTL) land there.
+    layout for its queues). ``<name>.dlq`` is always declared next to the queue: the worker moves the
+    tasks it gives up on there itself. ``dead_letter`` also points the queue's own dead-letter arguments
+    (``x-dead-letter-exchange``/``-routing-key``) at it, so messages the *broker* drops (delivery limit,
+    TTL, a consumer's reject) land there too. Set ``dead_letter=False`` for a queue shared with Celery,
+    which declares its queues without those arguments: the broker refuses (406) a second declaration
+    of a queue with other arguments, whoever comes second.
     """
 
     name: str
@@ -177,16 +181,19 @@ async def declare_exchange(broker: Broker, name: str, exchange_type: str = "dire
 
 
 async def declare_queue(broker: Broker, spec: QueueSpec) -> None:
-    """Declare ``spec``'s exchange, dead-letter queue, queue and bindings (idempotent)."""
+    """Declare ``spec``'s exchange, dead-letter queue, queue and bindings (idempotent).
+
+    A queue that exists with other arguments raises :class:`TopologyMismatchError` with a hint on how to
+    make the two declarations agree (for a queue Celery declared: ``dead_letter=False``).
+    """
     if spec.exchange:
         await declare_exchange(broker, spec.exchange, spec.exchange_type)
-    if spec.dead_letter:
-        dlq_args = spec.dlq_arguments()
+    dlq_args = spec.dlq_arguments()
 
-        async def declare_dlq(channel: AbstractChannel) -> None:
-            await channel.declare_queue(spec.dlq_name, durable=True, arguments=dlq_args)
+    async def declare_dlq(channel: AbstractChannel) -> None:
+        await channel.declare_queue(spec.dlq_name, durable=True, arguments=dlq_args)
 
-        await _on_fresh_channel(broker, "queue", spec.dlq_name, {"durable": True, **dlq_args}, declare_dlq)
+    await _on_fresh_channel(broker, "queue", spec.dlq_name, {"durable": True, **dlq_args}, declare_dlq)
     wanted = spec.queue_arguments()
 
     async def declare(channel: AbstractChannel) -> None:
@@ -194,7 +201,40 @@ async def declare_queue(broker: Broker, spec: QueueSpec) -> None:
         for key in spec.bindings:
             await queue.bind(spec.exchange, key, arguments=dict(spec.binding_arguments) or None)
 
-    await _on_fresh_channel(broker, "queue", spec.name, {"durable": True, **wanted}, declare)
+    try:
+        await _on_fresh_channel(broker, "queue", spec.name, {"durable": True, **wanted}, declare)
+    except TopologyMismatchError as exc:
+        raise TopologyMismatchError(
+            exc.kind, exc.name, exc.existing, exc.wanted, exc.detail, hint=mismatch_hint(spec, exc.existing)
+        ) from None
+
+
+_DEAD_LETTER_ARGS = ("x-dead-letter-exchange", "x-dead-letter-routing-key")
+_OPTION_OF_ARG = {"x-max-priority": "max_priority", "x-queue-type": "queue_type", "x-delivery-limit": "delivery_limit"}
+
+
+def mismatch_hint(spec: QueueSpec, existing: Any) -> str:
+    """What to change so that ``spec`` agrees with a queue the broker holds with other arguments."""
+    differing = next(iter(existing), "") if isinstance(existing, Mapping) else ""
+    where = f"task_queues={{{spec.name!r}: {{...}}}}"
+    if differing in _DEAD_LETTER_ARGS and existing[differing] is None and spec.dead_letter:
+        return (
+            f"the queue was declared without dead-letter arguments, as Celery declares its queues; to share "
+            f"it, set dead_letter=False for it: task_queues={{{spec.name!r}: {{'dead_letter': False}}}} "
+            f"(amqtask still moves failed tasks to {spec.dlq_name!r} itself)"
+        )
+    if differing in _DEAD_LETTER_ARGS and not spec.dead_letter:
+        return (
+            f"the queue has dead-letter arguments (declared by amqtask with dead_letter=True?): drop "
+            f"dead_letter=False from {where}, or delete the queue so it can be declared anew"
+        )
+    option = _OPTION_OF_ARG.get(differing)
+    if option is not None:
+        return f"set {option} in {where} to match the existing queue, or delete the queue so it can be declared anew"
+    return (
+        f"make the options in {where} match the existing queue (arguments=... for others), or delete the "
+        "queue so it can be declared anew"
+    )
 
 
 async def queue_exists(broker: Broker, name: str) -> bool:
@@ -323,10 +363,7 @@ async def verify(
             checks["exchange", spec.exchange] = await verify_exchange(
                 broker, spec.exchange, spec.exchange_type
             )
-        if spec.dead_letter:
-            checks["queue", spec.dlq_name] = await verify_queue_arguments(
-                broker, spec.dlq_name, spec.dlq_arguments()
-            )
+        checks["queue", spec.dlq_name] = await verify_queue_arguments(broker, spec.dlq_name, spec.dlq_arguments())
         checks["queue", spec.name] = await verify_queue_arguments(broker, spec.name, spec.queue_arguments())
     if delay_topology is not None:
         # Imported here: delays builds on this module (it uses translate).
