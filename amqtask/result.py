@@ -249,6 +249,11 @@ class AsyncResult(Generic[R]):
 
     async def aget(self, timeout: float | None = None, propagate: bool = True) -> R:
         """Wait for the outcome: the return value, or raise the task's failure (see :class:`RemoteTaskError`)."""
+        latest = self._latest()
+        if latest is None or latest.status not in READY_STATES:
+            # The reply may still be on its way into this process's reply queue: make sure this loop consumes it
+            # (a runtime closed since the task was sent, e.g. by a stopped worker, would otherwise never see it).
+            await self.app.runtime().results.ensure_started(timeout)
         report = await self.app.result_store.wait(self.id, timeout)
         return self._outcome(report, propagate)  # type: ignore[no-any-return]
 
