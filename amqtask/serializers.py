@@ -117,11 +117,16 @@ def _depth_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
+def for_content_type(content_type: str | None) -> Codec | None:
+    """The codec of an AMQP ``content_type`` (or an alias of it), None when amqtask has none for it."""
+    if not content_type:
+        return None
+    return _BY_CONTENT_TYPE.get(content_type) or CODECS.get(_ALIASES.get(content_type, ""))
+
+
 def decode(body: bytes, content_type: str | None, accept: frozenset[str], limits: DecodeLimits) -> Any:
     """Decode a message body, enforcing the allowlist, the size limit and the nesting limit."""
-    found = _BY_CONTENT_TYPE.get(content_type or "") or (
-        CODECS.get(_ALIASES.get(content_type or "", "")) if content_type else None
-    )
+    found = for_content_type(content_type)
     if found is None or found.name not in accept:
         raise ContentDisallowedError(
             f"content type {content_type!r} is not accepted (accept_content={sorted(accept)})", body

@@ -219,11 +219,16 @@ class Settings:
     def from_object(self, source: object | str | Mapping[str, Any], namespace: str | None = None) -> None:
         """Read settings from a module (or its dotted path), an object's attributes, or a mapping.
 
-        With ``namespace="CELERY"``, names like ``CELERY_BROKER_URL`` are read (the Django convention);
-        otherwise lowercase attribute names that are settings are read and the rest ignored.
+        A string names a module (``"proj.settings"``) or, like Celery's, an attribute of one
+        (``"django.conf:settings"``). With ``namespace="CELERY"``, names like ``CELERY_BROKER_URL`` are
+        read (the Django convention); otherwise lowercase attribute names that are settings are read and
+        the rest ignored.
         """
         if isinstance(source, str):
-            source = importlib.import_module(source)
+            module_name, _, attribute = source.partition(":")
+            source = importlib.import_module(module_name)
+            if attribute:
+                source = getattr(source, attribute)
         items: Iterable[tuple[str, Any]] = (
             source.items() if isinstance(source, Mapping) else ((k, getattr(source, k)) for k in dir(source))
         )

@@ -111,6 +111,7 @@ def _expected_fields(record: dict[str, Any]) -> dict[str, Any]:
         "extra_headers": {k: v for k, v in headers.items() if k not in PROTOCOL_HEADERS},
         "argsrepr": headers["argsrepr"],
         "kwargsrepr": headers["kwargsrepr"],
+        "serializer": record["body_decoded_as"],
     }
 
 
