@@ -42,7 +42,8 @@ def eager(app: App, *, propagate: bool = False) -> Iterator[App]:
         **options: Any,
     ) -> AsyncResult[Any]:
         task = task or app.get_task(name)
-        codec = serializers.codec(options.get("serializer") or task.options.get("serializer") or app.conf.task_serializer)
+        name_of_codec = options.get("serializer") or task.options.get("serializer") or app.conf.task_serializer
+        codec = serializers.codec(name_of_codec)
         call_args, call_kwargs = list(args or ()), dict(kwargs or {})
         serializers.encode([call_args, call_kwargs], codec)
         task_id = options.get("task_id") or str(uuid.uuid4())

@@ -224,9 +224,7 @@ BAD_MESSAGES: dict[str, tuple[aio_pika.Message, str]] = {
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_MESSAGES))
-def test_bad_message_goes_to_the_dlq_with_a_reason_and_the_worker_goes_on(
-    app: App, broker_url: str, kind: str
-) -> None:
+def test_bad_message_goes_to_the_dlq_with_a_reason_and_the_worker_goes_on(app: App, broker_url: str, kind: str) -> None:
     tasks = define_tasks(app)
     message, reason = BAD_MESSAGES[kind]
     queue = app.conf.task_default_queue

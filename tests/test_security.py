@@ -78,7 +78,7 @@ def test_tls_hostname_is_verified_by_default(tls_broker: TestBroker, certificate
     app = _tls_app(tls_broker, certificates, "127.0.0.1")
 
     async def scenario() -> None:
-        with pytest.raises(BrokerConnectionError, match="CERTIFICATE_VERIFY_FAILED|hostname|IP address mismatch"):
+        with pytest.raises(BrokerConnectionError, match=r"CERTIFICATE_VERIFY_FAILED|hostname|IP address mismatch"):
             await app.runtime().broker.connection(timeout=3)
         await app.aclose()
 
@@ -149,5 +149,7 @@ def test_signed_messages_run_and_unsigned_or_forged_ones_are_dead_lettered(broke
 
 def test_no_pickle_anywhere_in_the_package() -> None:
     package = TESTS.parent / "amqtask"
-    offenders = [p.name for p in package.rglob("*.py") if "import pickle" in p.read_text() or "pickle.loads" in p.read_text()]
+    offenders = [
+        p.name for p in package.rglob("*.py") if "import pickle" in p.read_text() or "pickle.loads" in p.read_text()
+    ]
     assert offenders == []

@@ -77,7 +77,9 @@ def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "c
         time.sleep(0.02)
 
 
-def worker_process(module: str, broker_url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def worker_process(
+    module: str, broker_url: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """``python -m amqtask worker -A module ...`` with the tests directory importable."""
     environment = {**os.environ, "AMQTASK_BROKER_URL": broker_url, **(env or {})}
     environment["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), environment.get("PYTHONPATH", "")])
@@ -98,7 +100,9 @@ def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, ti
     except subprocess.TimeoutExpired:
         process.kill()
         out, _ = process.communicate()
-        raise AssertionError(f"worker did not exit within {timeout}s of {sig!r}:\n{out.decode(errors='replace')}")
+        raise AssertionError(
+            f"worker did not exit within {timeout}s of {sig!r}:\n{out.decode(errors='replace')}"
+        ) from None
     return out.decode(errors="replace")
 
 
