@@ -18,7 +18,7 @@ import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from . import protocol, serializers
 from .connection import Broker
@@ -32,6 +32,9 @@ from .result import AsyncResult, ResultConsumer, ResultStore, new_reply_queue_na
 from .routing import Router
 from .settings import Settings
 from .task import CALL_OPTIONS, Task, check_task_options
+
+if TYPE_CHECKING:
+    from .beat.entries import Entry, ScheduleLike
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -145,6 +148,42 @@ class App:
     def control(self) -> Control:
         """Remote control of the workers: ``app.control.ping()``, ``.inspect().stats()``, ``.revoke(id)``."""
         return Control(self)
+
+    # ------------------------------------------------------------------------------------------ beat
+    @functools.cached_property
+    def periodic_entries(self) -> dict[str, Entry]:
+        """Entries registered in code for ``amqtask beat`` (it merges them over ``conf.beat_schedule``)."""
+        return {}
+
+    def add_periodic_task(
+        self, schedule: ScheduleLike, target: Any, *, name: str | None = None,
+        args: tuple[Any, ...] | list[Any] | None = None, kwargs: dict[str, Any] | None = None,
+        options: dict[str, Any] | None = None, catch_up: str = "once",
+    ) -> Entry:  # fmt: skip
+        """Have ``amqtask beat`` send ``target`` (a task, task name or signature) on ``schedule``.
+
+        ``schedule``: a ``crontab``/``interval``, a timedelta, seconds, or a cron string. The entry is
+        named ``name`` (default: the task name); see :func:`amqtask.beat.entries.add_periodic_task`.
+        """
+        from .beat.entries import add_periodic_task
+
+        return add_periodic_task(
+            self, schedule, target, name=name, args=args, kwargs=kwargs, options=options, catch_up=catch_up
+        )
+
+    def periodic_task(
+        self, schedule: ScheduleLike, *, args: tuple[Any, ...] | list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None, options: dict[str, Any] | None = None, catch_up: str = "once",
+        **task_options: Any,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]:  # fmt: skip
+        """Decorator: register a task (``task_options`` as for :meth:`task`) and send it on ``schedule``."""
+
+        def register(fn: Callable[P, R]) -> Task[P, R]:
+            task: Task[P, R] = self.task(**task_options)(fn)
+            self.add_periodic_task(schedule, task, args=args, kwargs=kwargs, options=options, catch_up=catch_up)
+            return task
+
+        return register
 
     # ------------------------------------------------------------------------------------------ runtime
     @property

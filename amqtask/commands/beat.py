@@ -1,0 +1,96 @@
+"""``amqtask beat``: run the periodic-task scheduler, and ``amqtask beat list`` to show its entries.
+
+Thin wrappers over :mod:`amqtask.beat`: ``beat`` runs :func:`amqtask.beat.scheduler.serve` until SIGTERM
+or SIGINT (a second signal aborts); ``beat list`` prints each entry's schedule, next run (in the app's
+timezone) and last run (from the state kept in RabbitMQ, when the broker is reachable). Exit codes as
+elsewhere: 0 ok, 2 usage or configuration error (an invalid schedule included), 3 broker problem.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from datetime import datetime, tzinfo
+
+import click
+
+from ..beat.scheduler import serve
+from ..beat.schedules import resolve_tz
+from ..beat.state import Status, status
+
+# Defined here, not imported from amqtask.cli: cli.py imports this module while it is still loading.
+app_option = click.option("-A", "--app", "app_spec", required=True, help="module[:attribute] holding the App")
+
+
+@click.group("beat", invoke_without_command=True)
+@app_option
+@click.option(
+    "--schedule-file",
+    type=click.Path(dir_okay=False),
+    help="TOML or JSON schedule merged over beat_schedule (its entries win on a name clash); re-read on change",
+)
+@click.option(
+    "-l",
+    "--loglevel",
+    default="info",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+)
+@click.pass_context
+def command(ctx: click.Context, app_spec: str, schedule_file: str | None, loglevel: str) -> None:
+    """Send periodic tasks on schedule. Run several for fail-over: exactly one sends at a time."""
+    from ..cli import _run, load_app
+
+    ctx.obj = {"app_spec": app_spec, "schedule_file": schedule_file}
+    if ctx.invoked_subcommand is not None:
+        return
+    logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s %(levelname)s %(name)s] %(message)s")
+    app = load_app(app_spec)
+    _run(app, lambda: asyncio.run(serve(app, schedule_file=schedule_file)))
+
+
+@command.command("list")
+@click.pass_context
+def list_entries(ctx: click.Context) -> None:
+    """Show the entries, their schedules, next run times and last runs."""
+    from ..cli import _run, load_app
+
+    app = load_app(ctx.obj["app_spec"])
+
+    async def read() -> Status:
+        try:
+            return await status(app, schedule_file=ctx.obj["schedule_file"])
+        finally:
+            await app.aclose()
+
+    found: Status = _run(app, lambda: asyncio.run(read()))
+    tz = resolve_tz(app.conf.timezone)
+    assert tz is not None
+    if found.error is not None:
+        click.echo(f"state unavailable ({found.error}); last runs unknown")
+    elif found.leader:
+        click.echo(f"a beat is leading (it holds {found.lock_name!r})")
+    else:
+        click.echo(f"no beat is leading ({found.lock_name!r} is free)")
+    rows = [
+        (
+            row.entry.name,
+            row.entry.task,
+            row.entry.schedule.describe(),
+            _when(row.next_run, tz),
+            "?" if found.error else _when(row.state.sent_at if row.state else None, tz),
+        )
+        for row in found.entries
+    ]
+    click.echo(_table(("NAME", "TASK", "SCHEDULE", f"NEXT RUN ({app.conf.timezone})", "LAST RUN"), rows))
+
+
+def _when(moment: datetime | None, tz: tzinfo) -> str:
+    return "-" if moment is None else moment.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in (header, *rows)
+    )
