@@ -21,6 +21,7 @@ from typing import Any
 
 import aio_pika
 import aiormq
+import yarl
 from aio_pika.abc import AbstractChannel
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
@@ -132,9 +133,9 @@ class Broker:
         url = next(self._urls)
         try:
             connection = await aio_pika.connect(
-                url,
+                # In the URL, not as a keyword: aio-pika 9 (the newest for Python 3.10) ignores the keyword.
+                str(yarl.URL(url).update_query(heartbeat=self.settings.broker_heartbeat_s)),
                 timeout=self.settings.broker_connect_timeout_s,
-                heartbeat=self.settings.broker_heartbeat_s,
                 ssl_context=ssl_context(self.settings),
                 client_properties={"connection_name": self.name},
             )
@@ -163,8 +164,12 @@ class Broker:
             if self.generation > 1:
                 log.info("%s reconnected (generation %d)", self.name, self.generation)
                 for listener in list(self._listeners):
-                    with contextlib.suppress(Exception):
+                    try:
                         await listener(self.generation)
+                    except asyncio.CancelledError as exc:
+                        raise_if_cancelled(exc)  # a dead connection must not end the keeper
+                    except Exception:
+                        log.debug("reconnect listener failed", exc_info=True)
             await lost.wait()
             self._ready.clear()
             if not self._closing:
@@ -181,6 +186,22 @@ class Broker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._connection.close(), 5.0)
         self._ready.clear()
+
+
+def raise_if_cancelled(exc: asyncio.CancelledError) -> None:
+    """Re-raise ``exc`` if the running task was really cancelled; return if it only reports a dead connection.
+
+    When aiormq finds a connection stuck (no heartbeat), it cancels the connection's reader and then
+    fails every pending confirm and RPC of the connection with that CancelledError, as if each
+    caller had been cancelled. Letting it through would cancel a send for good, end a worker's
+    consumer loop or the reconnecting keeper. A real cancellation of the running task is counted
+    by ``Task.cancelling()`` (Python 3.11+); on 3.10, which cannot tell the two apart, every
+    CancelledError stays a cancellation.
+    """
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    if cancelling is None or cancelling() > 0:
+        raise exc
 
 
 #: Where aiormq keeps how long a connection may stay silent before it is given up (a name-mangled attribute).
@@ -208,4 +229,4 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-__all__ = ["CONNECTION_ERRORS", "SETTLE_ERRORS", "Broker", "ssl_context"]
+__all__ = ["CONNECTION_ERRORS", "SETTLE_ERRORS", "Broker", "raise_if_cancelled", "ssl_context"]
