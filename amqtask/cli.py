@@ -85,9 +85,7 @@ def _split(value: str | None) -> list[str] | None:
 @click.option("-c", "--concurrency", type=click.IntRange(1), help="tasks run at once per process")
 @click.option("--prefetch-multiplier", type=click.IntRange(1), help="prefetch = concurrency x this")
 @click.option("-n", "--hostname", help="worker node name")
-@click.option(
-    "-P", "--processes", type=click.IntRange(1), default=1, show_default=True, help="worker processes"
-)
+@click.option("-P", "--processes", type=click.IntRange(1), default=1, show_default=True, help="worker processes")
 @click.option("--process-index", type=int, hidden=True)
 @click.option("--burst", is_flag=True, help="exit once the queues are empty")
 @loglevel_option
@@ -154,9 +152,7 @@ def call(
         raise click.BadParameter(f"not JSON: {exc}") from None
     if not isinstance(args, list) or not isinstance(kwargs, dict):
         raise click.BadParameter("--args must be a JSON array and --kwargs a JSON object")
-    options = {
-        k: v for k, v in (("queue", queue), ("countdown", countdown), ("priority", priority)) if v is not None
-    }
+    options = {k: v for k, v in (("queue", queue), ("countdown", countdown), ("priority", priority)) if v is not None}
 
     def send() -> None:
         result = app.send_task(name, args, kwargs, **options)
@@ -225,6 +221,34 @@ def topology_verify(app_spec: str, verbose: bool) -> None:
     click.echo(f"{len(checks)} exchanges and queues checked, {problems} problem(s)")
     if problems:
         sys.exit(EXIT_FAILED)
+
+
+@main.command()
+@app_option
+@click.option("-t", "--timeout", type=float, default=5.0, show_default=True, help="seconds to wait for the broker")
+def check(app_spec: str, timeout: float) -> None:
+    """Health probe for containers: the broker answers and the app's queues exist (exit 0), else exit 3."""
+    from . import topology as topology_module
+
+    app = load_app(app_spec)
+
+    async def probe() -> list[str]:
+        runtime = app.runtime()
+        try:
+            await runtime.broker.connection(timeout)
+            return [
+                q.name
+                for q in app.router.all_queues()
+                if not await topology_module.queue_exists(runtime.broker, q.name)
+            ]
+        finally:
+            await app.aclose()
+
+    missing = _run(app, lambda: asyncio.run(probe()))
+    if missing:
+        click.echo(f"error: missing queue(s): {', '.join(missing)}", err=True)
+        sys.exit(EXIT_BROKER)
+    click.echo("ok")
 
 
 def _register_command_groups() -> None:

@@ -62,3 +62,12 @@ def test_unreachable_broker_exits_3_without_the_password() -> None:
     failed = amqtask("call", "-A", "core_tasks", "core.add", "--args", "[1, 2]", env=env)
     assert failed.returncode == 3, failed.stderr
     assert "hunter2" not in failed.stderr + failed.stdout
+
+
+def test_check_reports_health(broker_url: str, unique: str) -> None:
+    env = {"AMQTASK_BROKER_URL": broker_url, "AMQTASK_TASK_DEFAULT_QUEUE": f"q-{unique}"}
+    missing = amqtask("check", "-A", "core_tasks", env=env)
+    assert missing.returncode == 3 and f"q-{unique}" in missing.stderr
+    assert amqtask("topology", "apply", "-A", "core_tasks", env=env).returncode == 0
+    healthy = amqtask("check", "-A", "core_tasks", env=env)
+    assert healthy.returncode == 0 and healthy.stdout.strip() == "ok"
