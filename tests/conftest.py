@@ -79,3 +79,10 @@ def private_rabbitmq(pytestconfig: pytest.Config) -> Iterator[TestBroker]:
 def unique() -> str:
     """A short unique name for queues, exchanges and the like."""
     return f"t{uuid.uuid4().hex[:8]}"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # tox runs the suite in two passes (-m "not fault", then -m fault); a selection such as
+    # `tox -- tests/test_cli.py` leaves the fault pass empty, which is fine, not an error.
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and session.config.option.markexpr == "fault":
+        session.exitstatus = pytest.ExitCode.OK
