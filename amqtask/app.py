@@ -91,9 +91,7 @@ class App:
         self.portal = Portal(main)
         self.result_store = ResultStore()
         self.middleware: list[Middleware] = default_middleware()
-        self._runtimes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Runtime] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._runtimes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Runtime] = weakref.WeakKeyDictionary()
         self._runtime_lock = threading.Lock()
         self._reply_queue: tuple[int, str] | None = None
         self._router: tuple[tuple[int, int, str, Any], Router] | None = None
@@ -248,9 +246,7 @@ class App:
         """:meth:`send_task` for async code."""
         unknown = set(options) - CALL_OPTIONS
         if unknown:
-            raise ConfigurationError(
-                f"apply_async/send_task: unknown option(s) {sorted(unknown)} for task {name!r}"
-            )
+            raise ConfigurationError(f"apply_async/send_task: unknown option(s) {sorted(unknown)} for task {name!r}")
         message, route, codec_name = self.build_message(name, args, kwargs, task, options)
         runtime = self.runtime()
         timeout = self.conf.publish_timeout_s

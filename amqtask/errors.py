@@ -47,9 +47,7 @@ class TopologyMismatchError(TopologyError):
         self.wanted = wanted
         self.detail = detail
         self.hint = hint
-        text = (
-            f"{kind} {name!r} already exists with other arguments: existing={existing!r}, wanted={wanted!r}"
-        )
+        text = f"{kind} {name!r} already exists with other arguments: existing={existing!r}, wanted={wanted!r}"
         if detail:
             text += f" (broker said: {detail})"
         if hint:
@@ -117,9 +115,7 @@ class ControlFlow(Exception):
 class Retry(ControlFlow):
     """Raised by ``Task.retry()``: the message was republished for a later attempt."""
 
-    def __init__(
-        self, message: str = "", exc: BaseException | None = None, when: float | None = None
-    ) -> None:
+    def __init__(self, message: str = "", exc: BaseException | None = None, when: float | None = None) -> None:
         super().__init__(message)
         self.exc = exc
         self.when = when

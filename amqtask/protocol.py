@@ -159,9 +159,7 @@ def encode_task(msg: TaskMessage, codec: Codec) -> WireMessage:
     )
 
 
-def _header(
-    headers: dict[str, Any], name: str, kind: type | tuple[type, ...], *, required: bool = False
-) -> Any:
+def _header(headers: dict[str, Any], name: str, kind: type | tuple[type, ...], *, required: bool = False) -> Any:
     value = headers.get(name)
     if value is None:
         if required:

@@ -191,9 +191,7 @@ class Router:
         if exchange is None:
             if spec is None:
                 if not routing_key:
-                    raise ConfigurationError(
-                        f"route {dict(options)!r} names no queue, exchange or routing key"
-                    )
+                    raise ConfigurationError(f"route {dict(options)!r} names no queue, exchange or routing key")
                 # Only a routing key: the default exchange delivers to the queue of that name.
                 return Route("", routing_key, self.queue(routing_key))
             if routing_key is None or spec.exchange_type == "direct":
@@ -202,9 +200,7 @@ class Router:
                 return Route(spec.publish_exchange, spec.publish_routing_key, spec)
             return Route(spec.publish_exchange, routing_key, spec)
         if routing_key is None:
-            routing_key = (
-                spec.publish_routing_key if spec and spec.exchange == exchange else (queue_name or "")
-            )
+            routing_key = spec.publish_routing_key if spec and spec.exchange == exchange else (queue_name or "")
         return Route(exchange, routing_key, spec)
 
     def all_queues(self, names: Iterable[str] | None = None) -> list[QueueSpec]:

@@ -97,9 +97,7 @@ def normalize_accept(names: Iterable[str]) -> frozenset[str]:
     for entry in names:
         name = _ALIASES.get(entry, entry)
         if name not in CODECS:
-            raise ConfigurationError(
-                f"accept_content: unknown content {entry!r}; choose from {sorted(CODECS)}"
-            )
+            raise ConfigurationError(f"accept_content: unknown content {entry!r}; choose from {sorted(CODECS)}")
         accepted.add(name)
     return frozenset(accepted)
 
@@ -136,9 +134,7 @@ def decode(body: bytes, content_type: str | None, accept: frozenset[str], limits
     try:
         value = found.loads(body)
     except RecursionError:
-        raise SerializationError(
-            f"{found.name} body nests deeper than the limit of {limits.max_depth}", body
-        ) from None
+        raise SerializationError(f"{found.name} body nests deeper than the limit of {limits.max_depth}", body) from None
     except Exception as exc:
         raise SerializationError(f"cannot decode {found.name} body: {exc}", body) from exc
     if _depth_exceeds(value, limits.max_depth):

@@ -60,11 +60,7 @@ def _number(minimum: float, *, integer: bool = False, allow_none: bool = False) 
                 value = int(value) if integer else float(value)
             except ValueError:
                 raise ConfigurationError(f"setting {name!r} must be a number, got {value!r}") from None
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or (integer and not isinstance(value, int))
-        ):
+        if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
             kind = "an integer" if integer else "a number"
             raise ConfigurationError(f"setting {name!r} must be {kind}, got {value!r}")
         if value < minimum:
@@ -82,9 +78,7 @@ def _broker_urls(name: str, value: Any) -> tuple[str, ...]:
         raise ConfigurationError(f"setting {name!r} must be a URL or a non-empty list of URLs, got {shown}")
     for url in urls:
         if not url.startswith(("amqp://", "amqps://")):
-            raise ConfigurationError(
-                f"setting {name!r}: {url.split('@')[-1]!r} is not an amqp:// or amqps:// URL"
-            )
+            raise ConfigurationError(f"setting {name!r}: {url.split('@')[-1]!r} is not an amqp:// or amqps:// URL")
     return tuple(urls)
 
 
@@ -111,9 +105,7 @@ def _json_value(kind: type, what: str) -> Callable[[str, Any], Any]:
             try:
                 value = json.loads(value)
             except ValueError:
-                raise ConfigurationError(
-                    f"setting {name!r} must be {what} (JSON in the environment)"
-                ) from None
+                raise ConfigurationError(f"setting {name!r} must be {what} (JSON in the environment)") from None
         if value is not None and not isinstance(value, kind):
             raise ConfigurationError(f"setting {name!r} must be {what}, got {type(value).__name__}")
         return value
@@ -256,9 +248,7 @@ def _read_secret(variable: str, path: str) -> str:
         with open(path, encoding="utf-8") as secret:
             return secret.read().strip()
     except OSError as exc:
-        raise ConfigurationError(
-            f"environment variable {variable}: cannot read {path!r}: {exc.strerror}"
-        ) from None
+        raise ConfigurationError(f"environment variable {variable}: cannot read {path!r}: {exc.strerror}") from None
 
 
 def _unknown(name: str) -> str:

@@ -31,8 +31,7 @@ def sign(key: str, wire: WireMessage) -> str:
     """The signature of ``wire`` under ``key`` (hex)."""
     headers = wire.headers
     covered = b"\n".join(
-        str(part).encode("utf-8")
-        for part in (wire.content_type or "", headers.get("task", ""), headers.get("id", ""))
+        str(part).encode("utf-8") for part in (wire.content_type or "", headers.get("task", ""), headers.get("id", ""))
     )
     return hmac.new(key.encode("utf-8"), covered + b"\n" + wire.body, hashlib.sha256).hexdigest()
 

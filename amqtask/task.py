@@ -99,9 +99,7 @@ class Request:
     chord: dict[str, Any] | None = None
 
 
-current_request: contextvars.ContextVar[Request | None] = contextvars.ContextVar(
-    "amqtask_request", default=None
-)
+current_request: contextvars.ContextVar[Request | None] = contextvars.ContextVar("amqtask_request", default=None)
 
 
 class Task(Generic[P, R]):

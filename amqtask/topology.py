@@ -67,9 +67,7 @@ class QueueSpec:
                 f"{where}: exchange_type must be one of {EXCHANGE_TYPES}, got {self.exchange_type!r}"
             )
         if self.queue_type not in QUEUE_TYPES:
-            raise ConfigurationError(
-                f"{where}: queue_type must be one of {QUEUE_TYPES}, got {self.queue_type!r}"
-            )
+            raise ConfigurationError(f"{where}: queue_type must be one of {QUEUE_TYPES}, got {self.queue_type!r}")
         if self.max_priority is not None:
             if self.queue_type == "quorum":
                 raise ConfigurationError(
@@ -360,9 +358,7 @@ async def verify(
     checks: dict[tuple[str, str], Check] = {}
     for spec in specs:
         if spec.exchange and ("exchange", spec.exchange) not in checks:
-            checks["exchange", spec.exchange] = await verify_exchange(
-                broker, spec.exchange, spec.exchange_type
-            )
+            checks["exchange", spec.exchange] = await verify_exchange(broker, spec.exchange, spec.exchange_type)
         checks["queue", spec.dlq_name] = await verify_queue_arguments(broker, spec.dlq_name, spec.dlq_arguments())
         checks["queue", spec.name] = await verify_queue_arguments(broker, spec.name, spec.queue_arguments())
     if delay_topology is not None:

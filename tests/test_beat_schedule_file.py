@@ -129,9 +129,7 @@ timezone = "America/New_York"
         2025, 7, 1, 1, tzinfo=UTC
     )
     plain = write(tmp_path / "plain.toml", '[entries.e]\ntask = "t"\ncron = "0 3 * * *"\n')
-    assert load_schedule_file(plain, default_tz="Asia/Tokyo")["e"]["schedule"] == crontab(
-        0, 3, tz="Asia/Tokyo"
-    )
+    assert load_schedule_file(plain, default_tz="Asia/Tokyo")["e"]["schedule"] == crontab(0, 3, tz="Asia/Tokyo")
     assert load_schedule_file(plain)["e"]["schedule"].tz is None  # the caller's default applies later
 
 
@@ -180,9 +178,7 @@ def test_empty_file_has_no_entries(tmp_path: Path) -> None:
     ],
 )
 def test_entry_errors_name_file_and_entry(tmp_path: Path, body: str, entry: str, message: str) -> None:
-    path = write(
-        tmp_path / "beat.toml", f'[entries.ok]\ntask = "t"\nevery = 1\n\n[entries.{entry}]\n{body}\n'
-    )
+    path = write(tmp_path / "beat.toml", f'[entries.ok]\ntask = "t"\nevery = 1\n\n[entries.{entry}]\n{body}\n')
     with pytest.raises(ValueError) as info:
         load_schedule_file(path)
     text = str(info.value)
@@ -277,9 +273,7 @@ class TestWatcher:
         assert watcher.changed() is True
         assert list(watcher.schedule) == ["b"]
 
-    def test_unchanged_old_file_costs_only_a_stat(
-        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
+    def test_unchanged_old_file_costs_only_a_stat(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         path = write(tmp_path / "beat.toml", VALID_A)
         set_mtime(path, time.time_ns() - 3600 * 10**9)
         watcher = ScheduleFileWatcher(path)
@@ -400,9 +394,7 @@ class TestPython310TomlFallback:
         monkeypatch.setattr(schedule_file, "sys", SimpleNamespace(version_info=(3, 10, 0)))
         monkeypatch.setattr(schedule_file, "_import_tomli", missing)
         path = write(tmp_path / "beat.toml", VALID_A)
-        with pytest.raises(
-            ScheduleFileError, match=r"beat\.toml: reading TOML on Python 3\.10 needs the 'tomli'"
-        ):
+        with pytest.raises(ScheduleFileError, match=r"beat\.toml: reading TOML on Python 3\.10 needs the 'tomli'"):
             load_schedule_file(path)
         # JSON files need nothing extra.
         assert load_schedule_file(write(tmp_path / "beat.json", '{"entries": {}}')) == {}

@@ -26,9 +26,7 @@ UTC = timezone.utc
 BERLIN = ZoneInfo("Europe/Berlin")
 
 
-def utc(
-    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0, us: int = 0
-) -> datetime:
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0, us: int = 0) -> datetime:
     return datetime(year, month, day, hour, minute, second, us, tzinfo=UTC)
 
 
@@ -118,16 +116,10 @@ class TestInterval:
     @settings(max_examples=200, derandomize=True, deadline=None)
     @given(
         every_us=st.integers(min_value=1, max_value=10 * 86_400 * 10**6),
-        anchor=st.datetimes(
-            min_value=datetime(1990, 1, 1), max_value=datetime(2060, 1, 1), timezones=st.just(UTC)
-        ),
-        moment=st.datetimes(
-            min_value=datetime(1990, 1, 1), max_value=datetime(2060, 1, 1), timezones=st.just(UTC)
-        ),
+        anchor=st.datetimes(min_value=datetime(1990, 1, 1), max_value=datetime(2060, 1, 1), timezones=st.just(UTC)),
+        moment=st.datetimes(min_value=datetime(1990, 1, 1), max_value=datetime(2060, 1, 1), timezones=st.just(UTC)),
     )
-    def test_property_fire_times_are_anchor_multiples(
-        self, every_us: int, anchor: datetime, moment: datetime
-    ) -> None:
+    def test_property_fire_times_are_anchor_multiples(self, every_us: int, anchor: datetime, moment: datetime) -> None:
         every = timedelta(microseconds=every_us)
         result = interval(every, anchor=anchor).next_after(moment)
         assert result > moment
@@ -363,14 +355,12 @@ class TestCrontabNext:
 
     def test_leap_day_on_a_weekday(self) -> None:
         # Feb 29 on a Monday: 2016, then 2044.
-        assert crontab(0, 0, day_of_week="mon", day_of_month=29, month_of_year=2).next_after(
-            utc(2016, 3, 1)
-        ) == utc(2044, 2, 29)
+        assert crontab(0, 0, day_of_week="mon", day_of_month=29, month_of_year=2).next_after(utc(2016, 3, 1)) == utc(
+            2044, 2, 29
+        )
 
     def test_year_boundary(self) -> None:
-        assert crontab(0, 0, day_of_month=1, month_of_year=1).next_after(utc(2025, 12, 31, 23, 59)) == utc(
-            2026, 1, 1
-        )
+        assert crontab(0, 0, day_of_month=1, month_of_year=1).next_after(utc(2025, 12, 31, 23, 59)) == utc(2026, 1, 1)
         last_minute = crontab(59, 23, day_of_month=31, month_of_year=12)
         assert last_minute.next_after(utc(2025, 12, 31, 23, 59)) == utc(2026, 12, 31, 23, 59)
         assert crontab(minute="*/20").next_after(utc(2025, 12, 31, 23, 45)) == utc(2026, 1, 1)
@@ -557,17 +547,13 @@ def _check_next(
     probe = moment.replace(second=0, microsecond=0) + timedelta(minutes=1)
     while probe < result:
         wall = probe.astimezone(tz)
-        assert not (wall.fold == 0 and _matches(spec, wall)), (
-            f"{spec.describe()} missed {probe} after {moment}"
-        )
+        assert not (wall.fold == 0 and _matches(spec, wall)), f"{spec.describe()} missed {probe} after {moment}"
         probe += timedelta(minutes=1)
 
 
 @settings(max_examples=150, derandomize=True, deadline=None)
 @given(minute=_field(0, 59), hour=HOURS, zone_moment=zone_and_moment())
-def test_property_daily_specs_brute_force(
-    minute: str, hour: str, zone_moment: tuple[tzinfo, datetime]
-) -> None:
+def test_property_daily_specs_brute_force(minute: str, hour: str, zone_moment: tuple[tzinfo, datetime]) -> None:
     zone, moment = zone_moment
     spec = crontab(minute=minute, hour=hour, tz=zone)
     # Fires at least daily (every day has an existing matching minute, or the day after does), so the

@@ -14,9 +14,7 @@ async def _declare_durable_queue(url: str, name: str) -> None:
         await channel.declare_queue(name, durable=True)
 
 
-def test_broker_runs_the_requested_version(
-    rabbitmq: TestBroker, rabbitmq_version_info: tuple[int, ...]
-) -> None:
+def test_broker_runs_the_requested_version(rabbitmq: TestBroker, rabbitmq_version_info: tuple[int, ...]) -> None:
     # Fails on purpose when deploy/rabbitmq.sh had to fall back from sid (4.3) to trixie (4.0).
     requested = tuple(int(part) for part in rabbitmq.requested_version.split("."))
     assert rabbitmq_version_info[:2] == requested

@@ -164,8 +164,7 @@ def format_duration(value: timedelta) -> str:
 def _to_timedelta(every: timedelta | float) -> timedelta:
     if isinstance(every, bool) or not isinstance(every, (timedelta, int, float)):
         raise InvalidScheduleError(
-            "interval every must be a timedelta or a number of seconds, "
-            f"got {type(every).__name__}: {every!r}"
+            f"interval every must be a timedelta or a number of seconds, got {type(every).__name__}: {every!r}"
         )
     if isinstance(every, timedelta):
         period = every

@@ -25,9 +25,7 @@ class Middleware:
     async def before_process(self, worker: Worker, message: TaskMessage, wire: WireMessage) -> None:
         """Called after a delivery was decoded and its task found, before it runs."""
 
-    async def after_success(
-        self, worker: Worker, message: TaskMessage, value: Any, report: ResultMessage
-    ) -> None:
+    async def after_success(self, worker: Worker, message: TaskMessage, value: Any, report: ResultMessage) -> None:
         """Called after a task succeeded, before its reply is sent and its delivery acked."""
 
     async def after_failure(

@@ -37,9 +37,7 @@ async def serve(app: App, **options: Any) -> int:
         nonlocal signals_seen
         signals_seen += 1
         if signals_seen > 1:
-            log.warning(
-                "second %s: exiting now; the broker redelivers unfinished tasks", signal.Signals(signum).name
-            )
+            log.warning("second %s: exiting now; the broker redelivers unfinished tasks", signal.Signals(signum).name)
             os._exit(1)
         log.info("%s: finishing running tasks (press again to exit at once)", signal.Signals(signum).name)
         stopping.append(loop.create_task(worker.stop()))

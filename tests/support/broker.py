@@ -110,7 +110,5 @@ class TestBroker:
             check=False,
         )
         if proc.returncode != 0:
-            raise BrokerError(
-                f"deploy/rabbitmq.sh {' '.join(args)} exited with {proc.returncode}:\n{proc.stderr}"
-            )
+            raise BrokerError(f"deploy/rabbitmq.sh {' '.join(args)} exited with {proc.returncode}:\n{proc.stderr}")
         return proc.stdout
