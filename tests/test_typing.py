@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-CASES = Path(__file__).resolve().parent / "typing" / "cases.py"
+CASES = Path(__file__).resolve().parent / "type_checks" / "cases.py"
 
 
 def test_task_calls_are_type_checked() -> None:
