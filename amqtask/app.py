@@ -16,9 +16,8 @@ import os
 import threading
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
 
 from . import protocol, serializers
@@ -40,6 +39,7 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 
+
 class _TaskDecorator(Protocol):
     @overload
     def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
@@ -49,9 +49,7 @@ class _TaskDecorator(Protocol):
 
 class _BoundTaskDecorator(Protocol):
     @overload
-    def __call__(
-        self, fn: Callable[Concatenate[Any, P], Coroutine[Any, Any, R]], /
-    ) -> Task[P, R]: ...
+    def __call__(self, fn: Callable[Concatenate[Any, P], Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
     @overload
     def __call__(self, fn: Callable[Concatenate[Any, P], R], /) -> Task[P, R]: ...
 

@@ -71,6 +71,7 @@ class Broker:
         self._closing = False
         self._keeper: asyncio.Task[None] | None = None
         self._listeners: list[ReconnectListener] = []
+        self._listener_tasks: set[asyncio.Future[None]] = set()
         #: The most recent connection failure, masked, for error messages.
         self.last_error: str | None = None
 
@@ -86,9 +87,7 @@ class Broker:
     async def connection(self, timeout: float | None = None) -> aio_pika.abc.AbstractConnection:
         """The current connection, waiting (up to ``timeout``) while amqtask (re)connects."""
         if self._keeper is None:
-            self._keeper = asyncio.get_running_loop().create_task(
-                self._keep_connected(), name=f"{self.name}-keeper"
-            )
+            self._keeper = asyncio.get_running_loop().create_task(self._keep_connected(), name=f"{self.name}-keeper")
         if self._ready.is_set() and self._connection is not None and self._connection.is_closed:
             self._ready.clear()  # closed, and the keeper is about to hear of it: wait for the next one
         if not self._ready.is_set():
@@ -148,8 +147,7 @@ class Broker:
 
     async def _keep_connected(self) -> None:
         retrying = AsyncRetrying(
-            wait=wait_exponential(multiplier=0.1, max=self.settings.broker_reconnect_max_s)
-            + wait_random(0, 0.1),
+            wait=wait_exponential(multiplier=0.1, max=self.settings.broker_reconnect_max_s) + wait_random(0, 0.1),
             retry=retry_if_exception_type(BrokerConnectionError),
         )
         while not self._closing:
@@ -163,21 +161,28 @@ class Broker:
             self._ready.set()
             if self.generation > 1:
                 log.info("%s reconnected (generation %d)", self.name, self.generation)
+                # Listeners run beside the keeper, not inside it: one that needs a channel (the result
+                # consumer) would otherwise wait, up to its timeout, for a reconnect that only the
+                # keeper can make if this connection dies too.
                 for listener in list(self._listeners):
-                    try:
-                        await listener(self.generation)
-                    except asyncio.CancelledError as exc:
-                        raise_if_cancelled(exc)  # a dead connection must not end the keeper
-                    except Exception:
-                        log.debug("reconnect listener failed", exc_info=True)
+                    task = asyncio.ensure_future(listener(self.generation))
+                    self._listener_tasks.add(task)
+                    task.add_done_callback(self._listener_done)
             await lost.wait()
             self._ready.clear()
             if not self._closing:
                 log.warning("%s lost its broker connection; reconnecting", self.name)
 
+    def _listener_done(self, task: asyncio.Future[None]) -> None:
+        self._listener_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("reconnect listener failed", exc_info=task.exception())
+
     async def close(self) -> None:
         """Close the connection and stop reconnecting."""
         self._closing = True
+        for task in list(self._listener_tasks):
+            task.cancel()
         if self._keeper is not None:
             self._keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

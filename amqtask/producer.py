@@ -19,7 +19,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel
 
 from . import delays, topology
-from .connection import CONNECTION_ERRORS, Broker
+from .connection import CONNECTION_ERRORS, Broker, raise_if_cancelled
 from .errors import BrokerConnectionError, PublishError, TopologyNotFoundError, UnroutableError
 from .protocol import WireMessage
 from .settings import Settings
@@ -31,6 +31,46 @@ _RETRYABLE: tuple[type[BaseException], ...] = (
     BrokerConnectionError,
     asyncio.TimeoutError,
 )
+
+
+#: RabbitMQ's default frame_max (128 KiB) less the frame's own 8 bytes: the negotiated limit, as a fallback.
+_RABBITMQ_FRAME_PAYLOAD = 131072 - 8
+#: Room in a content-header frame for its fixed part and every short-string property (10 x 256 bytes).
+_PROPERTIES_ROOM = 4096
+
+
+class HeadersTooLargeError(PublishError):
+    """A message's headers do not fit in one AMQP frame (RabbitMQ would close the whole connection)."""
+
+
+def header_table_size(value: Any) -> int:
+    """An upper bound of ``value``'s size in an AMQP field table, in bytes, found without encoding it."""
+    if isinstance(value, str):
+        return 5 + len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, bytes | bytearray):
+        return 5 + len(value)
+    if isinstance(value, dict):
+        return 4 + sum(2 + len(str(k).encode()) + header_table_size(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return 4 + sum(1 + header_table_size(v) for v in value)
+    return 9  # numbers, booleans, timestamps, decimals, None
+
+
+def _check_header_size(wire: WireMessage, channel: aiormq.abc.AbstractChannel) -> None:
+    """Refuse headers that cannot fit in one frame, rather than send a frame RabbitMQ answers by closing.
+
+    Bodies are split into frames, a content header is not. RabbitMQ answers an oversized one with
+    FRAME_ERROR on the *connection*, taking every channel (consumers included) with it, and a send
+    retried after the reconnect does the same again, until its timeout. A worker dead-lettering a
+    received message whose headers were close to the limit would wedge itself that way for good.
+    """
+    size = header_table_size(wire.headers)
+    limit = int(getattr(channel, "max_content_size", _RABBITMQ_FRAME_PAYLOAD))
+    if size + _PROPERTIES_ROOM > limit:
+        raise HeadersTooLargeError(
+            f"the message's headers take up to {size} bytes, more than fits in one AMQP frame "
+            f"({limit} bytes with the other properties); not sent"
+        )
 
 
 def to_amqp(wire: WireMessage) -> aio_pika.Message:
@@ -83,6 +123,7 @@ class Publisher:
         """Publish and wait for the broker's confirm, riding out reconnects until the deadline."""
         deadline = time.monotonic() + (timeout if timeout is not None else self.settings.publish_timeout_s)
         message = to_amqp(wire)
+        nacks = 0
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -92,11 +133,8 @@ class Publisher:
                 )
             try:
                 channel = await self._confirm_channel(remaining)
-                target = (
-                    await channel.get_exchange(exchange, ensure=False)
-                    if exchange
-                    else channel.default_exchange
-                )
+                _check_header_size(wire, await channel.get_underlay_channel())
+                target = await channel.get_exchange(exchange, ensure=False) if exchange else channel.default_exchange
                 await target.publish(message, routing_key, mandatory=mandatory, timeout=remaining)
                 return
             except aio_pika.exceptions.PublishError:
@@ -105,13 +143,24 @@ class Publisher:
                     "was returned by the broker, not delivered"
                 ) from None
             except aio_pika.exceptions.DeliveryError as exc:
-                raise PublishError(
-                    f"broker refused the message (nack) on exchange {exchange!r}: {exc}"
-                ) from None
+                # A nack: the broker could not take the message just now (seen from a quorum queue while
+                # it elects a new leader after a node loss; also a full queue with reject-publish).
+                # Retried like a lost connection, with a growing pause, until the deadline.
+                nacks += 1
+                pause = min(1.0, 0.05 * 2**nacks)
+                if time.monotonic() + pause >= deadline:
+                    raise PublishError(
+                        f"broker refused the message (nack) on exchange {exchange!r}, {nacks} time(s): {exc}"
+                    ) from None
+                await asyncio.sleep(pause)
             except aiormq.exceptions.ChannelNotFoundEntity as exc:
                 raise TopologyNotFoundError(f"cannot publish: {exc.args[0] if exc.args else exc}") from None
             except _RETRYABLE as exc:
                 log.debug("publish interrupted (%s); retrying after reconnect", type(exc).__name__)
+                await self._wait_for_new_connection(deadline)
+            except asyncio.CancelledError as exc:
+                raise_if_cancelled(exc)  # the confirm was failed by a connection aiormq found stuck
+                log.debug("publish interrupted (stuck connection); retrying after reconnect")
                 await self._wait_for_new_connection(deadline)
 
     async def _wait_for_new_connection(self, deadline: float) -> None:

@@ -14,16 +14,25 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from . import protocol
-from .connection import CONNECTION_ERRORS, SETTLE_ERRORS, Broker
-from .errors import AmqtaskError, MessageError, RemoteTaskError, TaskRevokedError, TimeoutError
+from .connection import CONNECTION_ERRORS, SETTLE_ERRORS, Broker, raise_if_cancelled
+from .errors import (
+    AmqtaskError,
+    BrokerConnectionError,
+    MessageError,
+    RemoteTaskError,
+    TaskRevokedError,
+    TimeoutError,
+)
 from .failures import decode_exception
 from .protocol import READY_STATES, ResultMessage, WireMessage
 from .serializers import DecodeLimits, normalize_accept
@@ -33,6 +42,8 @@ if TYPE_CHECKING:
     from .app import App
 
 R = TypeVar("R")
+#: A lost connection, or the CancelledError aiormq fails a stuck connection's calls with.
+_LOST_OR_STUCK: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncio.CancelledError)
 log = logging.getLogger("amqtask.result")
 _RESUME_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, AmqtaskError)
 _ORDER = {protocol.PENDING: 0, protocol.STARTED: 1, protocol.RETRY: 2}
@@ -116,30 +127,40 @@ class ResultConsumer:
 
     async def ensure_started(self, timeout: float | None = None) -> None:
         """Declare the reply queue and consume it (once per connection)."""
-        if (
-            self._started_generation == self.broker.generation
-            and self._channel
-            and not self._channel.is_closed
-        ):
+        if self._started_generation == self.broker.generation and self._channel and not self._channel.is_closed:
             return
         async with self._lock:
-            if (
-                self._started_generation == self.broker.generation
-                and self._channel
-                and not self._channel.is_closed
-            ):
+            if self._started_generation == self.broker.generation and self._channel and not self._channel.is_closed:
                 return
-            channel = await self.broker.channel(confirms=False, timeout=timeout)
-            await channel.set_qos(prefetch_count=1000)
-            queue = await channel.declare_queue(
-                self.queue_name,
-                durable=True,
-                arguments={"x-expires": self.settings.result_expires_s * 1000},
-            )
-            channel.close_callbacks.add(lambda *_: self._channel_closed())
-            await queue.consume(self._on_message)
-            self._channel = channel
-            self._started_generation = self.broker.generation
+            deadline = time.monotonic() + (self.settings.publish_timeout_s if timeout is None else timeout)
+            while True:
+                try:
+                    await self._start(max(0.01, deadline - time.monotonic()))
+                    return
+                except _LOST_OR_STUCK as exc:
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise_if_cancelled(exc)  # only a connection aiormq found stuck
+                    if time.monotonic() >= deadline:
+                        raise BrokerConnectionError(f"cannot consume the reply queue: {exc}") from exc
+                    # The connection went while starting; the next attempt's channel() waits for a new one.
+                    await asyncio.sleep(0.05)
+                except aiormq.exceptions.AMQPError as exc:  # a refusal: translated at the boundary
+                    raise BrokerConnectionError(f"cannot consume reply queue {self.queue_name}: {exc}") from exc
+
+    async def _start(self, timeout: float) -> None:
+        channel = await self.broker.channel(confirms=False, timeout=timeout)
+        await channel.set_qos(prefetch_count=1000)
+        arguments: dict[str, Any] = {"x-expires": self.settings.result_expires_s * 1000}
+        if len(self.settings.broker_url) > 1:
+            # Several URLs mean a cluster: a classic queue lives on one node, and when that node is down
+            # the client can neither declare its reply queue (so cannot send) nor receive a reply (the
+            # broker drops or nacks them). A quorum queue (which keeps x-expires) outlives any one node.
+            arguments["x-queue-type"] = "quorum"
+        queue = await channel.declare_queue(self.queue_name, durable=True, arguments=arguments)
+        channel.close_callbacks.add(lambda *_: self._channel_closed())
+        await queue.consume(self._on_message)
+        self._channel = channel
+        self._started_generation = self.broker.generation
 
     def _channel_closed(self) -> None:
         self._started_generation = 0

@@ -20,13 +20,16 @@ from typing import Any
 
 import aio_pika
 import msgpack
+import pamqp.encode
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from support.broker import TestBroker
 from support.faults import queue_counts, wait_until
 from support.workers import running_worker, wait_for
 
 from amqtask import App, AsyncResult, protocol, serializers
-from amqtask.producer import to_amqp
+from amqtask.producer import header_table_size, to_amqp
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.timeout(120)]
 
@@ -318,3 +321,17 @@ def test_the_hostile_generators_cover_the_issue_list() -> None:
             else:
                 assert protocol.decode_task(wire, accept, limits).task != ""
     assert json.dumps(_nested(3)) == "[[[1]]]"
+
+
+_TABLE_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, width=32) | st.text()
+    | st.binary().map(bytearray),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=20), inner, max_size=5),
+    max_leaves=20,
+)  # fmt: skip
+
+
+@given(st.dictionaries(st.text(max_size=40), _TABLE_VALUES, max_size=10))
+def test_the_header_size_bound_is_never_below_the_encoded_size(headers: dict[str, Any]) -> None:
+    """The publisher's frame check must never let through headers whose real encoding is larger."""
+    assert header_table_size(headers) >= len(pamqp.encode.field_table(headers))

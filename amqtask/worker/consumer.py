@@ -17,7 +17,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from ..connection import SETTLE_ERRORS
+from ..connection import SETTLE_ERRORS, raise_if_cancelled
 from ..errors import AmqtaskError, BrokerConnectionError, TopologyError
 from ..topology import QueueSpec
 
@@ -25,6 +25,8 @@ log = logging.getLogger("amqtask.worker")
 
 OnMessage = Callable[[AbstractIncomingMessage, QueueSpec], Awaitable[None]]
 _RECOVERABLE: tuple[type[BaseException], ...] = (*SETTLE_ERRORS, BrokerConnectionError, asyncio.TimeoutError)
+#: With the CancelledError aiormq fails a stuck connection's calls with (see ``raise_if_cancelled``).
+_RECOVERABLE_OR_STUCK: tuple[type[BaseException], ...] = (*_RECOVERABLE, asyncio.CancelledError)
 
 
 class Consumer:
@@ -60,7 +62,9 @@ class Consumer:
                 failures = 0
             except TopologyError:
                 raise
-            except _RECOVERABLE as exc:
+            except _RECOVERABLE_OR_STUCK as exc:
+                if isinstance(exc, asyncio.CancelledError):
+                    raise_if_cancelled(exc)  # only a connection aiormq found stuck: consume again
                 failures += 1
                 log.warning("consumer interrupted (%s: %s); consuming again", type(exc).__name__, exc)
                 # Back off on repeated failures, but wake up at once when asked to stop.

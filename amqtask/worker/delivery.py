@@ -21,6 +21,7 @@ from .. import delays, protocol, serializers
 from ..connection import SETTLE_ERRORS
 from ..errors import AmqtaskError, MessageError, Reject, Retry, Revoked, SerializationError
 from ..failures import encode_exception, format_traceback
+from ..producer import HeadersTooLargeError
 from ..protocol import ResultMessage, TaskMessage, WireMessage
 from ..retry import autoretry_delay
 from ..task import Request, Task
@@ -97,13 +98,8 @@ class DeliveryHandler:
     ) -> bool:
         now = dt.datetime.now(dt.timezone.utc)
         if msg.expires is not None and now >= msg.expires:
-            log.warning(
-                "task %s[%s] expired at %s; not running it", msg.task, msg.id, msg.expires.isoformat()
-            )
-            revoked = ResultMessage(msg.id, protocol.REVOKED, {"reason": "expired", "expires": msg.expires.isoformat()},
-                                    date_done=protocol.now_iso())  # fmt: skip
-            await self.reply(msg, wire, revoked)
-            await self.ack(message)
+            log.warning("task %s[%s] expired at %s; not running it", msg.task, msg.id, msg.expires.isoformat())
+            await self.revoked(message, msg, wire, "expired")
             return True
         if msg.eta is not None and msg.eta - now > ETA_TOLERANCE:
             # Never hold a delivery waiting for its time: hand it back to the broker's delay levels.
@@ -112,16 +108,17 @@ class DeliveryHandler:
             return True
         return False
 
-    async def revoked(
-        self, message: AbstractIncomingMessage, msg: TaskMessage, wire: WireMessage, reason: str
-    ) -> None:
-        """Report REVOKED without running the task, then ack; the result is Celery's TaskRevokedError."""
-        log.info("task %s[%s] was revoked; not running it", msg.task, msg.id)
+    async def revoked(self, message: AbstractIncomingMessage, msg: TaskMessage, wire: WireMessage, reason: str) -> None:
+        """Report REVOKED without running the task, then ack; the result is Celery's TaskRevokedError.
+
+        An expired task is reported the same way (reason ``expired``), as a Celery worker does: a Celery
+        client turns a REVOKED result into an exception and fails on anything but an exception dict.
+        """
+        if reason != "expired":
+            log.info("task %s[%s] was revoked; not running it", msg.task, msg.id)
         self.worker.stats["revoked"] += 1
         error = {"exc_type": "TaskRevokedError", "exc_message": [reason], "exc_module": "celery.exceptions"}
-        report = ResultMessage(
-            msg.id, protocol.REVOKED, error, date_done=protocol.now_iso(), parent_id=msg.parent_id
-        )
+        report = ResultMessage(msg.id, protocol.REVOKED, error, date_done=protocol.now_iso(), parent_id=msg.parent_id)
         await self.reply(msg, wire, report)
         await self.ack(message)
 
@@ -170,9 +167,7 @@ class DeliveryHandler:
     ) -> None:
         """Report success, start follow-ups (middleware: chains, callbacks), then ack."""
         self.worker.stats["succeeded"] += 1
-        report = ResultMessage(
-            msg.id, protocol.SUCCESS, value, date_done=protocol.now_iso(), parent_id=msg.parent_id
-        )
+        report = ResultMessage(msg.id, protocol.SUCCESS, value, date_done=protocol.now_iso(), parent_id=msg.parent_id)
         for middleware in self.app.middleware:
             await middleware.after_success(self.worker, msg, value, report)
         await self.reply(msg, wire, report)
@@ -185,18 +180,14 @@ class DeliveryHandler:
         """Retry automatically when the task says so; otherwise dead-letter and report the failure."""
         when = autoretry_delay(task, exc, msg.retries)
         if when is not None:
-            await self.retry(
-                message, queue, msg, wire, Retry(f"Retry in {when:g}s: {exc!r}", exc=exc, when=when)
-            )
+            await self.retry(message, queue, msg, wire, Retry(f"Retry in {when:g}s: {exc!r}", exc=exc, when=when))
             return
         self.worker.stats["failed"] += 1
         log.error("task %s[%s] failed: %s: %s", msg.task, msg.id, type(exc).__name__, exc)
         report = self.failure(msg, exc, format_traceback(exc))
         for middleware in self.app.middleware:
             await middleware.after_failure(self.worker, msg, exc, report)
-        await self.dead_letter(
-            message, queue, "failed", f"{type(exc).__name__}: {exc}", exc=exc, settle=False
-        )
+        await self.dead_letter(message, queue, "failed", f"{type(exc).__name__}: {exc}", exc=exc, settle=False)
         await self.reply(msg, wire, report)
         await self.ack(message)
 
@@ -224,9 +215,7 @@ class DeliveryHandler:
         else:
             await self.publisher.publish(again, "", queue.name)
         self.worker.stats["retried"] += 1
-        log.info(
-            "task %s[%s] retry %d in %.1fs: %s", msg.task, msg.id, msg.retries + 1, delay, exc.exc or exc
-        )
+        log.info("task %s[%s] retry %d in %.1fs: %s", msg.task, msg.id, msg.retries + 1, delay, exc.exc or exc)
         cause = exc.exc if exc.exc is not None else exc
         report = ResultMessage(msg.id, protocol.RETRY, encode_exception(cause), traceback=str(exc),
                                parent_id=msg.parent_id)  # fmt: skip
@@ -283,7 +272,13 @@ class DeliveryHandler:
             })  # fmt: skip
         copy = WireMessage(**{**wire_of(message).__dict__, "headers": headers})
         try:
-            await self.publisher.publish(copy, "", queue.dlq_name)
+            try:
+                await self.publisher.publish(copy, "", queue.dlq_name)
+            except HeadersTooLargeError:
+                # The received headers plus ours exceed a frame: keep ours (the reason) and the body.
+                copy.headers = {k: v for k, v in headers.items() if k.startswith("x-amqtask-")}
+                copy.headers["x-amqtask-headers-dropped"] = f"{len(headers) - len(copy.headers)} header(s)"
+                await self.publisher.publish(copy, "", queue.dlq_name)
         except AmqtaskError as error:
             log.error("cannot dead-letter into %s (%s); rejecting so the broker's dead-lettering applies",
                       queue.dlq_name, error)  # fmt: skip
@@ -292,9 +287,7 @@ class DeliveryHandler:
             return
         self.worker.stats["dead_lettered"] += 1
         if reason != "failed":
-            log.error(
-                "dead-lettered a message from %s into %s: %s: %s", queue.name, queue.dlq_name, reason, detail
-            )
+            log.error("dead-lettered a message from %s into %s: %s: %s", queue.name, queue.dlq_name, reason, detail)
         if settle:
             await self.ack(message)
 
@@ -303,9 +296,7 @@ class DeliveryHandler:
         try:
             await message.ack()
         except SETTLE_ERRORS as exc:
-            log.warning(
-                "could not ack delivery %s (%s); the broker will redeliver it", message.delivery_tag, exc
-            )
+            log.warning("could not ack delivery %s (%s); the broker will redeliver it", message.delivery_tag, exc)
 
     async def requeue_failed(self, message: AbstractIncomingMessage) -> None:
         """Requeue a failed attempt (``basic.reject``: it counts against a quorum queue's delivery limit)."""

@@ -52,6 +52,7 @@ class FaultProxy:
         self.port = 0
         self.accepted = 0
         self._links: set[_Link] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy", daemon=True)
         self._server: asyncio.AbstractServer | None = None
@@ -121,6 +122,9 @@ class FaultProxy:
         if self._server is not None:
             self._server.close()
         await self._drop()
+        # Let each connection's handler see its pumps end and close its sockets before the loop stops.
+        if self._handlers:
+            await asyncio.wait(set(self._handlers), timeout=5)
 
     async def _drop(self) -> int:
         links = list(self._links)
@@ -139,6 +143,10 @@ class FaultProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._handlers.add(handler)
+            handler.add_done_callback(self._handlers.discard)
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
         except OSError:
