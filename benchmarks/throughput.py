@@ -5,8 +5,8 @@
 Without --url (or AMQTASK_BROKER_URL) it starts the throwaway broker of deploy/rabbitmq.sh.
 Both sides publish the same messages (amqtask's wire form of the task), persistent, with
 publisher confirms, pipelined in windows of ``--window`` messages, into a durable classic queue,
-and consume with the same prefetch and one ack per message; the ratios (amqtask / raw) are the figures that matter, since absolute rates
-depend on the machine.
+and consume with the same prefetch and one ack per message; the ratios (amqtask / raw) are the
+figures that matter, since absolute rates depend on the machine.
 """
 
 from __future__ import annotations
