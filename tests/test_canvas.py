@@ -175,6 +175,17 @@ def test_a_step_that_cannot_be_sent_fails_the_chain(app: App) -> None:
     run(app, scenario)
 
 
+def test_a_step_no_worker_knows_fails_the_rest_of_the_chain(app: App) -> None:
+    async def scenario() -> None:
+        unknown = Signature("c.nobody_registered_this", (), {}, app=app)
+        result = await (s(app, "add", 1, 1) | unknown | s(app, "add", 1)).aapply_async()
+
+        with pytest.raises(RemoteTaskError, match="not registered"):
+            await result.aget(timeout=TIMEOUT)
+
+    run(app, scenario)
+
+
 def test_link_gets_the_result_unless_immutable(app: App) -> None:
     async def scenario() -> None:
         partial, immutable = s(app, "mul", 10), app.tasks["c.add"].si(1, 1)

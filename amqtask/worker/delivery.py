@@ -19,7 +19,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from .. import delays, protocol, serializers
 from ..connection import SETTLE_ERRORS
-from ..errors import AmqtaskError, MessageError, Reject, Retry, Revoked, SerializationError
+from ..errors import AmqtaskError, MessageError, Reject, Retry, Revoked, SerializationError, TaskRevokedError
 from ..failures import encode_exception, format_traceback
 from ..producer import HeadersTooLargeError
 from ..protocol import ResultMessage, TaskMessage, WireMessage
@@ -77,7 +77,10 @@ class DeliveryHandler:
         task = self.app.tasks.get(msg.task)
         if task is None:
             error = f"task {msg.task!r} is not registered on this worker"
-            await self.reply(msg, wire, self.failure(msg, _Unregistered(error), None))
+            unregistered = _Unregistered(error)
+            report = self.failure(msg, unregistered, None)
+            await self.fail_follow_ups(msg, unregistered, report)
+            await self.reply(msg, wire, report)
             await self.dead_letter(message, queue, "unknown-task", error)
             return
         try:
@@ -119,6 +122,7 @@ class DeliveryHandler:
         self.worker.stats["revoked"] += 1
         error = {"exc_type": "TaskRevokedError", "exc_message": [reason], "exc_module": "celery.exceptions"}
         report = ResultMessage(msg.id, protocol.REVOKED, error, date_done=protocol.now_iso(), parent_id=msg.parent_id)
+        await self.fail_follow_ups(msg, TaskRevokedError(f"task {msg.id} was {reason}"), report)
         await self.reply(msg, wire, report)
         await self.ack(message)
 
@@ -185,11 +189,19 @@ class DeliveryHandler:
         self.worker.stats["failed"] += 1
         log.error("task %s[%s] failed: %s: %s", msg.task, msg.id, type(exc).__name__, exc)
         report = self.failure(msg, exc, format_traceback(exc))
-        for middleware in self.app.middleware:
-            await middleware.after_failure(self.worker, msg, exc, report)
+        await self.fail_follow_ups(msg, exc, report)
         await self.dead_letter(message, queue, "failed", f"{type(exc).__name__}: {exc}", exc=exc, settle=False)
         await self.reply(msg, wire, report)
         await self.ack(message)
+
+    async def fail_follow_ups(self, msg: TaskMessage, exc: BaseException, report: ResultMessage) -> None:
+        """Tell the middleware a task will never succeed: a chain's later steps, its chord and errbacks fail too.
+
+        Called for every final failure, including tasks that never ran (unknown, revoked, expired), so a
+        caller waiting on the end of a chain gets the error instead of waiting forever.
+        """
+        for middleware in self.app.middleware:
+            await middleware.after_failure(self.worker, msg, exc, report)
 
     def failure(self, msg: TaskMessage, exc: BaseException, traceback: str | None) -> ResultMessage:
         """The FAILURE report for ``exc``."""
