@@ -55,6 +55,10 @@ _RECOVERABLE: tuple[type[BaseException], ...] = (
 _TRANSIENT: tuple[type[BaseException], ...] = (*_RECOVERABLE, AmqtaskError)
 
 
+#: How long a starting worker waits for its control consumer before it gets on with the tasks.
+CONTROL_READY_WAIT_S = 5.0
+
+
 class RevokedIds:
     """Task ids not to run: at most ``max_size`` (oldest dropped first), each kept ``expires_s`` seconds."""
 
@@ -406,7 +410,8 @@ class ControlMiddleware(Middleware):
         """Start the worker's control consumer; a worker without remote control still runs tasks."""
         node = ControlNode(worker)
         self.nodes[worker] = node
-        await node.start(worker.app.conf.publish_timeout_s)
+        # Bounded: remote control is not worth delaying the tasks for; it goes on trying in the background.
+        await node.start(min(worker.app.conf.publish_timeout_s, CONTROL_READY_WAIT_S))
 
     async def on_worker_stop(self, worker: Worker) -> None:
         """Stop the worker's control consumer."""
@@ -421,4 +426,4 @@ class ControlMiddleware(Middleware):
             node.check(message)
 
 
-__all__ = ["ControlMiddleware", "ControlNode", "RevokedIds"]
+__all__ = ["CONTROL_READY_WAIT_S", "ControlMiddleware", "ControlNode", "RevokedIds"]

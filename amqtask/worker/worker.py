@@ -74,6 +74,8 @@ class Worker:
         self._inflight: set[asyncio.Task[None]] = set()
         self._waiting: dict[AbstractIncomingMessage, asyncio.Task[None]] = {}
         self._stopped = asyncio.Event()
+        self._stopping = False
+        self._starting: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._runtime: Runtime | None = None
         self.consumer = Consumer(self._channel, self.declare, self.queues, self.prefetch, self._on_message)
@@ -117,8 +119,14 @@ class Worker:
 
     async def run(self) -> None:
         """Start and process until stopped (or, in burst mode, until the queues are drained)."""
-        await self.start()
-        if self.burst:
+        self._starting = asyncio.create_task(self.start())
+        try:
+            await self._starting
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            # stop() came while starting (a SIGTERM right after launch): it cancelled the start.
+        if self.burst and not self._stopping:
             await self._drain()
             await self.stop()
         await self._stopped.wait()
@@ -184,8 +192,13 @@ class Worker:
     # ------------------------------------------------------------------------------------------ stopping
     async def stop(self, grace: float | None = None) -> None:
         """Stop consuming, release deliveries not started, let running tasks finish within ``grace``."""
-        if self._stopped.is_set():
+        if self._stopped.is_set() or self._stopping:
             return
+        self._stopping = True
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._starting
         grace = self.app.conf.worker_shutdown_grace_s if grace is None else grace
         await self.consumer.cancel()
         for message, task in list(self._waiting.items()):
