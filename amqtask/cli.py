@@ -131,7 +131,9 @@ def worker(
 
 
 @main.command()
-@app_option
+@click.option(
+    "-A", "--app", "app_spec", help="module[:attribute] holding the App (default: settings from AMQTASK_* only)"
+)
 @click.argument("name")
 @click.option("--args", "args_json", default="[]", help="JSON array of positional arguments")
 @click.option("--kwargs", "kwargs_json", default="{}", help="JSON object of keyword arguments")
@@ -141,11 +143,11 @@ def worker(
 @click.option("--wait/--no-wait", default=False, help="wait for the result and print it")
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="seconds to wait with --wait")
 def call(
-    app_spec: str, name: str, args_json: str, kwargs_json: str, queue: str | None, countdown: float | None,
+    app_spec: str | None, name: str, args_json: str, kwargs_json: str, queue: str | None, countdown: float | None,
     priority: int | None, wait: bool, timeout: float,
 ) -> None:  # fmt: skip
     """Send task NAME (by name) and print its id, or with --wait its result as JSON."""
-    app = load_app(app_spec)
+    app = load_app(app_spec) if app_spec else App("amqtask-cli")
     try:
         args, kwargs = json.loads(args_json), json.loads(kwargs_json)
     except ValueError as exc:

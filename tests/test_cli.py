@@ -71,3 +71,14 @@ def test_check_reports_health(broker_url: str, unique: str) -> None:
     assert amqtask("topology", "apply", "-A", "core_tasks", env=env).returncode == 0
     healthy = amqtask("check", "-A", "core_tasks", env=env)
     assert healthy.returncode == 0 and healthy.stdout.strip() == "ok"
+
+
+def test_call_needs_no_app_module_only_the_broker_url(broker_url: str, unique: str) -> None:
+    env = {"AMQTASK_BROKER_URL": broker_url, "AMQTASK_TASK_DEFAULT_QUEUE": f"q-{unique}"}
+    worker = worker_process("core_tasks", broker_url, env=env)
+    try:
+        done = amqtask("call", "core.add", "--args", "[2, 3]", "--wait", env=env)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == 5
+    finally:
+        stop_process(worker)

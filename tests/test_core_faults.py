@@ -153,3 +153,22 @@ def test_a_consumer_cancelled_by_the_broker_consumes_again(client: App, unique: 
             assert await (await echo.adelay("after")).aget(timeout=10) == "after"
 
     asyncio.run(scenario())
+
+
+def test_delayed_tasks_survive_a_broker_restart(private_rabbitmq: TestBroker, unique: str) -> None:
+    """A countdown waits in the broker's durable delay levels, so a restart in the meantime loses nothing."""
+    app = App(f"delayed-{unique}", broker=private_rabbitmq.add_vhost(f"d{unique}"), task_default_queue=f"q-{unique}",
+              publish_timeout_s=60)  # fmt: skip
+
+    @app.task(name="fault.stamp")
+    def stamp(x: int) -> int:
+        return x
+
+    async def scenario() -> None:
+        sent = await asyncio.gather(*(stamp.aapply_async((i,), countdown=4, priority=i) for i in range(5)))
+        private_rabbitmq.stop_node(0)
+        await asyncio.to_thread(private_rabbitmq.start_node, 0)
+        async with running_worker(app):
+            assert [await r.aget(timeout=60) for r in sent] == list(range(5))
+
+    asyncio.run(scenario())
