@@ -70,6 +70,7 @@ class Broker:
         self._ready = asyncio.Event()
         self._closing = False
         self._keeper: asyncio.Task[None] | None = None
+        self._gone = asyncio.Event()  # set when the current connection is gone; replaced per connection
         self._listeners: list[ReconnectListener] = []
         self._listener_tasks: set[asyncio.Future[None]] = set()
         #: The most recent connection failure, masked, for error messages.
@@ -89,7 +90,9 @@ class Broker:
         if self._keeper is None:
             self._keeper = asyncio.get_running_loop().create_task(self._keep_connected(), name=f"{self.name}-keeper")
         if self._ready.is_set() and self._connection is not None and self._connection.is_closed:
-            self._ready.clear()  # closed, and the keeper is about to hear of it: wait for the next one
+            # Closed: make sure the keeper hears of it (whatever its close callback did) and wait for the next one.
+            self._ready.clear()
+            self._gone.set()
         if not self._ready.is_set():
             try:
                 await asyncio.wait_for(self._ready.wait(), timeout)
@@ -154,8 +157,12 @@ class Broker:
             async for attempt in retrying:
                 with attempt:
                     connection = await self._connect_once()
-            lost = asyncio.Event()
+            lost = self._gone = asyncio.Event()
             connection.close_callbacks.add(lambda *_, event=lost: event.set())
+            if connection.is_closed:
+                # Closed before the callback was in place (a node shutting down accepts, then closes):
+                # the callback will never fire, so don't wait for it.
+                lost.set()
             self._connection = connection
             self.generation += 1
             self._ready.set()

@@ -39,7 +39,7 @@ from support.faults import (
 
 from amqtask import App, AsyncResult
 
-pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.cluster, pytest.mark.timeout(180)]
 log = logging.getLogger("faults")
 
 NODES = 3
