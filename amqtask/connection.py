@@ -41,6 +41,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 #: Errors of acking, rejecting or cancelling on a channel that may be gone: never worth more than a log line.
 SETTLE_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, aiormq.exceptions.AMQPError)
+#: Errors after which a consumer's answer is to wait for the connection and consume again.
+RECOVERABLE_ERRORS: tuple[type[BaseException], ...] = (*SETTLE_ERRORS, BrokerConnectionError, asyncio.TimeoutError)
 _CHANNEL_OPEN_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, RuntimeError)
 
 ReconnectListener = Callable[[int], Awaitable[None]]
@@ -241,4 +243,4 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-__all__ = ["CONNECTION_ERRORS", "SETTLE_ERRORS", "Broker", "raise_if_cancelled", "ssl_context"]
+__all__ = ["CONNECTION_ERRORS", "RECOVERABLE_ERRORS", "SETTLE_ERRORS", "Broker", "raise_if_cancelled", "ssl_context"]

@@ -28,8 +28,8 @@ from aio_pika import ExchangeType
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from .. import control, serializers
-from ..connection import CONNECTION_ERRORS
-from ..errors import AmqtaskError, BrokerConnectionError, Revoked, SerializationError
+from ..connection import RECOVERABLE_ERRORS
+from ..errors import AmqtaskError, Revoked, SerializationError
 from ..producer import to_amqp
 from ..urls import mask_url
 from . import Middleware
@@ -45,12 +45,7 @@ REVOKES_MAX = 50_000
 REVOKE_EXPIRES_S = 3 * 3600.0
 #: What ``registered`` shows per task when the request names no options (Celery's default).
 DEFAULT_TASK_INFO_ITEMS = ("exchange", "routing_key", "rate_limit")
-_RECOVERABLE: tuple[type[BaseException], ...] = (
-    *CONNECTION_ERRORS,
-    BrokerConnectionError,
-    aiormq.exceptions.AMQPError,
-    asyncio.TimeoutError,
-)
+_RECOVERABLE = RECOVERABLE_ERRORS
 #: Failures that end one attempt to consume or reply, but not remote control.
 _TRANSIENT: tuple[type[BaseException], ...] = (*_RECOVERABLE, AmqtaskError)
 

@@ -17,14 +17,14 @@ from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from ..connection import SETTLE_ERRORS, raise_if_cancelled
-from ..errors import AmqtaskError, BrokerConnectionError, TopologyError
+from ..connection import RECOVERABLE_ERRORS, raise_if_cancelled
+from ..errors import AmqtaskError, TopologyError
 from ..topology import QueueSpec
 
 log = logging.getLogger("amqtask.worker")
 
 OnMessage = Callable[[AbstractIncomingMessage, QueueSpec], Awaitable[None]]
-_RECOVERABLE: tuple[type[BaseException], ...] = (*SETTLE_ERRORS, BrokerConnectionError, asyncio.TimeoutError)
+_RECOVERABLE = RECOVERABLE_ERRORS
 #: With the CancelledError aiormq fails a stuck connection's calls with (see ``raise_if_cancelled``).
 _RECOVERABLE_OR_STUCK: tuple[type[BaseException], ...] = (*_RECOVERABLE, asyncio.CancelledError)
 
