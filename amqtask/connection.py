@@ -17,7 +17,7 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 import aiormq
@@ -46,6 +46,7 @@ RECOVERABLE_ERRORS: tuple[type[BaseException], ...] = (*SETTLE_ERRORS, BrokerCon
 _CHANNEL_OPEN_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, RuntimeError)
 
 ReconnectListener = Callable[[int], Awaitable[None]]
+T = TypeVar("T")
 
 
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -121,12 +122,44 @@ class Broker:
                 )
                 return channel
             except _CHANNEL_OPEN_ERRORS as exc:
-                # The connection died between our check and the channel open: wait for the next one.
-                log.debug("channel open failed (%s); waiting for a new connection", _describe(exc))
-                self.connection_lost()
-                await asyncio.sleep(0)
-                if time.monotonic() >= deadline:
-                    raise BrokerConnectionError(f"cannot open a channel: {_describe(exc)}") from exc
+                lost: BaseException = exc
+            except asyncio.CancelledError as exc:
+                raise_if_cancelled(exc)  # failed by a connection aiormq found stuck
+                lost = exc
+            # The connection died between our check and the channel open: wait for the next one.
+            log.debug("channel open failed (%s); waiting for a new connection", _describe(lost))
+            self.connection_lost()
+            await asyncio.sleep(0)
+            if time.monotonic() >= deadline:
+                raise BrokerConnectionError(f"cannot open a channel: {_describe(lost)}") from lost
+
+    async def run(self, action: Callable[[AbstractChannel], Awaitable[T]], *, timeout: float | None = None) -> T:
+        """``action(channel)`` on a fresh channel without confirms, run again on a new connection if this one goes.
+
+        For idempotent operations only (declarations, passive checks, deletions, bindings): an action
+        cut off by a lost connection may or may not have taken effect. ``timeout`` (default
+        ``publish_timeout_s``) bounds the whole, after which :class:`BrokerConnectionError` says why.
+        Broker refusals (channel errors) are raised as they come, after one try.
+        """
+        deadline = time.monotonic() + (self.settings.publish_timeout_s if timeout is None else timeout)
+        while True:
+            channel = await self.channel(confirms=False, timeout=max(0.0, deadline - time.monotonic()))
+            try:
+                return await action(channel)
+            except CONNECTION_ERRORS as exc:
+                lost: BaseException = exc
+            except asyncio.CancelledError as exc:
+                raise_if_cancelled(exc)  # failed by a connection aiormq found stuck
+                lost = exc
+            finally:
+                if not channel.is_closed:
+                    with contextlib.suppress(*SETTLE_ERRORS):
+                        await channel.close()
+            log.debug("broker operation interrupted (%s); trying again on a new connection", _describe(lost))
+            if time.monotonic() >= deadline:
+                raise BrokerConnectionError(f"connection lost during a broker operation: {_describe(lost)}") from lost
+            self.connection_lost()
+            await asyncio.sleep(0)  # let the keeper notice the close before the next channel is asked for
 
     def connection_lost(self) -> None:
         """Tell the keeper the connection is unusable (a heartbeat miss may not have closed it yet)."""
@@ -148,6 +181,7 @@ class Broker:
             log.warning("cannot connect to %s", self.last_error)
             raise BrokerConnectionError(self.last_error) from exc
         _detect_stalls_after_two_heartbeats(connection, self.settings.broker_heartbeat_s)
+        _give_a_reason_to_reasonless_closes(connection)
         return connection
 
     async def _keep_connected(self) -> None:
@@ -237,6 +271,28 @@ def _detect_stalls_after_two_heartbeats(connection: aio_pika.abc.AbstractConnect
     underlay = getattr(getattr(connection, "transport", None), "connection", None)
     if heartbeat_s > 0 and underlay is not None and hasattr(underlay, _AIORMQ_GRACE):
         setattr(underlay, _AIORMQ_GRACE, 2 * heartbeat_s)
+
+
+def _give_a_reason_to_reasonless_closes(connection: aio_pika.abc.AbstractConnection) -> None:
+    """Fail what is pending on ``connection`` with a connection error when it closes without a reason.
+
+    When the peer's FIN arrives while aiormq's reader is between two frames (a node shutting down, a
+    proxy or load balancer closing the link, seen under load), the reader ends without an error and
+    aiormq closes the connection with no reason. It then fails every pending confirm and RPC, and
+    every one started later on that connection's channels, with a bare ``Exception()``, which nobody
+    can tell from a bug. aiormq hands the reason to ``_cancel_tasks`` (aiormq 6 and 7); giving it a
+    ``ConnectionClosed`` there makes such a loss what it is, a connection error that amqtask rides out.
+    """
+    underlay: Any = getattr(getattr(connection, "transport", None), "connection", None)
+    fail_pending = getattr(underlay, "_cancel_tasks", None)
+    if fail_pending is None:
+        return
+
+    def fail_pending_with_a_reason(exc: BaseException | None = None) -> Any:
+        reason = exc if exc is not None else aiormq.exceptions.ConnectionClosed(320, "the broker closed the connection")
+        return fail_pending(reason)
+
+    underlay._cancel_tasks = fail_pending_with_a_reason
 
 
 def _describe(exc: BaseException) -> str:

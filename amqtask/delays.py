@@ -46,8 +46,7 @@ from typing import Any
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, ExchangeType
 
-from .connection import CONNECTION_ERRORS
-from .errors import BrokerConnectionError, ConfigurationError
+from .errors import ConfigurationError
 from .topology import translate
 
 log = logging.getLogger("amqtask.delays")
@@ -309,8 +308,6 @@ def _refusals(kind: str, name: str, wanted: Any) -> Iterator[None]:
         yield
     except _REFUSALS as exc:
         raise translate(exc, kind, name, wanted) from exc
-    except CONNECTION_ERRORS as exc:
-        raise BrokerConnectionError(f"lost the broker while declaring {kind} {name!r}: {exc}") from exc
 
 
 __all__ = [

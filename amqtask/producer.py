@@ -200,22 +200,14 @@ class Publisher:
         """Declare the delay levels once per connection."""
         if self._delay_ready_generation == self.broker.generation and self.broker.generation:
             return
-        channel = await self.broker.channel(confirms=False)
-        try:
-            await delays.declare_delay_topology(channel, self.delay_topology)
-        finally:
-            await channel.close()
+        await self.broker.run(lambda channel: delays.declare_delay_topology(channel, self.delay_topology))
         self._delay_ready_generation = self.broker.generation
 
     async def _bind_delays(self, queue: str) -> None:
         if self._delay_bound.get(queue) == self.broker.generation:
             return
         await self.ensure_delays()
-        channel = await self.broker.channel(confirms=False)
-        try:
-            await delays.bind_destination(channel, self.delay_topology, queue)
-        finally:
-            await channel.close()
+        await self.broker.run(lambda channel: delays.bind_destination(channel, self.delay_topology, queue))
         self._delay_bound[queue] = self.broker.generation
 
     async def publish_delayed(self, wire: WireMessage, queue: QueueSpec, delay_s: float) -> None:

@@ -159,14 +159,10 @@ def translate(exc: Exception, kind: str, name: str, wanted: Any) -> Exception:
 
 
 async def _on_fresh_channel(broker: Broker, kind: str, name: str, wanted: Any, action: Any) -> Any:
-    channel = await broker.channel(confirms=False)
     try:
-        return await action(channel)
+        return await broker.run(action)
     except aiormq.exceptions.AMQPChannelError as exc:
         raise translate(exc, kind, name, wanted) from None
-    finally:
-        if not channel.is_closed:
-            await channel.close()
 
 
 async def declare_exchange(broker: Broker, name: str, exchange_type: str = "direct") -> None:

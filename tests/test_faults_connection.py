@@ -22,6 +22,7 @@ from support.faults import (
     declare_sink,
     kill,
     log_tail,
+    message_count,
     new_ids,
     queue_counts,
     read_sink,
@@ -32,6 +33,7 @@ from support.faults import (
     wait_until,
 )
 from support.proxy import FaultProxy
+from support.queues import delete
 from support.workers import running_worker
 
 from amqtask import App, AsyncResult
@@ -91,6 +93,46 @@ def test_a_stalled_connection_is_given_up_within_two_heartbeats(
         app.close()
     print(f"\nstall (heartbeat {HEARTBEAT_S}s): reconnected after {reconnected:.2f}s, consuming after {consuming:.2f}s")
     assert reconnected <= STALL_BOUND_S
+
+
+@pytest.mark.parametrize("pending", ["confirm", "queue declaration"])
+@pytest.mark.parametrize("ending", ["fin", "no reason"])
+def test_a_send_whose_connection_ends_while_it_waits_on_the_broker_is_sent_again(
+    proxy: FaultProxy, broker_url: str, unique: str, pending: str, ending: str
+) -> None:
+    # "fin": the broker's side closes in an orderly way (a node shutting down, a load balancer draining).
+    # "no reason": when that FIN reaches aiormq between two frames (seen under load in
+    # test_dropped_and_stalled_connections_lose_no_task), its reader ends without an error and it
+    # closes the connection with no reason, close(None), which fails every pending confirm and RPC
+    # with a bare Exception(). That moment cannot be produced on demand over a socket, so the test
+    # makes the same call.
+    queue = f"q-{unique}"
+    target = queue if pending == "confirm" else f"other-{unique}"  # a queue not yet seen is checked first
+    app = App(f"end-{unique}", broker=proxy.url(broker_url), task_default_queue=queue, publish_timeout_s=30)
+
+    async def scenario() -> None:
+        try:
+            await app.asend_task("fault.record", args=(0,))  # connection, confirm channel and queue are set up
+            connection = await app.runtime().broker.connection()
+            assert proxy.hold_replies() == 1  # one connection per process and event loop
+            sent_before = proxy.bytes_to_broker
+            sending = asyncio.create_task(app.asend_task("fault.record", args=(1,), queue=target))
+            await wait_until(lambda: proxy.bytes_to_broker > sent_before, 10, "the client's request to go out")
+            assert not sending.done()  # the broker's answer is held by the proxy
+            if ending == "fin":
+                proxy.close_links()
+            else:
+                await connection.transport.connection.close(None)
+            assert isinstance(await asyncio.wait_for(sending, 30), AsyncResult)  # sent again and confirmed
+            assert await message_count(broker_url, target) >= 1
+        finally:
+            proxy.resume()
+            await delete(app, {queue, target})
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        app.close()
 
 
 def test_dropped_and_stalled_connections_lose_no_task(

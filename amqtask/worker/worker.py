@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -93,13 +94,10 @@ class Worker:
         """Declare the delay levels and every queue the worker consumes (idempotent)."""
         publisher = self.runtime.publisher
         await publisher.ensure_delays()
-        channel = await self.runtime.broker.channel(confirms=False)
-        try:
-            for spec in self.queues:
-                await topology.declare_queue(self.runtime.broker, spec)
-                await delays.bind_destination(channel, publisher.delay_topology, spec.name)
-        finally:
-            await channel.close()
+        for spec in self.queues:
+            await topology.declare_queue(self.runtime.broker, spec)
+            bind = functools.partial(delays.bind_destination, topology=publisher.delay_topology, queue=spec.name)
+            await self.runtime.broker.run(bind)
 
     # ------------------------------------------------------------------------------------------ running
     async def start(self) -> None:

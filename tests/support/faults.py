@@ -199,18 +199,27 @@ def queue_counts(rabbitmq: TestBroker, vhost: str, node: int = 0) -> dict[str, t
 
 
 async def consumer_count(url: str, queue: str) -> int:
-    """How many consumers the broker has on ``queue``, 0 if it does not exist yet.
+    """How many consumers the broker has on ``queue``, 0 if it does not exist yet."""
+    return (await _declaration(url, queue))[1]
 
-    A passive declare: far cheaper than rabbitmqctl, which boots an Erlang VM per call.
-    """
+
+async def message_count(url: str, queue: str) -> int:
+    """How many messages are ready in ``queue``, 0 if it does not exist yet."""
+    return (await _declaration(url, queue))[0]
+
+
+async def _declaration(url: str, queue: str) -> tuple[int, int]:
+    """``(messages, consumers)`` of ``queue`` by a passive declare: far cheaper than rabbitmqctl, which
+    boots an Erlang VM per call."""
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()
         try:
             declared = await channel.declare_queue(queue, passive=True)
         except aiormq.exceptions.ChannelNotFoundEntity:
-            return 0
-        return int(declared.declaration_result.consumer_count or 0)
+            return 0, 0
+        result = declared.declaration_result
+        return int(result.message_count or 0), int(result.consumer_count or 0)
 
 
 def log_tail(path: Path, lines: int = 60) -> str:

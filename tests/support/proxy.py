@@ -4,9 +4,11 @@ It runs on an event loop in a thread of its own, so synchronous tests, in-proces
 loops and worker subprocesses can all connect through it. :meth:`FaultProxy.drop` resets every open
 link at once (RST on both sides, what a crashed router or a killed load balancer looks like).
 :meth:`FaultProxy.stall` stops forwarding on the open links but keeps their sockets open: neither
-side sees a close, which is a network black hole only heartbeats can detect. Links opened after a
+side sees a close, which is a network black hole only heartbeats can detect; :meth:`FaultProxy.hold_replies`
+does the same to the broker's side only, so what clients send still arrives. Links opened after a
 stall forward normally, so a client that notices the stall can reconnect through the proxy;
-:meth:`FaultProxy.resume` lets the stalled links flow again.
+:meth:`FaultProxy.resume` lets the stalled links flow again. :meth:`FaultProxy.close_links` ends every
+link with an orderly FIN both ways, what a node shutting down or a load balancer draining looks like.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import contextlib
 import socket
 import struct
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -28,8 +30,9 @@ class _Link:
 
     def __init__(self, client: asyncio.StreamWriter, upstream: asyncio.StreamWriter) -> None:
         self.writers = (client, upstream)
-        self.flowing = asyncio.Event()
-        self.flowing.set()
+        self.to_broker, self.to_client = asyncio.Event(), asyncio.Event()
+        self.to_broker.set()
+        self.to_client.set()
         self.pumps: list[asyncio.Task[None]] = []
 
     def reset(self) -> None:
@@ -43,6 +46,14 @@ class _Link:
         for pump in self.pumps:
             pump.cancel()
 
+    def close(self) -> None:
+        """Stop forwarding and close both sockets with an orderly FIN."""
+        for pump in self.pumps:
+            pump.cancel()
+        for writer in self.writers:
+            with contextlib.suppress(Exception):
+                writer.close()
+
 
 class FaultProxy:
     """``FaultProxy(host, port)``: listen on 127.0.0.1 (a free port) and forward to ``host:port``."""
@@ -51,6 +62,8 @@ class FaultProxy:
         self.upstream = (upstream_host, upstream_port)
         self.port = 0
         self.accepted = 0
+        #: Bytes forwarded from clients to the broker so far: tells a test that a client's request went out.
+        self.bytes_to_broker = 0
         self._links: set[_Link] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
         self._loop = asyncio.new_event_loop()
@@ -104,11 +117,19 @@ class FaultProxy:
 
     def stall(self) -> int:
         """Stop forwarding on every open link, keeping its sockets open; returns how many were stalled."""
-        return int(self._call(self._set_flowing(False)))
+        return int(self._call(self._set_flowing(False, both_ways=True)))
+
+    def hold_replies(self) -> int:
+        """Stop forwarding what the broker sends on every open link (clients' frames still arrive)."""
+        return int(self._call(self._set_flowing(False, both_ways=False)))
 
     def resume(self) -> int:
         """Let stalled links forward again; returns how many were resumed."""
-        return int(self._call(self._set_flowing(True)))
+        return int(self._call(self._set_flowing(True, both_ways=True)))
+
+    def close_links(self) -> int:
+        """Close every open link in an orderly way (FIN both ways); returns how many were closed."""
+        return int(self._call(self._close_links()))
 
     # ------------------------------------------------------------------------------------------ inside the loop
     def _call(self, coro: Coroutine[Any, Any, Any]) -> Any:
@@ -133,12 +154,20 @@ class FaultProxy:
         self._links.clear()
         return len(links)
 
-    async def _set_flowing(self, flowing: bool) -> int:
+    async def _close_links(self) -> int:
+        links = list(self._links)
+        for link in links:
+            link.close()
+        self._links.clear()
+        return len(links)
+
+    async def _set_flowing(self, flowing: bool, *, both_ways: bool) -> int:
         for link in self._links:
-            if flowing:
-                link.flowing.set()
-            else:
-                link.flowing.clear()
+            for direction in (link.to_broker, link.to_client) if both_ways else (link.to_client,):
+                if flowing:
+                    direction.set()
+                else:
+                    direction.clear()
         return len(self._links)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -155,27 +184,33 @@ class FaultProxy:
         link = _Link(writer, up_writer)
         self._links.add(link)
         link.pumps = [
-            asyncio.create_task(self._pump(link, reader, up_writer)),
-            asyncio.create_task(self._pump(link, up_reader, writer)),
+            asyncio.create_task(self._pump(link.to_broker, reader, up_writer, self._count_to_broker)),
+            asyncio.create_task(self._pump(link.to_client, up_reader, writer, None)),
         ]
         await asyncio.wait(link.pumps, return_when=asyncio.FIRST_COMPLETED)
         # One side closed (not a stall, not a drop): close the other side in an orderly way.
-        for pump in link.pumps:
-            pump.cancel()
-        for side in link.writers:
-            with contextlib.suppress(Exception):
-                side.close()
+        link.close()
         self._links.discard(link)
 
+    def _count_to_broker(self, size: int) -> None:
+        self.bytes_to_broker += size
+
     @staticmethod
-    async def _pump(link: _Link, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    async def _pump(
+        flowing: asyncio.Event,
+        source: asyncio.StreamReader,
+        sink: asyncio.StreamWriter,
+        count: Callable[[int], None] | None,
+    ) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while True:
                 # A stalled link reads nothing more, so the peers' TCP windows fill up as on a dead path.
-                await link.flowing.wait()
+                await flowing.wait()
                 data = await source.read(_CHUNK)
                 if not data:
                     return
-                await link.flowing.wait()
+                await flowing.wait()
                 sink.write(data)
+                if count is not None:
+                    count(len(data))
                 await sink.drain()
