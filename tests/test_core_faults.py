@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from support.broker import TestBroker
+from support.faults import queue_counts
 from support.workers import queue_depth, running_worker, stop_process, wait_for, worker_process
 
 from amqtask import App, topology
@@ -157,7 +158,8 @@ def test_a_consumer_cancelled_by_the_broker_consumes_again(client: App, unique: 
 
 def test_delayed_tasks_survive_a_broker_restart(private_rabbitmq: TestBroker, unique: str) -> None:
     """A countdown waits in the broker's durable delay levels, so a restart in the meantime loses nothing."""
-    app = App(f"delayed-{unique}", broker=private_rabbitmq.add_vhost(f"d{unique}"), task_default_queue=f"q-{unique}",
+    vhost = f"d{unique}"
+    app = App(f"delayed-{unique}", broker=private_rabbitmq.add_vhost(vhost), task_default_queue=f"q-{unique}",
               publish_timeout_s=60)  # fmt: skip
 
     @app.task(name="fault.stamp")
@@ -169,6 +171,11 @@ def test_delayed_tasks_survive_a_broker_restart(private_rabbitmq: TestBroker, un
         private_rabbitmq.stop_node(0)
         await asyncio.to_thread(private_rabbitmq.start_node, 0)
         async with running_worker(app):
-            assert [await r.aget(timeout=60) for r in sent] == list(range(5))
+            try:
+                assert [await r.aget(timeout=60) for r in sent] == list(range(5))
+            except (AssertionError, TimeoutError):
+                # Where the messages are tells which part failed: a delay level, the queue, or the results.
+                counts = {queue: n for queue, n in queue_counts(private_rabbitmq, vhost).items() if any(n)}
+                raise AssertionError(f"(messages, unacked) per queue: {counts}") from None
 
     asyncio.run(scenario())
