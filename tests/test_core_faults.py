@@ -173,9 +173,9 @@ def test_delayed_tasks_survive_a_broker_restart(private_rabbitmq: TestBroker, un
         async with running_worker(app):
             try:
                 assert [await r.aget(timeout=60) for r in sent] == list(range(5))
-            except (AssertionError, TimeoutError):
+            except (AssertionError, TimeoutError) as exc:
                 # Where the messages are tells which part failed: a delay level, the queue, or the results.
                 counts = {queue: n for queue, n in queue_counts(private_rabbitmq, vhost).items() if any(n)}
-                raise AssertionError(f"(messages, unacked) per queue: {counts}") from None
+                raise AssertionError(f"{exc}; (messages, unacked) per queue: {counts}") from exc
 
     asyncio.run(scenario())
