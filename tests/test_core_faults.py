@@ -75,6 +75,7 @@ def test_sigterm_lets_the_running_task_finish_and_gives_the_rest_back(
 def test_broker_restart_with_worker_and_client_connected_loses_nothing(
     private_rabbitmq: TestBroker, unique: str
 ) -> None:
+    """Tasks sent before, during and after a restart all run; delayed ones wait it out in the delay levels."""
     rabbitmq = private_rabbitmq
     client = App(f"restart-{unique}", broker=rabbitmq.add_vhost(unique), task_default_queue=f"q-{unique}",
                  publish_timeout_s=60)  # fmt: skip
@@ -87,11 +88,18 @@ def test_broker_restart_with_worker_and_client_connected_loses_nothing(
         async with running_worker(client, concurrency=4) as worker:
             before = [await double.adelay(i) for i in range(50)]
             assert [await r.aget(timeout=30) for r in before] == [2 * i for i in range(50)]
+            delayed = [await double.aapply_async((i,), countdown=6, priority=i % 10) for i in range(100, 105)]
             rabbitmq.stop_node(0)
             sending = asyncio.ensure_future(asyncio.gather(*(double.adelay(i) for i in range(50, 100))))
             await asyncio.to_thread(rabbitmq.start_node, 0)
             after = await sending
-            assert [await r.aget(timeout=60) for r in after] == [2 * i for i in range(50, 100)]
+            try:
+                assert [await r.aget(timeout=60) for r in after] == [2 * i for i in range(50, 100)]
+                assert [await r.aget(timeout=60) for r in delayed] == [2 * i for i in range(100, 105)]
+            except (AssertionError, TimeoutError) as exc:
+                # Where the messages are tells which part failed: a delay level, the queue, or the results.
+                counts = {queue: n for queue, n in queue_counts(rabbitmq, unique).items() if any(n)}
+                raise AssertionError(f"{exc}; (messages, unacked) per queue: {counts}") from exc
             assert worker.consumer.consuming.is_set() and worker.consumer.resumptions >= 2
 
     asyncio.run(scenario())
@@ -152,30 +160,5 @@ def test_a_consumer_cancelled_by_the_broker_consumes_again(client: App, unique: 
             while worker.consumer.resumptions == resumptions:  # the worker re-declares and consumes again
                 await asyncio.sleep(0.01)
             assert await (await echo.adelay("after")).aget(timeout=10) == "after"
-
-    asyncio.run(scenario())
-
-
-def test_delayed_tasks_survive_a_broker_restart(private_rabbitmq: TestBroker, unique: str) -> None:
-    """A countdown waits in the broker's durable delay levels, so a restart in the meantime loses nothing."""
-    vhost = f"d{unique}"
-    app = App(f"delayed-{unique}", broker=private_rabbitmq.add_vhost(vhost), task_default_queue=f"q-{unique}",
-              publish_timeout_s=60)  # fmt: skip
-
-    @app.task(name="fault.stamp")
-    def stamp(x: int) -> int:
-        return x
-
-    async def scenario() -> None:
-        sent = await asyncio.gather(*(stamp.aapply_async((i,), countdown=4, priority=i) for i in range(5)))
-        private_rabbitmq.stop_node(0)
-        await asyncio.to_thread(private_rabbitmq.start_node, 0)
-        async with running_worker(app):
-            try:
-                assert [await r.aget(timeout=60) for r in sent] == list(range(5))
-            except (AssertionError, TimeoutError) as exc:
-                # Where the messages are tells which part failed: a delay level, the queue, or the results.
-                counts = {queue: n for queue, n in queue_counts(private_rabbitmq, vhost).items() if any(n)}
-                raise AssertionError(f"{exc}; (messages, unacked) per queue: {counts}") from exc
 
     asyncio.run(scenario())
