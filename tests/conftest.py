@@ -28,8 +28,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if BROKER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        fixtures = getattr(item, "fixturenames", ())
+        if BROKER_FIXTURES.intersection(fixtures):
             item.add_marker(pytest.mark.broker)
+        if item.get_closest_marker("fault"):
+            # The fault pass runs in two processes (--dist loadgroup): tests that stop brokers of their own
+            # (a private node, a cluster) beside those that cut and load the shared one. Each group
+            # runs its tests one at a time, so no fault lands in another test of the same broker.
+            own = "private_rabbitmq" in fixtures or item.get_closest_marker("cluster")
+            item.add_marker(pytest.mark.xdist_group("own-brokers" if own else "shared-broker"))
 
 
 @pytest.fixture(scope="session")
