@@ -113,7 +113,7 @@ class FaultProxy:
 
     def drop(self) -> int:
         """Reset every open link (RST both ways); returns how many were cut."""
-        return int(self._call(self._drop()))
+        return int(self._call(self._end_links(_Link.reset)))
 
     def stall(self) -> int:
         """Stop forwarding on every open link, keeping its sockets open; returns how many were stalled."""
@@ -129,7 +129,7 @@ class FaultProxy:
 
     def close_links(self) -> int:
         """Close every open link in an orderly way (FIN both ways); returns how many were closed."""
-        return int(self._call(self._close_links()))
+        return int(self._call(self._end_links(_Link.close)))
 
     # ------------------------------------------------------------------------------------------ inside the loop
     def _call(self, coro: Coroutine[Any, Any, Any]) -> Any:
@@ -142,22 +142,15 @@ class FaultProxy:
     async def _shutdown(self) -> None:
         if self._server is not None:
             self._server.close()
-        await self._drop()
+        await self._end_links(_Link.reset)
         # Let each connection's handler see its pumps end and close its sockets before the loop stops.
         if self._handlers:
             await asyncio.wait(set(self._handlers), timeout=5)
 
-    async def _drop(self) -> int:
+    async def _end_links(self, end: Callable[[_Link], None]) -> int:
         links = list(self._links)
         for link in links:
-            link.reset()
-        self._links.clear()
-        return len(links)
-
-    async def _close_links(self) -> int:
-        links = list(self._links)
-        for link in links:
-            link.close()
+            end(link)
         self._links.clear()
         return len(links)
 
