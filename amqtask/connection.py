@@ -127,11 +127,7 @@ class Broker:
                 raise_if_cancelled(exc)  # failed by a connection aiormq found stuck
                 lost = exc
             # The connection died between our check and the channel open: wait for the next one.
-            log.debug("channel open failed (%s); waiting for a new connection", _describe(lost))
-            self.connection_lost()
-            await asyncio.sleep(0)
-            if time.monotonic() >= deadline:
-                raise BrokerConnectionError(f"cannot open a channel: {_describe(lost)}") from lost
+            await self._next_connection_or_give_up(lost, deadline, "cannot open a channel")
 
     async def run(self, action: Callable[[AbstractChannel], Awaitable[T]], *, timeout: float | None = None) -> T:
         """``action(channel)`` on a fresh channel without confirms, run again on a new connection if this one goes.
@@ -155,11 +151,16 @@ class Broker:
                 if not channel.is_closed:
                     with contextlib.suppress(*SETTLE_ERRORS):
                         await channel.close()
-            log.debug("broker operation interrupted (%s); trying again on a new connection", _describe(lost))
-            if time.monotonic() >= deadline:
-                raise BrokerConnectionError(f"connection lost during a broker operation: {_describe(lost)}") from lost
-            self.connection_lost()
-            await asyncio.sleep(0)  # let the keeper notice the close before the next channel is asked for
+            await self._next_connection_or_give_up(lost, deadline, "connection lost during a broker operation")
+
+    async def _next_connection_or_give_up(self, lost: BaseException, deadline: float, failure: str) -> None:
+        """After ``lost`` cut an attempt short: raise ``failure`` past ``deadline``, else hand the keeper the
+        dead connection so that the next attempt waits for a new one."""
+        log.debug("%s (%s); trying again on a new connection", failure, _describe(lost))
+        if time.monotonic() >= deadline:
+            raise BrokerConnectionError(f"{failure}: {_describe(lost)}") from lost
+        self.connection_lost()
+        await asyncio.sleep(0)  # let the keeper notice the close before the next channel is asked for
 
     def connection_lost(self) -> None:
         """Tell the keeper the connection is unusable (a heartbeat miss may not have closed it yet)."""
