@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import re
 import time
@@ -25,22 +24,18 @@ from support.broker import BrokerError, TestBroker
 from support.faults import (
     consumer_count,
     declare_sink,
-    kill,
-    log_tail,
     new_ids,
     queue_counts,
     read_sink,
     ready_count,
     send_all,
-    spawn_worker,
-    stop,
     wait_until,
+    worker_processes,
 )
 
 from amqtask import App, AsyncResult
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.cluster, pytest.mark.timeout(180)]
-log = logging.getLogger("faults")
 
 NODES = 3
 TASKS = 5_000
@@ -128,17 +123,8 @@ def test_stopping_the_quorum_leaders_node_loses_no_task(
         finally:
             await client.aclose()
 
-    workers = [spawn_worker(",".join(urls), path, "-c", "8", "-l", "info", env=env) for path in logs]
-    try:
+    with worker_processes(",".join(urls), logs, "-c", "8", "-l", "info", env=env):
         asyncio.run(scenario())
-    except BaseException:
-        for path in logs:
-            log.error("%s:\n%s", path.name, log_tail(path))
-        raise
-    finally:
-        for worker in workers:
-            stop(worker)
-            kill(worker)
 
     runs = asyncio.run(read_sink(survivor(), sink))
     assert set(ids) <= runs.ids(), f"{len(set(ids) - runs.ids())} task(s) never ran"

@@ -10,7 +10,6 @@ is given up within two heartbeat intervals, after which the client reconnects on
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,17 +19,14 @@ from support.broker import TestBroker
 from support.faults import (
     consumer_count,
     declare_sink,
-    kill,
-    log_tail,
     message_count,
     new_ids,
     queue_counts,
     read_sink,
     ready_count,
     send_all,
-    spawn_worker,
-    stop,
     wait_until,
+    worker_processes,
 )
 from support.proxy import FaultProxy
 from support.queues import delete
@@ -39,7 +35,6 @@ from support.workers import running_worker
 from amqtask import App, AsyncResult
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.timeout(120)]
-log = logging.getLogger("faults")
 
 HEARTBEAT_S = 2
 #: Two silent heartbeat intervals, plus aiormq's check period (1 s) and time to reconnect on a loaded host.
@@ -183,17 +178,8 @@ def test_dropped_and_stalled_connections_lose_no_task(
         finally:
             await client.aclose()
 
-    workers = [spawn_worker(url, path, "-c", "8", env=env) for path in logs]
-    try:
+    with worker_processes(url, logs, "-c", "8", env=env):
         asyncio.run(scenario())
-    except BaseException:
-        for path in logs:
-            log.error("%s:\n%s", path.name, log_tail(path))
-        raise
-    finally:
-        for worker in workers:
-            stop(worker)
-            kill(worker)
 
     runs = asyncio.run(read_sink(broker_url, sink))
     assert set(ids) <= runs.ids(), f"{len(set(ids) - runs.ids())} task(s) never ran"

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import inspect
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,8 @@ from amqtask.protocol import READY_STATES
 
 from .broker import TestBroker
 from .workers import TESTS_DIR
+
+log = logging.getLogger("faults")
 
 
 def spawn_worker(broker_url: str, log: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -50,6 +54,25 @@ def spawn_worker(broker_url: str, log: Path, *args: str, env: dict[str, str] | N
             stdin=subprocess.DEVNULL,
             cwd=TESTS_DIR,
         )
+
+
+@contextlib.contextmanager
+def worker_processes(
+    broker_url: str, logs: Sequence[Path], *args: str, env: dict[str, str] | None = None
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """One worker subprocess per log file for the block: their log tails are logged if the block fails,
+    and they are stopped (SIGTERM, then SIGKILL) after it."""
+    workers = [spawn_worker(broker_url, path, *args, env=env) for path in logs]
+    try:
+        yield workers
+    except BaseException:
+        for path in logs:
+            log.error("%s:\n%s", path.name, log_tail(path))
+        raise
+    finally:
+        for worker in workers:
+            stop(worker)
+            kill(worker)
 
 
 def kill(process: subprocess.Popen[bytes]) -> None:
