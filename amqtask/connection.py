@@ -39,6 +39,16 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.IncompleteReadError,
 )
+#: Refusals RabbitMQ sends as a connection close rather than a channel close (quorum queues and 4.3's
+#: deprecated features do): the connection went because of a command of ours. A plain close (320
+#: CONNECTION_FORCED, a node shutting down) is a lost broker instead.
+CONNECTION_REFUSALS: tuple[type[Exception], ...] = (
+    aiormq.exceptions.ConnectionCommandInvalid,
+    aiormq.exceptions.ConnectionNotAllowed,
+    aiormq.exceptions.ConnectionNotImplemented,
+    aiormq.exceptions.ConnectionResourceError,
+    aiormq.exceptions.ConnectionInternalError,
+)
 #: Errors of acking, rejecting or cancelling on a channel that may be gone: never worth more than a log line.
 SETTLE_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, aiormq.exceptions.AMQPError)
 #: Errors after which a consumer's answer is to wait for the connection and consume again.
@@ -300,4 +310,12 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-__all__ = ["CONNECTION_ERRORS", "RECOVERABLE_ERRORS", "SETTLE_ERRORS", "Broker", "raise_if_cancelled", "ssl_context"]
+__all__ = [
+    "CONNECTION_ERRORS",
+    "CONNECTION_REFUSALS",
+    "RECOVERABLE_ERRORS",
+    "SETTLE_ERRORS",
+    "Broker",
+    "raise_if_cancelled",
+    "ssl_context",
+]

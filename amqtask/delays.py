@@ -46,6 +46,7 @@ from typing import Any
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, ExchangeType
 
+from .connection import CONNECTION_REFUSALS
 from .errors import ConfigurationError
 from .topology import translate
 
@@ -59,16 +60,7 @@ MAX_ROUTING_KEY_BYTES = 255
 #: Message TTL on quorum queues arrived in RabbitMQ 3.10, with at-least-once dead-lettering.
 QUORUM_MIN_VERSION = (3, 10)
 
-# Refusals that RabbitMQ sends as a connection close, not a channel close (quorum queues and
-# 4.3's deprecated features do); a plain close (320 CONNECTION_FORCED) is a lost broker.
-_REFUSALS = (
-    aiormq.exceptions.AMQPChannelError,
-    aiormq.exceptions.ConnectionCommandInvalid,
-    aiormq.exceptions.ConnectionNotAllowed,
-    aiormq.exceptions.ConnectionNotImplemented,
-    aiormq.exceptions.ConnectionResourceError,
-    aiormq.exceptions.ConnectionInternalError,
-)
+_REFUSALS: tuple[type[Exception], ...] = (aiormq.exceptions.AMQPChannelError, *CONNECTION_REFUSALS)
 _DEATH_HEADERS = ("x-death",)
 _DEATH_PREFIXES = ("x-first-death-", "x-last-death-")
 

@@ -24,7 +24,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from . import protocol
-from .connection import CONNECTION_ERRORS, SETTLE_ERRORS, Broker, raise_if_cancelled
+from .connection import CONNECTION_ERRORS, CONNECTION_REFUSALS, SETTLE_ERRORS, Broker, raise_if_cancelled
 from .errors import (
     AmqtaskError,
     BrokerConnectionError,
@@ -46,6 +46,9 @@ R = TypeVar("R")
 _LOST_OR_STUCK: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncio.CancelledError)
 log = logging.getLogger("amqtask.result")
 _RESUME_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, AmqtaskError)
+#: First pause after the broker refused the reply queue by closing the connection; it doubles up to the max.
+REFUSAL_PAUSE_S = 0.5
+REFUSAL_PAUSE_MAX_S = 8.0
 _ORDER = {protocol.PENDING: 0, protocol.STARTED: 1, protocol.RETRY: 2}
 
 
@@ -123,16 +126,19 @@ class ResultConsumer:
         self._channel: AbstractChannel | None = None
         self._started_generation = 0
         self._lock = asyncio.Lock()
+        self._wanted = False
         broker.on_reconnect(self._restart)
 
     async def ensure_started(self, timeout: float | None = None) -> None:
-        """Declare the reply queue and consume it (once per connection)."""
-        if self._started_generation == self.broker.generation and self._channel and not self._channel.is_closed:
+        """Declare the reply queue and consume it (once per connection, and after every reconnect from now on)."""
+        self._wanted = True
+        if self._is_started():
             return
         async with self._lock:
-            if self._started_generation == self.broker.generation and self._channel and not self._channel.is_closed:
+            if self._is_started():
                 return
             deadline = time.monotonic() + (self.settings.publish_timeout_s if timeout is None else timeout)
+            refusal_pause = REFUSAL_PAUSE_S
             while True:
                 try:
                     await self._start(max(0.01, deadline - time.monotonic()))
@@ -140,12 +146,28 @@ class ResultConsumer:
                 except _LOST_OR_STUCK as exc:
                     if isinstance(exc, asyncio.CancelledError):
                         raise_if_cancelled(exc)  # only a connection aiormq found stuck
-                    if time.monotonic() >= deadline:
-                        raise BrokerConnectionError(f"cannot consume the reply queue: {exc}") from exc
-                    # The connection went while starting; the next attempt's channel() waits for a new one.
-                    await asyncio.sleep(0.05)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise BrokerConnectionError(f"cannot consume reply queue {self.queue_name}: {exc}") from exc
+                    if isinstance(exc, CONNECTION_REFUSALS):
+                        # RabbitMQ refuses a quorum reply queue it cannot serve (no live member) by closing the
+                        # whole connection: trying again at once would take every channel of the process
+                        # (a worker's task consumers too) down again and again while the queue recovers.
+                        log.warning("the broker refused reply queue %s (%s); trying again in %.1fs",
+                                    self.queue_name, exc, refusal_pause)  # fmt: skip
+                        await asyncio.sleep(min(refusal_pause, remaining))
+                        refusal_pause = min(2 * refusal_pause, REFUSAL_PAUSE_MAX_S)
+                    else:  # the connection went while starting; the next channel() waits for a new one
+                        await asyncio.sleep(0.05)
                 except aiormq.exceptions.AMQPError as exc:  # a refusal: translated at the boundary
                     raise BrokerConnectionError(f"cannot consume reply queue {self.queue_name}: {exc}") from exc
+
+    def _is_started(self) -> bool:
+        return (
+            self._started_generation == self.broker.generation
+            and self._channel is not None
+            and not self._channel.is_closed
+        )
 
     async def _start(self, timeout: float) -> None:
         channel = await self.broker.channel(confirms=False, timeout=timeout)
@@ -166,6 +188,11 @@ class ResultConsumer:
         self._started_generation = 0
 
     async def _restart(self, generation: int) -> None:
+        if not self._wanted or self._lock.locked():
+            # Never wanted: a process that never waited for a result (a worker) has no reply queue to
+            # resume, and declaring one now would only add a queue, made while a cluster may be failing
+            # over. Locked: the start under way consumes on the newest connection by itself.
+            return
         try:
             await self.ensure_started(self.settings.publish_timeout_s)
         except _RESUME_ERRORS as exc:

@@ -8,12 +8,13 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import aio_pika
 import pytest
 from support.broker import TestBroker
-from support.faults import queue_counts
+from support.faults import queue_counts, wait_until
 from support.workers import queue_depth, running_worker, stop_process, wait_for, worker_process
 
-from amqtask import App, topology
+from amqtask import App, BrokerConnectionError, topology
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault]
 
@@ -160,5 +161,84 @@ def test_a_consumer_cancelled_by_the_broker_consumes_again(client: App, unique: 
             while worker.consumer.resumptions == resumptions:  # the worker re-declares and consumes again
                 await asyncio.sleep(0.01)
             assert await (await echo.adelay("after")).aget(timeout=10) == "after"
+
+    asyncio.run(scenario())
+
+
+def _quorum_member(rabbitmq: TestBroker, vhost: str, queue: str, action: str) -> None:
+    """Stop or restart the (single-node) broker's Raft member of quorum queue ``queue``: what a quorum
+    queue that lost its members looks like to a client (RabbitMQ refuses to let it be consumed)."""
+    erlang = (
+        f'{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"{vhost}">>, queue, <<"{queue}">>)),'
+        f"{{Name, _}} = amqqueue:get_pid(Q), ra:{action}(quorum_queues, {{Name, node()}})."
+    )
+    assert rabbitmq.ctl("eval", erlang).strip() == "ok"
+
+
+async def _declare_as_a_reply_queue(url: str, app: App) -> None:
+    """Declare ``app``'s reply queue as its result consumer would on a cluster (durable, quorum, x-expires)."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        arguments = {"x-expires": app.conf.result_expires_s * 1000, "x-queue-type": "quorum"}
+        await channel.declare_queue(app.reply_queue, durable=True, arguments=arguments)
+
+
+def test_a_worker_that_waits_for_no_result_declares_no_reply_queue_when_it_reconnects(
+    client: App, rabbitmq: TestBroker, broker_vhost: str, broker_url: str, unique: str
+) -> None:
+    """A reply queue declared by every worker on every reconnect is one more queue made mid-fail-over,
+    which on a 4.3 cluster could be one RabbitMQ then refused to serve, closing the worker's connection."""
+    worker_app = App(f"worker-{unique}", broker=broker_url, task_default_queue=f"q-{unique}")
+
+    @worker_app.task(name="fault.echo_back")
+    def echo_back(x: str) -> str:
+        return x
+
+    async def scenario() -> None:
+        async with running_worker(worker_app) as worker:
+            assert await (await client.asend_task("fault.echo_back", ("before",))).aget(timeout=10) == "before"
+            broker = worker_app.runtime().broker
+            generation, resumptions = broker.generation, worker.consumer.resumptions
+            rabbitmq.ctl("close_all_connections", "-p", broker_vhost, "test cut")
+            await wait_until(lambda: worker.consumer.resumptions > resumptions, 30, "the worker consuming again")
+            assert broker.generation > generation
+            await asyncio.gather(*broker._listener_tasks)  # whatever the reconnect set off has finished
+            assert await (await client.asend_task("fault.echo_back", ("after",))).aget(timeout=10) == "after"
+        queues = queue_counts(rabbitmq, broker_vhost)
+        assert client.reply_queue in queues and worker_app.reply_queue not in queues
+
+    asyncio.run(scenario())
+
+
+def test_a_reply_queue_the_broker_refuses_is_tried_again_with_pauses_until_it_serves_again(
+    rabbitmq: TestBroker, broker_vhost: str, broker_url: str, unique: str
+) -> None:
+    """RabbitMQ refuses to let a quorum queue without a live member be consumed by closing the whole
+    connection: a client trying again at once would take its connection, and every channel on it, down
+    over and over. It pauses (0.5 s, doubling), gives up with an error naming the queue, and consumes
+    again once the queue is served."""
+    # Several broker URLs (here twice the same node) make the reply queue a quorum queue.
+    client = App(f"client-{unique}", broker=[broker_url, broker_url], task_default_queue=f"q-{unique}")
+    worker_app = App(f"worker-{unique}", broker=broker_url, task_default_queue=f"q-{unique}")
+
+    @worker_app.task(name="fault.echo_back")
+    def echo_back(x: str) -> str:
+        return x
+
+    async def scenario() -> None:
+        runtime = client.runtime()
+        await _declare_as_a_reply_queue(broker_url, client)
+        _quorum_member(rabbitmq, broker_vhost, client.reply_queue, "stop_server")
+        await runtime.broker.connection()
+        generation = runtime.broker.generation
+        with pytest.raises(BrokerConnectionError, match=rf"reply queue {client.reply_queue}: .*INTERNAL_ERROR"):
+            await runtime.results.ensure_started(timeout=3)
+        # Tries at 0, 0.5, 1.5 and 3 s at the most, each costing one connection (before: one every 0.05 s).
+        assert runtime.broker.generation - generation <= 4
+        _quorum_member(rabbitmq, broker_vhost, client.reply_queue, "restart_server")
+        async with running_worker(worker_app):
+            assert await (await client.asend_task("fault.echo_back", ("served",))).aget(timeout=30) == "served"
+        await client.aclose()
 
     asyncio.run(scenario())
