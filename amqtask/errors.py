@@ -79,6 +79,10 @@ class TaskNotRegisteredError(AmqtaskError):
     """A message names a task this worker does not know."""
 
 
+class NotRegistered(Exception):
+    """What a worker reports to the caller of a task it does not know (Celery's name, which its callers look for)."""
+
+
 class TimeoutError(AmqtaskError):
     """A result did not arrive within the given time."""
 

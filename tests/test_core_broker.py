@@ -249,8 +249,9 @@ def test_unknown_task_is_dead_lettered_and_the_caller_told(app: App, broker_url:
     async def scenario() -> None:
         async with running_worker(app):
             result = await app.asend_task("t.nope", (1,))
-            with pytest.raises(amqtask.RemoteTaskError, match="not registered"):
+            with pytest.raises(amqtask.RemoteTaskError, match="not registered") as raised:
                 await result.aget(timeout=10)
+            assert raised.value.exc_type == "NotRegistered"  # Celery's name: its callers look for it
             dead = await get_raw(broker_url, f"{queue}.dlq")
             assert dead.headers["x-amqtask-reason"] == "unknown-task"
             assert dead.headers["task"] == "t.nope"

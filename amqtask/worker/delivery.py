@@ -19,7 +19,16 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from .. import delays, protocol, serializers
 from ..connection import SETTLE_ERRORS
-from ..errors import AmqtaskError, MessageError, Reject, Retry, Revoked, SerializationError, TaskRevokedError
+from ..errors import (
+    AmqtaskError,
+    MessageError,
+    NotRegistered,
+    Reject,
+    Retry,
+    Revoked,
+    SerializationError,
+    TaskRevokedError,
+)
 from ..failures import encode_exception, format_traceback
 from ..producer import HeadersTooLargeError
 from ..protocol import ResultMessage, TaskMessage, WireMessage
@@ -77,7 +86,7 @@ class DeliveryHandler:
         task = self.app.tasks.get(msg.task)
         if task is None:
             error = f"task {msg.task!r} is not registered on this worker"
-            unregistered = _Unregistered(error)
+            unregistered = NotRegistered(error)
             report = self.failure(msg, unregistered, None)
             await self.fail_follow_ups(msg, unregistered, report)
             await self.reply(msg, wire, report)
@@ -319,13 +328,6 @@ class DeliveryHandler:
         """Give a delivery back unprocessed (nack + requeue, which does not count against a delivery limit)."""
         with contextlib.suppress(*SETTLE_ERRORS):
             await message.nack(requeue=True)
-
-
-class _Unregistered(Exception):
-    pass
-
-
-_Unregistered.__name__ = _Unregistered.__qualname__ = "NotRegistered"
 
 
 def _stripped(wire: WireMessage) -> WireMessage:
