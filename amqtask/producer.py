@@ -85,6 +85,10 @@ def to_amqp(wire: WireMessage) -> aio_pika.Message:
         correlation_id=wire.correlation_id,
         reply_to=wire.reply_to,
         expiration=int(wire.expiration) / 1000 if wire.expiration else None,
+        message_id=wire.message_id,
+        timestamp=wire.timestamp,
+        app_id=wire.app_id,
+        type=wire.type,
     )
 
 

@@ -46,6 +46,12 @@ class WireMessage:
     correlation_id: str | None = None
     reply_to: str | None = None
     expiration: str | None = None
+    # Kept when a worker copies a message (dead-letter queue, replay) so the copy still says where it came
+    # from; amqtask's own task messages leave them unset, as Celery's do.
+    message_id: str | None = None
+    timestamp: dt.datetime | None = None
+    app_id: str | None = None
+    type: str | None = None
 
 
 @dataclass

@@ -5,10 +5,12 @@ queues bound poison messages with their delivery limit, and ``amqtask dlq`` wrap
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import aio_pika
 import broker_tasks
 import pytest
 from support.broker import TestBroker
@@ -16,6 +18,8 @@ from support.queues import QueueStats, delete, eventually, run_cli
 from support.workers import get_raw, running_worker, stop_process, worker_process
 
 from amqtask import App, Reject, TopologyNotFoundError, Worker, dlq, topology
+from amqtask.protocol import TaskMessage, encode_task
+from amqtask.serializers import JSON
 
 pytestmark = pytest.mark.broker
 
@@ -92,6 +96,51 @@ def test_replay_sends_messages_back_clean_and_they_run_again(app: App, broker_ur
 
                 await eventually(both_ran, what="the replayed tasks to run")
             assert (await dlq.inspect(app, queue)).count == 0
+        finally:
+            await delete(app, [queue])
+            await app.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_dead_lettered_copy_and_its_replay_keep_the_senders_properties(app: App, broker_url: str) -> None:
+    """Producers other than Celery (the protocol's ports, hand-written publishers) may set these AMQP
+    properties; the dead-letter copy, and the message replayed from it, still say where it came from."""
+    queue = app.conf.task_default_queue
+
+    @app.task(name="dlq.refuse")
+    def refuse() -> None:
+        raise ValueError("refused")
+
+    sent_at = dt.datetime(2026, 11, 22, 3, 0, 1, tzinfo=dt.timezone.utc)  # AMQP timestamps are whole seconds
+
+    def sent_by_hand(message_id: str) -> aio_pika.Message:
+        wire = encode_task(TaskMessage(task="dlq.refuse", id=message_id), JSON)
+        return aio_pika.Message(wire.body, headers=wire.headers, content_type=wire.content_type,
+                                message_id=message_id, timestamp=sent_at, app_id="billing", type="invoice")  # fmt: skip
+
+    def kept(message: aio_pika.abc.AbstractIncomingMessage, message_id: str) -> None:
+        assert (message.message_id, message.app_id, message.type) == (message_id, "billing", "invoice")
+        assert message.timestamp is not None and message.timestamp.timestamp() == sent_at.timestamp()
+
+    async def scenario() -> None:
+        try:
+            async with running_worker(app, queues=[queue]):
+                connection = await aio_pika.connect(broker_url)
+                async with connection:
+                    channel = await connection.channel()
+                    for message_id in ("m-copy", "m-replay"):
+                        await channel.default_exchange.publish(sent_by_hand(message_id), routing_key=queue)
+
+                async def both_dead_lettered() -> bool:
+                    return (await dlq.inspect(app, queue)).count == 2
+
+                await eventually(both_dead_lettered, what="both messages in the dead-letter queue")
+            copy = await get_raw(broker_url, queue + ".dlq")  # either one: two threads dead-lettered them
+            kept(copy, str(copy.headers["id"]))
+            other = "m-replay" if copy.headers["id"] == "m-copy" else "m-copy"
+            assert (await dlq.replay(app, queue)).replayed == [other]
+            kept(await get_raw(broker_url, queue), other)
         finally:
             await delete(app, [queue])
             await app.aclose()

@@ -56,6 +56,10 @@ def wire_of(message: AbstractIncomingMessage) -> WireMessage:
         priority=message.priority,
         correlation_id=message.correlation_id,
         reply_to=message.reply_to,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        app_id=message.app_id,
+        type=message.type,
     )
 
 
