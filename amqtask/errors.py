@@ -87,6 +87,14 @@ class TimeoutError(AmqtaskError):
     """A result did not arrive within the given time."""
 
 
+class TimeLimitExceeded(AmqtaskError):
+    """A task ran longer than its hard time limit (``time_limit``)."""
+
+
+class SoftTimeLimitExceeded(AmqtaskError):
+    """Raised inside a task that ran longer than its soft time limit (``soft_time_limit``): catch it to clean up."""
+
+
 class TaskRevokedError(AmqtaskError):
     """The task was revoked or expired before it ran."""
 

@@ -152,9 +152,12 @@ class DeliveryHandler:
             )
             await self.reply(msg, wire, started)
         time_limit = msg.time_limit or task.options.get("time_limit") or self.app.conf.task_time_limit
+        soft_time_limit = (
+            msg.soft_time_limit or task.options.get("soft_time_limit") or self.app.conf.task_soft_time_limit
+        )
         try:
             with self.worker.tracking(msg):
-                value = await self.worker.executor.run(task, request, time_limit)
+                value = await self.worker.executor.run(task, request, time_limit, soft_time_limit)
         except Retry as exc:
             await self.retry(message, queue, msg, wire, exc)
         except Reject as exc:

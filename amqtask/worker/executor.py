@@ -1,25 +1,31 @@
 """Running one task: ``async def`` tasks on the worker's event loop, plain ones in a thread pool.
 
 The request context (``self.request``) is a context variable, set around the call; for threads the
-context is copied into the thread explicitly, since ``run_in_executor`` does not. A hard time limit
-(``time_limit``) stops waiting for the task and fails it; an async task is cancelled, a thread cannot
-be killed in Python, so a sync task that overruns keeps its thread until it returns (documented).
+context is copied into the thread explicitly, since ``run_in_executor`` does not.
+
+Time limits, as Celery has them. The soft limit (``soft_time_limit``) raises
+:class:`~amqtask.errors.SoftTimeLimitExceeded` inside a plain task, delivered to its thread as an
+asynchronous exception (so at the thread's next Python instruction: a blocking C call, such as a long
+``time.sleep`` or socket read, ends first); an ``async def`` task is cancelled instead, and if the
+cancellation ends it, it fails with ``SoftTimeLimitExceeded``. Either can catch it and clean up. The
+hard limit (``time_limit``) stops waiting for the task and fails it with
+:class:`~amqtask.errors.TimeLimitExceeded`: an async task is cancelled, a thread cannot be killed in
+Python, so a plain task that ignores its soft limit keeps its thread until it returns (documented).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import ctypes
 import functools
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..errors import AmqtaskError
+from ..errors import SoftTimeLimitExceeded, TimeLimitExceeded
 from ..task import Request, Task, current_request
-
-
-class TimeLimitExceeded(AmqtaskError):
-    """A task ran longer than its hard time limit."""
 
 
 class Executor:
@@ -28,27 +34,109 @@ class Executor:
     def __init__(self, concurrency: int) -> None:
         self.threads = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="amqtask-task")
 
-    async def run(self, task: Task[Any, Any], request: Request, time_limit: float | None) -> Any:
+    async def run(
+        self, task: Task[Any, Any], request: Request, time_limit: float | None, soft_time_limit: float | None = None
+    ) -> Any:
         """Call the task with the request's arguments and return its result (or raise its exception)."""
         token = current_request.set(request)
+        loop = asyncio.get_running_loop()
+        soft = _SoftLimit(f"task {task.name}[{request.id}] exceeded its soft time limit of {soft_time_limit or 0:g}s")
+        call: asyncio.Future[Any]
         try:
             if task.is_async:
-                call = task(*request.args, **request.kwargs)
+                call = asyncio.ensure_future(task(*request.args, **request.kwargs))
+                soft.on_expiry(call.cancel)
             else:
                 context = contextvars.copy_context()
-                fn = functools.partial(context.run, task, *request.args, **request.kwargs)
-                call = asyncio.get_running_loop().run_in_executor(self.threads, fn)
-            if time_limit:
-                try:
-                    return await asyncio.wait_for(call, time_limit)
-                except asyncio.TimeoutError:
-                    raise TimeLimitExceeded(
-                        f"task {task.name}[{request.id}] exceeded its time limit of {time_limit}s"
-                    ) from None
-            return await call
+                interruptible = _Interruptible(functools.partial(context.run, task, *request.args, **request.kwargs))
+                call = loop.run_in_executor(self.threads, interruptible)
+                soft.on_expiry(interruptible.interrupt)
+            if soft_time_limit:
+                soft.timer = loop.call_later(soft_time_limit, soft.expire)
+            try:
+                return await asyncio.wait_for(soft.outcome(call), time_limit or None)
+            except asyncio.TimeoutError:
+                raise TimeLimitExceeded(
+                    f"task {task.name}[{request.id}] exceeded its time limit of {time_limit or 0:g}s"
+                ) from None
         finally:
+            if soft.timer is not None:
+                soft.timer.cancel()
             current_request.reset(token)
 
     def shutdown(self) -> None:
         """Release the thread pool without waiting for threads still running."""
         self.threads.shutdown(wait=False, cancel_futures=True)
+
+
+class _SoftLimit:
+    """One call's soft time limit: what to do when it expires, and what the call's end then means."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.timer: asyncio.TimerHandle | None = None
+        self.expired = False
+        self._action: Callable[[], object] = lambda: None
+
+    def on_expiry(self, action: Callable[[], object]) -> None:
+        self._action = action
+
+    def expire(self) -> None:
+        self.expired = True
+        self._action()
+
+    async def outcome(self, call: asyncio.Future[Any]) -> Any:
+        """The call's result; a call the soft limit ended raises :class:`SoftTimeLimitExceeded`."""
+        try:
+            # Shielded, so that a hard limit (wait_for) cancels an async task only through the finally below.
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            if self.expired and call.cancelled():  # the async task let the soft limit's cancellation end it
+                raise SoftTimeLimitExceeded(self.message) from None
+            raise
+        except SoftTimeLimitExceeded as exc:
+            if exc.args:
+                raise
+            raise SoftTimeLimitExceeded(self.message) from None  # raised in the thread, without words
+        finally:
+            if not call.done():
+                call.cancel()
+
+
+class _Interruptible:
+    """A function run in a pool thread that a soft limit can interrupt with :class:`SoftTimeLimitExceeded`.
+
+    The exception is only ever set while the function runs, and one still pending when it returns is
+    withdrawn, so it can never land in the pool's own code or in the thread's next task.
+    """
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._fn = fn
+        self._lock = threading.Lock()
+        self._thread: int | None = None
+        self._interrupted = False
+
+    def __call__(self) -> Any:
+        with self._lock:
+            self._thread = threading.get_ident()
+        try:
+            return self._fn()
+        finally:
+            with self._lock:
+                if self._interrupted:
+                    _async_exception(self._thread, None)
+                self._thread = None
+
+    def interrupt(self) -> None:
+        with self._lock:
+            if self._thread is not None and not self._interrupted:
+                self._interrupted = True
+                _async_exception(self._thread, SoftTimeLimitExceeded)
+
+
+def _async_exception(thread: int | None, exc_type: type[BaseException] | None) -> None:
+    """Raise ``exc_type`` in ``thread`` at its next Python instruction (CPython's documented
+    ``PyThreadState_SetAsyncExc``); ``None`` withdraws one not raised yet."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread or 0), ctypes.py_object(exc_type) if exc_type is not None else None
+    )

@@ -1,0 +1,131 @@
+"""Time limits on a real worker: the soft limit raises SoftTimeLimitExceeded in the task (which may catch
+it and clean up), the hard limit fails the task with TimeLimitExceeded; both for plain and async tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from support.workers import running_worker
+
+from amqtask import App, RemoteTaskError, SoftTimeLimitExceeded
+
+pytestmark = pytest.mark.broker
+
+SOFT = 0.2
+
+
+released = threading.Event()  # set at teardown: a thread past its hard limit runs on until it returns
+
+
+def cleans_up() -> str:
+    try:
+        while True:  # busy Python code, interruptible at any instruction
+            time.sleep(0.01)
+    except SoftTimeLimitExceeded:
+        return "cleaned up"
+
+
+def overruns() -> None:
+    while True:
+        time.sleep(0.01)
+
+
+def ignores_soft() -> str:
+    while True:
+        try:
+            if released.wait(0.01):
+                return "released"
+        except SoftTimeLimitExceeded:
+            pass
+
+
+def thread_name() -> str:
+    return threading.current_thread().name
+
+
+async def async_cleans_up() -> str:
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        return "cleaned up"
+    return "never"
+
+
+async def async_overruns() -> None:
+    await asyncio.Event().wait()
+
+
+TASKS: dict[str, tuple[Callable[[], object], dict[str, float]]] = {
+    "limits.cleans_up": (cleans_up, {"soft_time_limit": SOFT}),
+    "limits.overruns": (overruns, {"soft_time_limit": SOFT}),
+    "limits.ignores_soft": (ignores_soft, {"soft_time_limit": SOFT, "time_limit": 2 * SOFT}),
+    "limits.thread_name": (thread_name, {}),
+    "limits.async_cleans_up": (async_cleans_up, {"soft_time_limit": SOFT}),
+    "limits.async_overruns": (async_overruns, {"soft_time_limit": SOFT}),
+    "limits.async_hard": (async_overruns, {"time_limit": SOFT}),
+}
+
+
+@pytest.fixture
+def app(broker_url: str, unique: str) -> Iterator[App]:
+    application = App(f"limits-{unique}", broker=broker_url, task_default_queue=f"q-{unique}")
+    for name, (fn, limits) in TASKS.items():
+        application.task(name=name, **limits)(fn)
+    released.clear()
+    yield application
+    released.set()
+    application.close()
+
+
+def _outcome(app: App, name: str, **options: object) -> object:
+    async def scenario() -> object:
+        async with running_worker(app, concurrency=1):
+            result = await app.asend_task(name, **options)
+            try:
+                return await result.aget(timeout=30)
+            except RemoteTaskError as exc:
+                return exc
+
+    return asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("name", ["limits.cleans_up", "limits.async_cleans_up"])
+def test_a_task_that_catches_its_soft_limit_cleans_up_and_returns(app: App, name: str) -> None:
+    assert _outcome(app, name) == "cleaned up"
+
+
+@pytest.mark.parametrize("name", ["limits.overruns", "limits.async_overruns"])
+def test_a_task_that_does_not_catch_its_soft_limit_fails_with_it(app: App, name: str) -> None:
+    error = _outcome(app, name)
+    assert isinstance(error, RemoteTaskError) and error.exc_type == "SoftTimeLimitExceeded"
+    assert f"soft time limit of {SOFT}s" in str(error)
+
+
+def test_the_soft_limit_frees_the_thread_for_the_next_task(app: App) -> None:
+    """Unlike a hard limit, which cannot stop a thread: after the soft limit the one thread serves again."""
+
+    async def scenario() -> None:
+        async with running_worker(app, concurrency=1):
+            overrun = await app.asend_task("limits.overruns")
+            after = await app.asend_task("limits.thread_name")
+            with pytest.raises(RemoteTaskError, match="soft time limit"):
+                await overrun.aget(timeout=30)
+            assert (await after.aget(timeout=30)).startswith("amqtask-task")
+
+    asyncio.run(scenario())
+
+
+def test_the_soft_limit_sent_with_the_call_wins_over_the_tasks(app: App) -> None:
+    error = _outcome(app, "limits.async_overruns", soft_time_limit=2 * SOFT)
+    assert isinstance(error, RemoteTaskError) and f"soft time limit of {2 * SOFT}s" in str(error)
+
+
+@pytest.mark.parametrize("name", ["limits.ignores_soft", "limits.async_hard"])
+def test_the_hard_limit_fails_a_task_that_runs_past_it(app: App, name: str) -> None:
+    error = _outcome(app, name)
+    assert isinstance(error, RemoteTaskError) and error.exc_type == "TimeLimitExceeded"
+    assert "exceeded its time limit" in str(error)
