@@ -125,8 +125,9 @@ def flatten(replies: Sequence[dict[str, Any]]) -> dict[str, Any]:
 class Control:
     """Remote control of the workers: ``app.control.ping()``, ``app.control.inspect().stats()``, revokes.
 
-    Every method has an ``a``-prefixed twin for async code. Requests are JSON, whatever the task
-    serializer, because Celery workers accept only JSON control messages by default.
+    Every method has an ``a``-prefixed twin for async code. Requests are encoded with
+    ``control_serializer`` (JSON by default, whatever the task serializer: Celery workers accept only
+    JSON by default; a Celery worker that accepts only msgpack needs ``control_serializer="msgpack"``).
     """
 
     def __init__(self, app: App) -> None:
@@ -179,7 +180,7 @@ class Control:
             # Celery sends a double; pamqp writes every Python float as a 32-bit float, which at epoch
             # magnitudes is 128 s coarse. Whole seconds, rounded up, keep the request alive long enough.
             headers = {"clock": self.clock.forward(), "expires": math.ceil(time.time() + timeout)}
-            wire = encode_message(body, headers, serializers.JSON, reply=False)
+            wire = encode_message(body, headers, serializers.codec(self.app.conf.control_serializer), reply=False)
             # Not mandatory: with no worker on the vhost the request reaches no queue, and that is an
             # empty answer, not an error.
             await runtime.publisher.publish(wire, EXCHANGE, "", mandatory=False)

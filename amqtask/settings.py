@@ -137,6 +137,9 @@ SPECS: dict[str, Spec] = {
     "task_default_priority": Spec(None, _number(0, integer=True, allow_none=True), "priority of tasks without one"),
     "task_serializer": Spec("msgpack", _serializer, "body encoding of task messages: msgpack or json"),
     "result_serializer": Spec(None, _opt_serializer, "encoding of results; default: the task message's own"),
+    "control_serializer": Spec(
+        "json", _serializer, "encoding of remote-control requests: json (all a Celery worker accepts by default)"
+    ),
     "accept_content": Spec(("msgpack", "json"), _str_list, "encodings a worker accepts"),
     "result_accept_content": Spec(("msgpack", "json"), _str_list, "encodings a client accepts in results"),
     "task_ignore_result": Spec(False, _bool, "send no results unless a task asks for them"),

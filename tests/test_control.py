@@ -181,11 +181,13 @@ def test_flatten_and_human_output() -> None:
 
 
 @pytest.mark.broker
-def test_ping_reaches_every_worker(broker_url: str, unique: str) -> None:
+@pytest.mark.parametrize("control_serializer", ["json", "msgpack"])
+def test_ping_reaches_every_worker(broker_url: str, unique: str, control_serializer: str) -> None:
     a, b = f"{unique}-a@ctl", f"{unique}-b@ctl"
 
     async def scenario() -> None:
         client = make_app(broker_url, unique, "client")
+        client.conf.update({"control_serializer": control_serializer})
         async with running(make_app(broker_url, unique), a), running(make_app(broker_url, unique), b):
             broadcast = await client.control.aping(timeout=1.0)
             assert ours(broadcast, a, b) == {a: {"ok": "pong"}, b: {"ok": "pong"}}
