@@ -11,14 +11,14 @@ from collections.abc import Callable, Iterator
 import pytest
 from support.workers import running_worker
 
-from amqtask import App, RemoteTaskError, SoftTimeLimitExceeded
+from amqtask import App, RemoteTaskError, SoftTimeLimitExceeded, TimeLimitExceeded
 
 pytestmark = pytest.mark.broker
 
 SOFT = 0.2
 
 
-released = threading.Event()  # set at teardown: a thread past its hard limit runs on until it returns
+released = threading.Event()  # set at teardown: a thread that ignores both limits runs on until it returns
 
 
 def cleans_up() -> str:
@@ -43,6 +43,15 @@ def ignores_soft() -> str:
             pass
 
 
+def ignores_both() -> str:
+    while True:
+        try:
+            if released.wait(0.01):
+                return "released"
+        except (SoftTimeLimitExceeded, TimeLimitExceeded):
+            pass
+
+
 def thread_name() -> str:
     return threading.current_thread().name
 
@@ -63,6 +72,7 @@ TASKS: dict[str, tuple[Callable[[], object], dict[str, float]]] = {
     "limits.cleans_up": (cleans_up, {"soft_time_limit": SOFT}),
     "limits.overruns": (overruns, {"soft_time_limit": SOFT}),
     "limits.ignores_soft": (ignores_soft, {"soft_time_limit": SOFT, "time_limit": 2 * SOFT}),
+    "limits.ignores_both": (ignores_both, {"soft_time_limit": SOFT, "time_limit": 2 * SOFT}),
     "limits.thread_name": (thread_name, {}),
     "limits.async_cleans_up": (async_cleans_up, {"soft_time_limit": SOFT}),
     "limits.async_overruns": (async_overruns, {"soft_time_limit": SOFT}),
@@ -105,15 +115,33 @@ def test_a_task_that_does_not_catch_its_soft_limit_fails_with_it(app: App, name:
     assert f"soft time limit of {SOFT}s" in str(error)
 
 
-def test_the_soft_limit_frees_the_thread_for_the_next_task(app: App) -> None:
-    """Unlike a hard limit, which cannot stop a thread: after the soft limit the one thread serves again."""
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [("limits.overruns", "exceeded its soft time limit"), ("limits.ignores_soft", "exceeded its time limit")],
+)
+def test_a_limit_frees_the_thread_for_the_next_task(app: App, name: str, error: str) -> None:
+    """A thread cannot be killed, but the exception raised in it ends a task that does not catch it."""
 
     async def scenario() -> None:
         async with running_worker(app, concurrency=1):
-            overrun = await app.asend_task("limits.overruns")
+            overrun = await app.asend_task(name)
             after = await app.asend_task("limits.thread_name")
-            with pytest.raises(RemoteTaskError, match="soft time limit"):
+            with pytest.raises(RemoteTaskError, match=error):
                 await overrun.aget(timeout=30)
+            assert (await after.aget(timeout=30)).startswith("amqtask-task")
+
+    asyncio.run(scenario())
+
+
+def test_a_task_that_catches_both_limits_keeps_its_thread(app: App) -> None:
+    async def scenario() -> None:
+        async with running_worker(app, concurrency=1):
+            stubborn = await app.asend_task("limits.ignores_both")
+            after = await app.asend_task("limits.thread_name")
+            with pytest.raises(RemoteTaskError, match="exceeded its time limit"):
+                await stubborn.aget(timeout=30)
+            assert not after.ready()  # the one thread is still taken
+            released.set()
             assert (await after.aget(timeout=30)).startswith("amqtask-task")
 
     asyncio.run(scenario())

@@ -9,8 +9,9 @@ asynchronous exception (so at the thread's next Python instruction: a blocking C
 ``time.sleep`` or socket read, ends first); an ``async def`` task is cancelled instead, and if the
 cancellation ends it, it fails with ``SoftTimeLimitExceeded``. Either can catch it and clean up. The
 hard limit (``time_limit``) stops waiting for the task and fails it with
-:class:`~amqtask.errors.TimeLimitExceeded`: an async task is cancelled, a thread cannot be killed in
-Python, so a plain task that ignores its soft limit keeps its thread until it returns (documented).
+:class:`~amqtask.errors.TimeLimitExceeded`: an async task is cancelled, and a plain task's thread gets
+``TimeLimitExceeded`` raised the same way. A thread cannot be killed in Python, so a plain task that
+catches that too, or is stuck in a C call, keeps its thread until it returns (documented).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Executor:
         loop = asyncio.get_running_loop()
         soft = _SoftLimit(f"task {task.name}[{request.id}] exceeded its soft time limit of {soft_time_limit or 0:g}s")
         call: asyncio.Future[Any]
+        interruptible: _Interruptible | None = None
         try:
             if task.is_async:
                 call = asyncio.ensure_future(task(*request.args, **request.kwargs))
@@ -50,12 +52,14 @@ class Executor:
                 context = contextvars.copy_context()
                 interruptible = _Interruptible(functools.partial(context.run, task, *request.args, **request.kwargs))
                 call = loop.run_in_executor(self.threads, interruptible)
-                soft.on_expiry(interruptible.interrupt)
+                soft.on_expiry(functools.partial(interruptible.interrupt, SoftTimeLimitExceeded))
             if soft_time_limit:
                 soft.timer = loop.call_later(soft_time_limit, soft.expire)
             try:
                 return await asyncio.wait_for(soft.outcome(call), time_limit or None)
             except asyncio.TimeoutError:
+                if interruptible is not None:  # an async task was cancelled; ask the thread to end too
+                    interruptible.interrupt(TimeLimitExceeded)
                 raise TimeLimitExceeded(
                     f"task {task.name}[{request.id}] exceeded its time limit of {time_limit or 0:g}s"
                 ) from None
@@ -127,11 +131,12 @@ class _Interruptible:
                     _async_exception(self._thread, None)
                 self._thread = None
 
-    def interrupt(self) -> None:
+    def interrupt(self, exc_type: type[BaseException]) -> None:
+        """Raise ``exc_type`` in the thread, if the function still runs there."""
         with self._lock:
-            if self._thread is not None and not self._interrupted:
+            if self._thread is not None:
                 self._interrupted = True
-                _async_exception(self._thread, SoftTimeLimitExceeded)
+                _async_exception(self._thread, exc_type)
 
 
 def _async_exception(thread: int | None, exc_type: type[BaseException] | None) -> None:
