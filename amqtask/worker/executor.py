@@ -40,32 +40,20 @@ class Executor:
     ) -> Any:
         """Call the task with the request's arguments and return its result (or raise its exception)."""
         token = current_request.set(request)
-        loop = asyncio.get_running_loop()
-        soft = _SoftLimit(f"task {task.name}[{request.id}] exceeded its soft time limit of {soft_time_limit or 0:g}s")
-        call: asyncio.Future[Any]
-        interruptible: _Interruptible | None = None
         try:
             if task.is_async:
-                call = asyncio.ensure_future(task(*request.args, **request.kwargs))
-                soft.on_expiry(call.cancel)
-            else:
-                context = contextvars.copy_context()
-                interruptible = _Interruptible(functools.partial(context.run, task, *request.args, **request.kwargs))
-                call = loop.run_in_executor(self.threads, interruptible)
-                soft.on_expiry(functools.partial(interruptible.interrupt, SoftTimeLimitExceeded))
-            if soft_time_limit:
-                soft.timer = loop.call_later(soft_time_limit, soft.expire)
-            try:
-                return await asyncio.wait_for(soft.outcome(call), time_limit or None)
-            except asyncio.TimeoutError:
-                if interruptible is not None:  # an async task was cancelled; ask the thread to end too
-                    interruptible.interrupt(TimeLimitExceeded)
-                raise TimeLimitExceeded(
-                    f"task {task.name}[{request.id}] exceeded its time limit of {time_limit or 0:g}s"
-                ) from None
+                coroutine = task(*request.args, **request.kwargs)
+                if not (time_limit or soft_time_limit):
+                    return await coroutine
+                return await _Limits(task, request, time_limit, soft_time_limit).run(asyncio.ensure_future(coroutine))
+            fn = functools.partial(contextvars.copy_context().run, task, *request.args, **request.kwargs)
+            loop = asyncio.get_running_loop()
+            if not (time_limit or soft_time_limit):
+                return await loop.run_in_executor(self.threads, fn)
+            interruptible = _Interruptible(fn)
+            limits = _Limits(task, request, time_limit, soft_time_limit, interruptible)
+            return await limits.run(loop.run_in_executor(self.threads, interruptible))
         finally:
-            if soft.timer is not None:
-                soft.timer.cancel()
             current_request.reset(token)
 
     def shutdown(self) -> None:
@@ -73,35 +61,54 @@ class Executor:
         self.threads.shutdown(wait=False, cancel_futures=True)
 
 
-class _SoftLimit:
-    """One call's soft time limit: what to do when it expires, and what the call's end then means."""
+class _Limits:
+    """One call's time limits: what ends it at each, and what its end then means."""
 
-    def __init__(self, message: str) -> None:
-        self.message = message
-        self.timer: asyncio.TimerHandle | None = None
-        self.expired = False
-        self._action: Callable[[], object] = lambda: None
+    def __init__(
+        self, task: Task[Any, Any], request: Request, time_limit: float | None, soft_time_limit: float | None,
+        interruptible: _Interruptible | None = None,
+    ) -> None:  # fmt: skip
+        self.what = f"task {task.name}[{request.id}]"
+        self.time_limit = time_limit
+        self.soft_time_limit = soft_time_limit
+        self.interruptible = interruptible
+        self.soft_expired = False
 
-    def on_expiry(self, action: Callable[[], object]) -> None:
-        self._action = action
+    async def run(self, call: asyncio.Future[Any]) -> Any:
+        """The call's result, or the limit it ran past (the soft one only if the task let it end it)."""
+        timer = None
+        if self.soft_time_limit:
+            timer = asyncio.get_running_loop().call_later(self.soft_time_limit, self._soft_expiry, call)
+        try:
+            return await asyncio.wait_for(self._outcome(call), self.time_limit or None)
+        except asyncio.TimeoutError:
+            if self.interruptible is not None:  # an async task was cancelled; ask the thread to end too
+                self.interruptible.interrupt(TimeLimitExceeded)
+            raise TimeLimitExceeded(f"{self.what} exceeded its time limit of {self.time_limit or 0:g}s") from None
+        finally:
+            if timer is not None:
+                timer.cancel()
 
-    def expire(self) -> None:
-        self.expired = True
-        self._action()
+    def _soft_expiry(self, call: asyncio.Future[Any]) -> None:
+        self.soft_expired = True
+        if self.interruptible is not None:
+            self.interruptible.interrupt(SoftTimeLimitExceeded)
+        else:
+            call.cancel()
 
-    async def outcome(self, call: asyncio.Future[Any]) -> Any:
-        """The call's result; a call the soft limit ended raises :class:`SoftTimeLimitExceeded`."""
+    async def _outcome(self, call: asyncio.Future[Any]) -> Any:
+        soft_error = f"{self.what} exceeded its soft time limit of {self.soft_time_limit or 0:g}s"
         try:
             # Shielded, so that a hard limit (wait_for) cancels an async task only through the finally below.
             return await asyncio.shield(call)
         except asyncio.CancelledError:
-            if self.expired and call.cancelled():  # the async task let the soft limit's cancellation end it
-                raise SoftTimeLimitExceeded(self.message) from None
+            if self.soft_expired and call.cancelled():  # the async task let the soft limit's cancellation end it
+                raise SoftTimeLimitExceeded(soft_error) from None
             raise
         except SoftTimeLimitExceeded as exc:
             if exc.args:
                 raise
-            raise SoftTimeLimitExceeded(self.message) from None  # raised in the thread, without words
+            raise SoftTimeLimitExceeded(soft_error) from None  # raised in the thread, without words
         finally:
             if not call.done():
                 call.cancel()
