@@ -172,12 +172,7 @@ class ResultConsumer:
     async def _start(self, timeout: float) -> None:
         channel = await self.broker.channel(confirms=False, timeout=timeout)
         await channel.set_qos(prefetch_count=1000)
-        arguments: dict[str, Any] = {"x-expires": self.settings.result_expires_s * 1000}
-        if len(self.settings.broker_url) > 1:
-            # Several URLs mean a cluster: a classic queue lives on one node, and when that node is down
-            # the client can neither declare its reply queue (so cannot send) nor receive a reply (the
-            # broker drops or nacks them). A quorum queue (which keeps x-expires) outlives any one node.
-            arguments["x-queue-type"] = "quorum"
+        arguments = reply_queue_arguments(self.settings)
         queue = await channel.declare_queue(self.queue_name, durable=True, arguments=arguments)
         channel.close_callbacks.add(lambda *_: self._channel_closed())
         await queue.consume(self._on_message)
@@ -217,6 +212,17 @@ class ResultConsumer:
         if self._channel is not None and not self._channel.is_closed:
             with contextlib.suppress(Exception):
                 await self._channel.close()
+
+
+def reply_queue_arguments(settings: Settings) -> dict[str, Any]:
+    """The arguments a reply queue is declared with (durable, not exclusive: it outlives a connection)."""
+    arguments: dict[str, Any] = {"x-expires": settings.result_expires_s * 1000}
+    if len(settings.broker_url) > 1:
+        # Several URLs mean a cluster: a classic queue lives on one node, and when that node is down
+        # the client can neither declare its reply queue (so cannot send) nor receive a reply (the
+        # broker drops or nacks them). A quorum queue (which keeps x-expires) outlives any one node.
+        arguments["x-queue-type"] = "quorum"
+    return arguments
 
 
 def new_reply_queue_name() -> str:
@@ -317,4 +323,11 @@ class AsyncResult(Generic[R]):
         return self.aget().__await__()
 
 
-__all__ = ["AsyncResult", "RemoteTaskError", "ResultConsumer", "ResultStore", "new_reply_queue_name"]
+__all__ = [
+    "AsyncResult",
+    "RemoteTaskError",
+    "ResultConsumer",
+    "ResultStore",
+    "new_reply_queue_name",
+    "reply_queue_arguments",
+]

@@ -15,6 +15,7 @@ from support.faults import queue_counts, wait_until
 from support.workers import queue_depth, running_worker, stop_process, wait_for, worker_process
 
 from amqtask import App, BrokerConnectionError, topology
+from amqtask.result import reply_queue_arguments
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault]
 
@@ -176,12 +177,11 @@ def _quorum_member(rabbitmq: TestBroker, vhost: str, queue: str, action: str) ->
 
 
 async def _declare_as_a_reply_queue(url: str, app: App) -> None:
-    """Declare ``app``'s reply queue as its result consumer would on a cluster (durable, quorum, x-expires)."""
+    """Declare ``app``'s reply queue as its result consumer would, before the consumer starts."""
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()
-        arguments = {"x-expires": app.conf.result_expires_s * 1000, "x-queue-type": "quorum"}
-        await channel.declare_queue(app.reply_queue, durable=True, arguments=arguments)
+        await channel.declare_queue(app.reply_queue, durable=True, arguments=reply_queue_arguments(app.conf))
 
 
 def test_a_worker_that_waits_for_no_result_declares_no_reply_queue_when_it_reconnects(

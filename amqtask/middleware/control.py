@@ -45,9 +45,8 @@ REVOKES_MAX = 50_000
 REVOKE_EXPIRES_S = 3 * 3600.0
 #: What ``registered`` shows per task when the request names no options (Celery's default).
 DEFAULT_TASK_INFO_ITEMS = ("exchange", "routing_key", "rate_limit")
-_RECOVERABLE = RECOVERABLE_ERRORS
 #: Failures that end one attempt to consume or reply, but not remote control.
-_TRANSIENT: tuple[type[BaseException], ...] = (*_RECOVERABLE, AmqtaskError)
+_TRANSIENT: tuple[type[BaseException], ...] = (*RECOVERABLE_ERRORS, AmqtaskError)
 
 
 #: How long a starting worker waits for its control consumer before it gets on with the tasks.
@@ -175,7 +174,7 @@ class ControlNode:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._serving
         if self._replies is not None and not self._replies.is_closed:
-            with contextlib.suppress(*_RECOVERABLE):
+            with contextlib.suppress(*RECOVERABLE_ERRORS):
                 await self._replies.close()
 
     async def _serve(self) -> None:
@@ -205,7 +204,7 @@ class ControlNode:
                 await interrupted.wait()
             finally:
                 if not channel.is_closed:
-                    with contextlib.suppress(*_RECOVERABLE):
+                    with contextlib.suppress(*RECOVERABLE_ERRORS):
                         await channel.close()
 
     async def _consume(self, interrupted: asyncio.Event) -> AbstractChannel:
@@ -226,7 +225,7 @@ class ControlNode:
             await queue.consume(self._on_request, no_ack=True)
         except BaseException:
             if not channel.is_closed:
-                with contextlib.suppress(*_RECOVERABLE):
+                with contextlib.suppress(*RECOVERABLE_ERRORS):
                     await channel.close()
             raise
         return channel

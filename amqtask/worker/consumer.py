@@ -24,9 +24,8 @@ from ..topology import QueueSpec
 log = logging.getLogger("amqtask.worker")
 
 OnMessage = Callable[[AbstractIncomingMessage, QueueSpec], Awaitable[None]]
-_RECOVERABLE = RECOVERABLE_ERRORS
 #: With the CancelledError aiormq fails a stuck connection's calls with (see ``raise_if_cancelled``).
-_RECOVERABLE_OR_STUCK: tuple[type[BaseException], ...] = (*_RECOVERABLE, asyncio.CancelledError)
+_RECOVERABLE_OR_STUCK: tuple[type[BaseException], ...] = (*RECOVERABLE_ERRORS, asyncio.CancelledError)
 
 
 class Consumer:
@@ -94,7 +93,7 @@ class Consumer:
         self.consuming.clear()
         if not channel.is_closed and not self._stopping:
             # Closing the channel hands its unacked deliveries back; in-flight tasks will then skip their ack.
-            with contextlib.suppress(*_RECOVERABLE):
+            with contextlib.suppress(*RECOVERABLE_ERRORS):
                 await channel.close()
 
     def _callback(self, spec: QueueSpec) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
@@ -120,7 +119,7 @@ class Consumer:
             return
         underlay = await channel.get_underlay_channel()
         for tag in list(self._tags):
-            with contextlib.suppress(*_RECOVERABLE, AmqtaskError):
+            with contextlib.suppress(*RECOVERABLE_ERRORS, AmqtaskError):
                 await underlay.basic_cancel(tag)
 
     async def close(self) -> None:
@@ -128,5 +127,5 @@ class Consumer:
         self._stopping = True
         self._interrupt()
         if self._channel is not None and not self._channel.is_closed:
-            with contextlib.suppress(*_RECOVERABLE):
+            with contextlib.suppress(*RECOVERABLE_ERRORS):
                 await self._channel.close()

@@ -115,7 +115,7 @@ class _Limits:
 
 
 class _Interruptible:
-    """A function run in a pool thread that a soft limit can interrupt with :class:`SoftTimeLimitExceeded`.
+    """A function run in a pool thread that a time limit can interrupt with an exception raised in it.
 
     The exception is only ever set while the function runs, and one still pending when it returns is
     withdrawn, so it can never land in the pool's own code or in the thread's next task.
