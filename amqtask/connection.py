@@ -55,6 +55,10 @@ SETTLE_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, aiormq.exc
 RECOVERABLE_ERRORS: tuple[type[BaseException], ...] = (*SETTLE_ERRORS, BrokerConnectionError, asyncio.TimeoutError)
 _CHANNEL_OPEN_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, RuntimeError)
 
+#: First pause after the broker refused an operation by closing the connection; it doubles up to the max.
+REFUSAL_PAUSE_S = 0.5
+REFUSAL_PAUSE_MAX_S = 8.0
+
 ReconnectListener = Callable[[int], Awaitable[None]]
 T = TypeVar("T")
 
@@ -123,9 +127,9 @@ class Broker:
 
         ``timeout`` bounds the wait for a usable connection (default ``publish_timeout_s``).
         """
-        deadline = time.monotonic() + (self.settings.publish_timeout_s if timeout is None else timeout)
+        attempts = self.attempts(timeout, "cannot open a channel")
         while True:
-            connection = await self.connection(max(0.0, deadline - time.monotonic()))
+            connection = await self.connection(attempts.remaining())
             try:
                 channel: AbstractChannel = await connection.channel(
                     publisher_confirms=confirms, on_return_raises=confirms
@@ -137,7 +141,7 @@ class Broker:
                 raise_if_cancelled(exc)  # failed by a connection aiormq found stuck
                 lost = exc
             # The connection died between our check and the channel open: wait for the next one.
-            await self._next_connection_or_give_up(lost, deadline, "cannot open a channel")
+            await attempts.after(lost)
 
     async def run(self, action: Callable[[AbstractChannel], Awaitable[T]], *, timeout: float | None = None) -> T:
         """``action(channel)`` on a fresh channel without confirms, run again on a new connection if this one goes.
@@ -145,11 +149,12 @@ class Broker:
         For idempotent operations only (declarations, passive checks, deletions, bindings): an action
         cut off by a lost connection may or may not have taken effect. ``timeout`` (default
         ``publish_timeout_s``) bounds the whole, after which :class:`BrokerConnectionError` says why.
-        Broker refusals (channel errors) are raised as they come, after one try.
+        Broker refusals sent as channel errors are raised as they come, after one try; those sent by
+        closing the connection are tried again after growing pauses (see :class:`Attempts`).
         """
-        deadline = time.monotonic() + (self.settings.publish_timeout_s if timeout is None else timeout)
+        attempts = self.attempts(timeout, "connection lost during a broker operation")
         while True:
-            channel = await self.channel(confirms=False, timeout=max(0.0, deadline - time.monotonic()))
+            channel = await self.channel(confirms=False, timeout=attempts.remaining())
             try:
                 return await action(channel)
             except CONNECTION_ERRORS as exc:
@@ -161,16 +166,13 @@ class Broker:
                 if not channel.is_closed:
                     with contextlib.suppress(*SETTLE_ERRORS):
                         await channel.close()
-            await self._next_connection_or_give_up(lost, deadline, "connection lost during a broker operation")
+            await attempts.after(lost)
 
-    async def _next_connection_or_give_up(self, lost: BaseException, deadline: float, failure: str) -> None:
-        """After ``lost`` cut an attempt short: raise ``failure`` past ``deadline``, else hand the keeper the
-        dead connection so that the next attempt waits for a new one."""
-        log.debug("%s (%s); trying again on a new connection", failure, _describe(lost))
-        if time.monotonic() >= deadline:
-            raise BrokerConnectionError(f"{failure}: {_describe(lost)}") from lost
-        self.connection_lost()
-        await asyncio.sleep(0)  # let the keeper notice the close before the next channel is asked for
+    def attempts(self, timeout: float | None, failure: str) -> Attempts:
+        """The tries of one operation that rides out lost connections, for ``timeout`` (default
+        ``publish_timeout_s``); ``failure`` says what failed when they run out."""
+        deadline = time.monotonic() + (self.settings.publish_timeout_s if timeout is None else timeout)
+        return Attempts(self, deadline, failure)
 
     def connection_lost(self) -> None:
         """Tell the keeper the connection is unusable (a heartbeat miss may not have closed it yet)."""
@@ -267,6 +269,41 @@ def raise_if_cancelled(exc: asyncio.CancelledError) -> None:
 _AIORMQ_GRACE = "_Connection__heartbeat_grace_timeout"
 
 
+class Attempts:
+    """One operation's tries against the broker until a deadline: what to wait for after each lost one.
+
+    A lost connection is handed to the keeper and the next try waits for the new one. A refusal the
+    broker sends by closing the connection (``CONNECTION_REFUSALS``: a quorum queue without a live
+    member, say) is tried again only after a pause that doubles each time, since every try closes the
+    connection, and with it every channel of the process (a worker's task consumers too).
+    """
+
+    def __init__(self, broker: Broker, deadline: float, failure: str) -> None:
+        self.broker = broker
+        self.deadline = deadline
+        self.failure = failure
+        self._refusal_pause = REFUSAL_PAUSE_S
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline (0 once it has passed)."""
+        return max(0.0, self.deadline - time.monotonic())
+
+    async def after(self, lost: BaseException) -> None:
+        """After ``lost`` cut a try short: raise ``failure`` past the deadline, else wait for the next try."""
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise BrokerConnectionError(f"{self.failure}: {_describe(lost)}") from lost
+        if isinstance(lost, CONNECTION_REFUSALS):
+            pause = min(self._refusal_pause, remaining)
+            log.warning("%s: the broker refused it (%s); trying again in %.1fs", self.failure, _describe(lost), pause)
+            self._refusal_pause = min(2 * self._refusal_pause, REFUSAL_PAUSE_MAX_S)
+            await asyncio.sleep(pause)
+            return
+        log.debug("%s (%s); trying again on a new connection", self.failure, _describe(lost))
+        self.broker.connection_lost()
+        await asyncio.sleep(0)  # let the keeper notice the close before the next channel is asked for
+
+
 def _detect_stalls_after_two_heartbeats(connection: aio_pika.abc.AbstractConnection, heartbeat_s: int) -> None:
     """Give up on a connection that received nothing for two heartbeat intervals.
 
@@ -312,6 +349,9 @@ def _describe(exc: BaseException) -> str:
 
 __all__ = [
     "CONNECTION_ERRORS",
+    "REFUSAL_PAUSE_MAX_S",
+    "REFUSAL_PAUSE_S",
+    "Attempts",
     "CONNECTION_REFUSALS",
     "RECOVERABLE_ERRORS",
     "SETTLE_ERRORS",

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Generator
@@ -24,7 +23,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from . import protocol
-from .connection import CONNECTION_ERRORS, CONNECTION_REFUSALS, SETTLE_ERRORS, Broker, raise_if_cancelled
+from .connection import CONNECTION_ERRORS, SETTLE_ERRORS, Broker, raise_if_cancelled
 from .errors import (
     AmqtaskError,
     BrokerConnectionError,
@@ -46,9 +45,6 @@ R = TypeVar("R")
 _LOST_OR_STUCK: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncio.CancelledError)
 log = logging.getLogger("amqtask.result")
 _RESUME_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, AmqtaskError)
-#: First pause after the broker refused the reply queue by closing the connection; it doubles up to the max.
-REFUSAL_PAUSE_S = 0.5
-REFUSAL_PAUSE_MAX_S = 8.0
 _ORDER = {protocol.PENDING: 0, protocol.STARTED: 1, protocol.RETRY: 2}
 
 
@@ -137,28 +133,15 @@ class ResultConsumer:
         async with self._lock:
             if self._is_started():
                 return
-            deadline = time.monotonic() + (self.settings.publish_timeout_s if timeout is None else timeout)
-            refusal_pause = REFUSAL_PAUSE_S
+            attempts = self.broker.attempts(timeout, f"cannot consume reply queue {self.queue_name}")
             while True:
                 try:
-                    await self._start(max(0.01, deadline - time.monotonic()))
+                    await self._start(max(0.01, attempts.remaining()))
                     return
                 except _LOST_OR_STUCK as exc:
                     if isinstance(exc, asyncio.CancelledError):
                         raise_if_cancelled(exc)  # only a connection aiormq found stuck
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise BrokerConnectionError(f"cannot consume reply queue {self.queue_name}: {exc}") from exc
-                    if isinstance(exc, CONNECTION_REFUSALS):
-                        # RabbitMQ refuses a quorum reply queue it cannot serve (no live member) by closing the
-                        # whole connection: trying again at once would take every channel of the process
-                        # (a worker's task consumers too) down again and again while the queue recovers.
-                        log.warning("the broker refused reply queue %s (%s); trying again in %.1fs",
-                                    self.queue_name, exc, refusal_pause)  # fmt: skip
-                        await asyncio.sleep(min(refusal_pause, remaining))
-                        refusal_pause = min(2 * refusal_pause, REFUSAL_PAUSE_MAX_S)
-                    else:  # the connection went while starting; the next channel() waits for a new one
-                        await asyncio.sleep(0.05)
+                    await attempts.after(exc)
                 except aiormq.exceptions.AMQPError as exc:  # a refusal: translated at the boundary
                     raise BrokerConnectionError(f"cannot consume reply queue {self.queue_name}: {exc}") from exc
 

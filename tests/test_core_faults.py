@@ -242,3 +242,37 @@ def test_a_reply_queue_the_broker_refuses_is_tried_again_with_pauses_until_it_se
         await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_broker_operation_refused_by_closing_the_connection_is_tried_again_with_pauses(
+    rabbitmq: TestBroker, broker_vhost: str, broker_url: str, unique: str
+) -> None:
+    """The same refusal met by a declaration or check (``Broker.run``: topology, delay bindings, a
+    worker's queues) pauses the same way, and the operation goes through once the queue is served."""
+    app = App(f"client-{unique}", broker=broker_url)
+    queue = f"q-{unique}-refused"
+
+    async def ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        pass
+
+    async def consume(channel: aio_pika.abc.AbstractChannel) -> None:
+        await (await channel.declare_queue(queue, passive=True)).consume(ignore)
+
+    async def scenario() -> None:
+        broker = app.runtime().broker
+        try:
+            await broker.run(
+                lambda channel: channel.declare_queue(queue, durable=True, arguments={"x-queue-type": "quorum"})
+            )
+            _quorum_member(rabbitmq, broker_vhost, queue, "stop_server")
+            generation = broker.generation
+            with pytest.raises(BrokerConnectionError, match="INTERNAL_ERROR"):
+                await broker.run(consume, timeout=3)
+            assert broker.generation - generation <= 4  # tries at 0, 0.5, 1.5 and 3 s at the most
+            _quorum_member(rabbitmq, broker_vhost, queue, "restart_server")
+            await broker.run(consume)
+        finally:
+            await topology.delete_queue(broker, queue)
+            await app.aclose()
+
+    asyncio.run(scenario())
