@@ -31,6 +31,7 @@ from support.faults import (
     send_all,
     spawn_worker,
     stop,
+    wait_settled,
     wait_until,
 )
 from support.workers import worker_thread
@@ -112,6 +113,7 @@ def test_broker_restart_under_load_loses_no_confirmed_task(
             for n, outcome in enumerate(outcomes):
                 if isinstance(outcome, AsyncResult):
                     assert await outcome.aget(timeout=60) == n
+            await wait_settled(private_rabbitmq, vhost, (queue, f"{queue}.dlq", client.reply_queue), 60)
             return outcomes, refused
         finally:
             await client.aclose()

@@ -29,6 +29,7 @@ from support.faults import (
     read_sink,
     ready_count,
     send_all,
+    wait_settled,
     wait_until,
     worker_processes,
 )
@@ -120,6 +121,7 @@ def test_stopping_the_quorum_leaders_node_loses_no_task(
             for n, outcome in enumerate(outcomes):
                 assert isinstance(outcome, AsyncResult), f"send {n} failed: {outcome!r}"
                 assert await outcome.aget(timeout=60) == n
+            await wait_settled(broker, vhost, (queue, client.reply_queue), 60, node=survivor_index())
         finally:
             await client.aclose()
 

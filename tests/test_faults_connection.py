@@ -25,6 +25,7 @@ from support.faults import (
     read_sink,
     ready_count,
     send_all,
+    wait_settled,
     wait_until,
     worker_processes,
 )
@@ -174,6 +175,7 @@ def test_dropped_and_stalled_connections_lose_no_task(
                 assert isinstance(outcome, AsyncResult), f"send {n} failed: {outcome!r}"
                 assert await outcome.aget(timeout=60) == n
             await wait_until(lambda: consumers_are(2), 30, "both workers consuming at the end")
+            await wait_settled(rabbitmq, broker_vhost, (queue, f"{queue}.dlq", client.reply_queue), 60)
             return outcomes
         finally:
             await client.aclose()

@@ -27,6 +27,7 @@ from support.faults import (
     send_all,
     spawn_worker,
     stop,
+    wait_settled,
     wait_until,
 )
 
@@ -77,6 +78,9 @@ def test_sigkill_of_a_worker_three_times_loses_no_task(
             for n, outcome in enumerate(outcomes):
                 assert isinstance(outcome, AsyncResult), f"send {n} failed: {outcome!r}"
                 assert await outcome.aget(timeout=60) == n
+            # Tasks the killed worker held run again after their callers have the result; wait for
+            # those runs and for the client to take their second replies.
+            await wait_settled(rabbitmq, broker_vhost, (queue, f"{queue}.dlq", client.reply_queue), 60)
             return outcomes
         finally:
             await client.aclose()

@@ -221,6 +221,27 @@ def queue_counts(rabbitmq: TestBroker, vhost: str, node: int = 0) -> dict[str, t
     return {row["name"]: (int(row["messages"]), int(row["messages_unacknowledged"])) for row in json.loads(out)}
 
 
+async def wait_settled(rabbitmq: TestBroker, vhost: str, queues: Iterable[str], timeout: float, node: int = 0) -> None:
+    """Wait until none of ``queues`` holds a ready or unacked message, while clients and workers still run.
+
+    A task redelivered after a fault may run again after its caller already has the result; its second
+    reply reaches the reply queue later. Only a live client takes it, so "nothing left" is checked
+    before the client closes, once every redelivery has run and every reply has been taken.
+    """
+    names = list(queues)
+    last: dict[str, tuple[int, int]] = {}
+
+    async def settled() -> bool:
+        counts = await asyncio.to_thread(queue_counts, rabbitmq, vhost, node)
+        last.update({name: counts.get(name, (0, 0)) for name in names})
+        return not any(any(count) for count in last.values())
+
+    try:
+        await wait_until(settled, timeout, "the queues to empty")
+    except AssertionError as error:
+        raise AssertionError(f"{error}; (messages, unacked) = {last}") from None
+
+
 async def consumer_count(url: str, queue: str) -> int:
     """How many consumers the broker has on ``queue``, 0 if it does not exist yet."""
     return (await _declaration(url, queue))[1]
