@@ -10,6 +10,7 @@ turns "no queue would receive this" into :class:`~amqtask.errors.UnroutableError
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -19,8 +20,8 @@ import aiormq
 from aio_pika.abc import AbstractChannel
 
 from . import delays, topology
-from .connection import CONNECTION_ERRORS, Broker, raise_if_cancelled
-from .errors import BrokerConnectionError, PublishError, TopologyNotFoundError, UnroutableError
+from .connection import CONNECTION_ERRORS, SETTLE_ERRORS, Broker, raise_if_cancelled
+from .errors import BrokerConnectionError, PublishError, UnroutableError
 from .protocol import WireMessage
 from .settings import Settings
 from .topology import QueueSpec
@@ -102,6 +103,8 @@ class Publisher:
         self._channel: AbstractChannel | None = None
         self._channel_lock = asyncio.Lock()
         self._ensured: dict[str, int] = {}
+        self._exchanges_found: dict[str, int] = {}
+        self._sending: dict[AbstractChannel, int] = {}  # sends waiting for their confirm, per channel
         self._delay_ready_generation = 0
         self._delay_bound: dict[str, int] = {}
         self._ensure_locks: dict[str, asyncio.Lock] = {}
@@ -135,11 +138,11 @@ class Publisher:
                     f"message to exchange {exchange!r} with routing key {routing_key!r} was not confirmed "
                     f"within {self.settings.publish_timeout_s:.1f}s (broker unreachable)"
                 )
+            channel: AbstractChannel | None = None
             try:
+                await self._require_exchange(exchange, remaining)
                 channel = await self._confirm_channel(remaining)
-                _check_header_size(wire, await channel.get_underlay_channel())
-                target = await channel.get_exchange(exchange, ensure=False) if exchange else channel.default_exchange
-                await target.publish(message, routing_key, mandatory=mandatory, timeout=remaining)
+                await self._publish_on(channel, wire, message, exchange, routing_key, mandatory, remaining)
                 return
             except aio_pika.exceptions.PublishError:
                 raise UnroutableError(
@@ -147,18 +150,26 @@ class Publisher:
                     "was returned by the broker, not delivered"
                 ) from None
             except aio_pika.exceptions.DeliveryError as exc:
-                # A nack: the broker could not take the message just now (seen from a quorum queue while
-                # it elects a new leader after a node loss; also a full queue with reject-publish).
-                # Retried like a lost connection, with a growing pause, until the deadline.
+                # A nack: the broker could not take the message just now (a quorum queue electing a new
+                # leader after a node loss; a full queue with reject-publish). Sent again, after a growing
+                # pause, on a new channel: on RabbitMQ 3.10 a channel that published to a quorum queue
+                # during its election was seen to nack every later publish to it for minutes, while a
+                # new channel's were confirmed at once.
                 nacks += 1
                 pause = min(1.0, 0.05 * 2**nacks)
                 if time.monotonic() + pause >= deadline:
                     raise PublishError(
                         f"broker refused the message (nack) on exchange {exchange!r}, {nacks} time(s): {exc}"
                     ) from None
+                await self._retire(channel)
                 await asyncio.sleep(pause)
-            except aiormq.exceptions.ChannelNotFoundEntity as exc:
-                raise TopologyNotFoundError(f"cannot publish: {exc.args[0] if exc.args else exc}") from None
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                # The broker closed the channel for a missing exchange, maybe another send's: every send
+                # waiting on the channel gets this. Each is sent again after its exchange is checked anew,
+                # so only a send that named a missing one fails, with TopologyNotFoundError from the check.
+                self._exchanges_found.pop(exchange, None)
+            except aiormq.exceptions.ChannelClosed as exc:
+                raise PublishError(f"the broker closed the channel sending to {exchange!r}: {exc}") from None
             except _RETRYABLE as exc:
                 log.debug("publish interrupted (%s); retrying after reconnect", type(exc).__name__)
                 await self._wait_for_new_connection(deadline)
@@ -166,6 +177,52 @@ class Publisher:
                 raise_if_cancelled(exc)  # the confirm was failed by a connection aiormq found stuck
                 log.debug("publish interrupted (stuck connection); retrying after reconnect")
                 await self._wait_for_new_connection(deadline)
+
+    async def _publish_on(
+        self,
+        channel: AbstractChannel,
+        wire: WireMessage,
+        message: aio_pika.Message,
+        exchange: str,
+        routing_key: str,
+        mandatory: bool,
+        timeout: float,
+    ) -> None:
+        self._sending[channel] = self._sending.get(channel, 0) + 1
+        try:
+            _check_header_size(wire, await channel.get_underlay_channel())
+            target = await channel.get_exchange(exchange, ensure=False) if exchange else channel.default_exchange
+            await target.publish(message, routing_key, mandatory=mandatory, timeout=timeout)
+        finally:
+            self._sending[channel] -= 1
+            if not self._sending[channel]:
+                del self._sending[channel]
+                if channel is not self._channel:
+                    await _close_quietly(channel)  # retired, and this was the last send waiting on it
+
+    async def _require_exchange(self, exchange: str, timeout: float) -> None:
+        """Check once per connection that a named exchange exists, before publishing to it.
+
+        RabbitMQ answers a publish to a missing exchange by closing the channel, which fails every other
+        send waiting for its confirm on the shared channel, and frames already on their way on that
+        channel then make it close the whole connection. A passive declare on a channel of its own
+        finds out without either.
+        """
+        if not exchange or self._exchanges_found.get(exchange) == self.broker.generation:
+            return
+        await topology.require_exchange(self.broker, exchange, timeout=timeout)
+        self._exchanges_found[exchange] = self.broker.generation
+
+    async def _retire(self, channel: AbstractChannel | None) -> None:
+        """Publish no more on ``channel``; it closes once the sends still waiting on it are answered.
+
+        Closing it at once would fail those sends with a cancellation that reads as a stuck connection.
+        """
+        if channel is None or channel is not self._channel:
+            return  # another send retired it already
+        self._channel = None
+        if channel not in self._sending:
+            await _close_quietly(channel)
 
     async def _wait_for_new_connection(self, deadline: float) -> None:
         # A closed channel on a live connection is replaced at once; a dead connection is awaited.
@@ -228,3 +285,8 @@ class Publisher:
         """Close the confirm channel."""
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()
+
+
+async def _close_quietly(channel: AbstractChannel) -> None:
+    with contextlib.suppress(*SETTLE_ERRORS):
+        await channel.close()

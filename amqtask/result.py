@@ -154,13 +154,14 @@ class ResultConsumer:
 
     async def _start(self, timeout: float) -> None:
         channel = await self.broker.channel(confirms=False, timeout=timeout)
+        generation = self.broker.generation  # the channel's, even if a reconnect comes during the awaits below
         await channel.set_qos(prefetch_count=1000)
         arguments = reply_queue_arguments(self.settings)
         queue = await channel.declare_queue(self.queue_name, durable=True, arguments=arguments)
         channel.close_callbacks.add(lambda *_: self._channel_closed())
         await queue.consume(self._on_message)
         self._channel = channel
-        self._started_generation = self.broker.generation
+        self._started_generation = generation
 
     def _channel_closed(self) -> None:
         self._started_generation = 0

@@ -158,9 +158,11 @@ def translate(exc: Exception, kind: str, name: str, wanted: Any) -> Exception:
     return TopologyError(f"broker refused {kind} {name!r}: {text}")
 
 
-async def _on_fresh_channel(broker: Broker, kind: str, name: str, wanted: Any, action: Any) -> Any:
+async def _on_fresh_channel(
+    broker: Broker, kind: str, name: str, wanted: Any, action: Any, timeout: float | None = None
+) -> Any:
     try:
-        return await broker.run(action)
+        return await broker.run(action, timeout=timeout)
     except aiormq.exceptions.AMQPChannelError as exc:
         raise translate(exc, kind, name, wanted) from None
 
@@ -242,6 +244,15 @@ async def queue_exists(broker: Broker, name: str) -> bool:
         return bool(await _on_fresh_channel(broker, "queue", name, None, passive))
     except TopologyNotFoundError:
         return False
+
+
+async def require_exchange(broker: Broker, name: str, timeout: float | None = None) -> None:
+    """Raise :class:`TopologyNotFoundError` unless the exchange exists (a passive declare)."""
+
+    async def passive(channel: AbstractChannel) -> None:
+        await channel.get_exchange(name, ensure=True)
+
+    await _on_fresh_channel(broker, "exchange", name, None, passive, timeout)
 
 
 async def queue_depth(broker: Broker, name: str) -> int:

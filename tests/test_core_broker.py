@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -10,6 +11,8 @@ from typing import Any
 
 import aio_pika
 import pytest
+from support.broker import TestBroker
+from support.faults import wait_until
 from support.workers import get_raw, queue_depth, running_worker, worker_thread
 
 import amqtask
@@ -144,6 +147,58 @@ def test_unroutable_publish_raises(app: App, unique: str) -> None:
         await topology.declare_exchange(runtime.broker, f"ex-{unique}", "direct")
         with pytest.raises(UnroutableError, match="no queue is bound"):
             await app.asend_task("t.add", (1, 2), exchange=f"ex-{unique}", routing_key="nowhere")
+        await app.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_send_to_a_missing_exchange_fails_alone(app: App, unique: str, broker_url: str) -> None:
+    # RabbitMQ refuses a publish to a missing exchange by closing the channel, which the sends around it
+    # share; those must still be confirmed, and the process must keep its connection.
+    async def scenario() -> None:
+        await app.asend_task("t.add", (0, 0), ignore_result=True)  # connected, the queue declared
+        generation = app.runtime().broker.generation
+        sends = [app.asend_task("t.add", (i, i), ignore_result=True) for i in range(300)]
+        sends.append(app.asend_task("t.add", (1, 1), exchange=f"missing-{unique}", routing_key="k"))
+        sends += [app.asend_task("t.add", (i, i), ignore_result=True) for i in range(300)]
+        outcomes = await asyncio.gather(*sends, return_exceptions=True)
+        missing = outcomes.pop(300)
+        assert isinstance(missing, amqtask.TopologyNotFoundError) and f"missing-{unique}" in str(missing)
+        failed = [o for o in outcomes if not isinstance(o, amqtask.AsyncResult)]
+        assert not failed, f"{len(failed)} send(s) to an existing queue failed, e.g. {failed[0]!r}"
+        assert app.runtime().broker.generation == generation, "the connection was lost"
+        assert await queue_depth(broker_url, f"q-{unique}") == 601
+        await app.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_nacked_send_is_sent_again_on_a_new_channel_until_confirmed(
+    app: App, unique: str, broker_url: str, rabbitmq: TestBroker, broker_vhost: str
+) -> None:
+    # A nack says the broker cannot take the message now; on RabbitMQ 3.10 the channel that got it may
+    # go on nacking a quorum queue's publishes after the queue recovered, so the send moves on.
+    queue = f"bounded-{unique}"
+    app.conf.task_queues = {queue: {"arguments": {"x-max-length": 1, "x-overflow": "reject-publish"}}}
+
+    def confirm_channels() -> set[str]:
+        rows = json.loads(rabbitmq.ctl("-q", "list_channels", "pid", "confirm", "vhost", "--formatter", "json"))
+        return {row["pid"] for row in rows if row["confirm"] and row["vhost"] == broker_vhost}
+
+    async def scenario() -> None:
+        await app.asend_task("t.add", (0, 0), queue=queue, ignore_result=True)  # the queue is full now
+        before = await asyncio.to_thread(confirm_channels)
+
+        async def nacking_channel_closed() -> bool:
+            return not before & await asyncio.to_thread(confirm_channels)
+
+        sending = asyncio.ensure_future(app.asend_task("t.add", (1, 1), queue=queue, ignore_result=True))
+        await wait_until(nacking_channel_closed, 10, "the nacking channel closed")
+        assert not sending.done(), f"the nacked send gave up: {sending.exception()!r}"
+        first = await get_raw(broker_url, queue)  # room for one
+        await asyncio.wait_for(sending, 10)
+        second = await get_raw(broker_url, queue)
+        assert [m.headers["argsrepr"] for m in (first, second)] == ["(0, 0)", "(1, 1)"]
         await app.aclose()
 
     asyncio.run(scenario())
