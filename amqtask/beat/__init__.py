@@ -1,6 +1,7 @@
 """The periodic-task scheduler behind ``amqtask beat``: schedules, entries, the leader lock, the state, the loop.
 
-Submodules, one concept each: :mod:`~amqtask.beat.schedules` (when: interval, crontab),
+Submodules, one concept each: :mod:`~amqtask.beat.schedules` (when: interval, crontab, each in a module
+of its own),
 :mod:`~amqtask.beat.schedule_file` (the TOML/JSON file and its watcher), :mod:`~amqtask.beat.entries`
 (what: entries from ``beat_schedule``, code and files), :mod:`~amqtask.beat.leader` (which beat sends: an
 exclusive-queue lock), :mod:`~amqtask.beat.state` (last runs, kept in a queue) and
