@@ -41,7 +41,6 @@ with 404, hit it under load. Now only a contended completion (403) or a queue al
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import functools
 import logging
@@ -55,7 +54,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from . import protocol, serializers
-from .connection import SETTLE_ERRORS, Broker
+from .connection import Broker, close_quietly
 from .errors import AmqtaskError, MessageError, TimeoutError, TopologyNotFoundError
 from .protocol import WireMessage
 from .settings import Settings
@@ -153,9 +152,8 @@ class ChordKeeper:
 
     async def close(self) -> None:
         """Close the keeper's channel (when its worker stops; a later worker may run on another loop)."""
-        if self._shared is not None and not self._shared[1].is_closed:
-            with contextlib.suppress(*SETTLE_ERRORS):
-                await self._shared[1].close()
+        if self._shared is not None:
+            await close_quietly(self._shared[1])
         self._shared, self._shared_lock = None, asyncio.Lock()
 
     async def _on_shared(self, broker: Broker, action: Callable[[AbstractChannel], Awaitable[_T]]) -> _T:
@@ -229,9 +227,7 @@ class ChordKeeper:
                 log.warning("chord %s finished after a reconnect; its queue is left to expire", group_id)
             return Outcome.COMPLETED
         finally:
-            if not held.channel.is_closed:
-                with contextlib.suppress(*SETTLE_ERRORS):
-                    await held.channel.close()
+            await close_quietly(held.channel)
 
 
 @dataclass
@@ -311,9 +307,7 @@ async def _consume(broker: Broker, name: str, expected: int, deadline: float) ->
     except aiormq.exceptions.ChannelNotFoundEntity:
         raise TopologyNotFoundError(f"chord queue {name} is gone") from None
     except BaseException:
-        if not channel.is_closed:
-            with contextlib.suppress(*SETTLE_ERRORS):
-                await channel.close()
+        await close_quietly(channel)
         raise
 
 

@@ -163,9 +163,7 @@ class Broker:
                 raise_if_cancelled(exc)  # failed by a connection aiormq found stuck
                 lost = exc
             finally:
-                if not channel.is_closed:
-                    with contextlib.suppress(*SETTLE_ERRORS):
-                        await channel.close()
+                await close_quietly(channel)
             await attempts.after(lost)
 
     def attempts(self, timeout: float | None, failure: str) -> Attempts:
@@ -247,6 +245,13 @@ class Broker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._connection.close(), 5.0)
         self._ready.clear()
+
+
+async def close_quietly(channel: AbstractChannel) -> None:
+    """Close ``channel`` unless it is closed already; a failure to close is not worth more than nothing."""
+    if not channel.is_closed:
+        with contextlib.suppress(*SETTLE_ERRORS):
+            await channel.close()
 
 
 def raise_if_cancelled(exc: asyncio.CancelledError) -> None:

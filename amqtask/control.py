@@ -29,7 +29,7 @@ from aio_pika import ExchangeType
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from . import serializers
-from .connection import SETTLE_ERRORS
+from .connection import close_quietly
 from .errors import ConfigurationError, SerializationError
 from .protocol import PERSISTENT, TRANSIENT, WireMessage
 from .serializers import DecodeLimits
@@ -186,8 +186,7 @@ class Control:
             await runtime.publisher.publish(wire, EXCHANGE, "", mandatory=False)
             return await collector.collect(timeout, limit) if collector is not None else []
         finally:
-            with contextlib.suppress(*SETTLE_ERRORS):
-                await channel.close()
+            await close_quietly(channel)
 
     def broadcast(
         self,

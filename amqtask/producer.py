@@ -10,7 +10,6 @@ turns "no queue would receive this" into :class:`~amqtask.errors.UnroutableError
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
@@ -20,7 +19,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel
 
 from . import delays, topology
-from .connection import CONNECTION_ERRORS, SETTLE_ERRORS, Broker, raise_if_cancelled
+from .connection import CONNECTION_ERRORS, Broker, close_quietly, raise_if_cancelled
 from .errors import BrokerConnectionError, PublishError, UnroutableError
 from .protocol import WireMessage
 from .settings import Settings
@@ -198,7 +197,7 @@ class Publisher:
             if not self._sending[channel]:
                 del self._sending[channel]
                 if channel is not self._channel:
-                    await _close_quietly(channel)  # retired, and this was the last send waiting on it
+                    await close_quietly(channel)  # retired, and this was the last send waiting on it
 
     async def _require_exchange(self, exchange: str, timeout: float) -> None:
         """Check once per connection that a named exchange exists, before publishing to it.
@@ -222,7 +221,7 @@ class Publisher:
             return  # another send retired it already
         self._channel = None
         if channel not in self._sending:
-            await _close_quietly(channel)
+            await close_quietly(channel)
 
     async def _wait_for_new_connection(self, deadline: float) -> None:
         # A closed channel on a live connection is replaced at once; a dead connection is awaited.
@@ -285,8 +284,3 @@ class Publisher:
         """Close the confirm channel."""
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()
-
-
-async def _close_quietly(channel: AbstractChannel) -> None:
-    with contextlib.suppress(*SETTLE_ERRORS):
-        await channel.close()
