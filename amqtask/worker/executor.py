@@ -13,7 +13,7 @@ can catch it and clean up. The hard limit (``time_limit``) stops waiting for the
 with :class:`~amqtask.errors.TimeLimitExceeded`: an async task is cancelled, and a plain task's
 thread gets ``TimeLimitExceeded`` raised the same way. A thread cannot be killed in Python, so a
 plain task that catches that too, or is stuck in a C call, keeps its thread until it returns
-(documented).
+(documented); a stopping worker does not wait for it past its grace period (``threads.py``).
 """
 
 from __future__ import annotations
@@ -24,18 +24,18 @@ import ctypes
 import functools
 import threading
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import SoftTimeLimitExceeded, TimeLimitExceeded
 from ..task import Request, Task, current_request
+from .threads import DaemonThreadPool
 
 
 class Executor:
     """Runs task functions: coroutines on the loop, sync functions in ``concurrency`` threads."""
 
     def __init__(self, concurrency: int) -> None:
-        self.threads = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="amqtask-task")
+        self.threads = DaemonThreadPool(concurrency, "amqtask-task")
 
     async def run(
         self, task: Task[Any, Any], request: Request, time_limit: float | None, soft_time_limit: float | None = None
@@ -59,7 +59,7 @@ class Executor:
             current_request.reset(token)
 
     def shutdown(self) -> None:
-        """Release the thread pool without waiting for threads still running."""
+        """Release the thread pool without waiting for threads still running (nor, at exit, for stuck ones)."""
         self.threads.shutdown(wait=False, cancel_futures=True)
 
 
