@@ -32,7 +32,7 @@ from . import serializers
 from .connection import close_quietly
 from .errors import ConfigurationError, SerializationError
 from .protocol import PERSISTENT, TRANSIENT, WireMessage
-from .serializers import DecodeLimits
+from .serializers import CONTROL_LIMITS
 from .topology import translate
 
 if TYPE_CHECKING:
@@ -350,7 +350,7 @@ class _Collector:
         self._enough = asyncio.Event()
         self._limit: int | None = None
         self._accept = serializers.normalize_accept(conf.result_accept_content)
-        self._limits = DecodeLimits(conf.message_max_bytes, conf.message_max_depth)
+        self._limits = CONTROL_LIMITS
 
     async def listen(self) -> None:
         """Declare and consume the reply queue; done before the request goes out, so no reply is missed."""

@@ -143,7 +143,7 @@ class ControlNode:
         self._max_started = max(1024, 4 * worker.prefetch)
         conf = worker.app.conf
         self._accept = serializers.normalize_accept(conf.accept_content)
-        self._limits = serializers.DecodeLimits(conf.message_max_bytes, conf.message_max_depth)
+        self._limits = serializers.CONTROL_LIMITS
         self._ready = asyncio.Event()
         self._serving: asyncio.Task[None] | None = None
         self._replies: AbstractChannel | None = None
