@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yarl
 
+from amqtask.remote.commands import broker_info
 from amqtask.urls import encode_credentials, mask_text, mask_url
 
 
@@ -109,3 +112,15 @@ def test_mask_text_with_a_raw_at_sign_in_the_password() -> None:
     masked = mask_text(f"ConnectionError to {url}: refused", (url,))
     assert "p@ssw0rd" not in masked and "ssw0rd" not in masked
     assert masked.startswith("ConnectionError to amqp://app:***@rabbit.example/vh")
+
+
+def test_the_broker_section_of_inspect_stats_reads_and_hides_a_password_with_raw_delimiters() -> None:
+    info = broker_info("amqp://app:Zq9x/Kw7p?Rt4m#Vb2n@rabbit.example:5673/vh", ["amqp://b:Zq9x/Kw7p@h2//"], 30, 5)
+    assert (info["hostname"], info["port"], info["userid"], info["virtual_host"]) == (
+        "rabbit.example",
+        5673,
+        "app",
+        "vh",
+    )
+    shown = json.dumps(info)
+    assert not any(piece in shown for piece in ("Zq9x", "Kw7p", "Rt4m", "Vb2n")), shown
