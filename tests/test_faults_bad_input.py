@@ -125,7 +125,7 @@ def test_far_future_etas_and_retry_countdowns_are_dead_lettered(
 ) -> None:
     rng = random.Random(SEED)
     kinds = [kind for kind in Hostile(rng).kinds() if kind.__name__ in PENDING_DELIVERY]
-    print(_flood(client, rabbitmq, broker_vhost, unique, tmp_path, kinds, 200, 20, [], settle_s=30))
+    print(_flood(client, rabbitmq, broker_vhost, unique, tmp_path, kinds, 200, 20, [], settle_s=15))
 
 
 @pytest.mark.xfail(
@@ -139,7 +139,7 @@ def test_control_requests_with_backtracking_patterns_stall_no_worker(
     rng = random.Random(SEED)
     kinds = Hostile(rng).kinds()[:4]
     print(_flood(client, rabbitmq, broker_vhost, unique, tmp_path, kinds, 200, 20, control_flood(rng, 50, regex=True,
-                 only_regex=True), settle_s=30))  # fmt: skip
+                 only_regex=True), settle_s=15))  # fmt: skip
 
 
 def _flood(
@@ -229,7 +229,7 @@ def test_under_signing_unverified_messages_cause_nothing(
         results = await _publish(client, queue, batch)
         for n, result in results:
             assert await result.aget(timeout=60) == n
-        await wait_until(lambda: _count(broker_url, f"{queue}.dlq", UNVERIFIED), 60, "every message handled")
+        await wait_until(lambda: _count(broker_url, f"{queue}.dlq", UNVERIFIED), 30, "every message handled")
         await client.aclose()
 
     try:
