@@ -69,7 +69,7 @@ class ControlNode:
         self._reader = wire.Reader(
             self.clock,
             serializers.normalize_accept(conf.accept_content),
-            serializers.DecodeLimits(conf.message_max_bytes, conf.message_max_depth),
+            serializers.CONTROL_LIMITS,
             "control request",
         )
         self._ready = asyncio.Event()

@@ -54,7 +54,7 @@ class DeliveryHandler:
         self.app = worker.app
         conf = worker.app.conf
         self.accept = serializers.normalize_accept(conf.accept_content)
-        self.limits = serializers.DecodeLimits(conf.message_max_bytes, conf.message_max_depth)
+        self.limits = serializers.limits_of(conf)
         self.triage = Triage(self)
 
     @property
