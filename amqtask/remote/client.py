@@ -99,7 +99,9 @@ class Control:
             # Celery sends a double; pamqp writes every Python float as a 32-bit float, which at epoch
             # magnitudes is 128 s coarse. Whole seconds, rounded up, keep the request alive long enough.
             headers = {"clock": self.clock.forward(), "expires": math.ceil(time.time() + timeout)}
-            request = encode_message(body, headers, serializers.codec(self.app.conf.control_serializer), reply=False)
+            conf = self.app.conf
+            codec = serializers.codec(conf.control_serializer)
+            request = encode_message(body, headers, codec, reply=False, keys=conf.signing_keys)
             # Not mandatory: with no worker on the vhost the request reaches no queue, and that is an
             # empty answer, not an error.
             await runtime.publisher.publish(request, EXCHANGE, "", mandatory=False)
@@ -273,6 +275,7 @@ class _Collector:
             serializers.normalize_accept(conf.result_accept_content),
             DecodeLimits(conf.message_max_bytes, conf.message_max_depth),
             "control reply",
+            conf.signing_keys,
         )
 
     async def listen(self) -> None:

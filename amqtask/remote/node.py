@@ -12,6 +12,7 @@ import contextlib
 import fnmatch
 import logging
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiormq
@@ -71,6 +72,7 @@ class ControlNode:
             serializers.normalize_accept(conf.accept_content),
             serializers.DecodeLimits(conf.message_max_bytes, conf.message_max_depth),
             "control request",
+            conf.signing_keys,
         )
         self._ready = asyncio.Event()
         self._serving: asyncio.Task[None] | None = None
@@ -166,10 +168,16 @@ class ControlNode:
             # Answer in the request's encoding: a Celery client may accept nothing else.
             msgpack = request.content_type == serializers.MSGPACK_CONTENT_TYPE
             codec = serializers.MSGPACK if msgpack else serializers.JSON
-            await self._reply(reply_to, wire.header_text(body.get("ticket")), {self.hostname: reply}, codec)
+            ticket = wire.header_text(body.get("ticket"))
+            await self._reply(reply_to, ticket, {self.hostname: reply}, codec, request.reply_keys)
 
     async def _reply(
-        self, reply_to: dict[str, Any], ticket: str | None, data: dict[str, Any], codec: serializers.Codec
+        self,
+        reply_to: dict[str, Any],
+        ticket: str | None,
+        data: dict[str, Any],
+        codec: serializers.Codec,
+        keys: Sequence[str],
     ) -> None:
         exchange, routing_key = reply_to.get("exchange"), reply_to.get("routing_key")
         if not isinstance(exchange, str) or not isinstance(routing_key, str):
@@ -177,9 +185,9 @@ class ControlNode:
             return
         headers = {"ticket": ticket, "clock": self.clock.forward()}
         try:
-            out = wire.encode_message(data, headers, codec, reply=True)
+            out = wire.encode_message(data, headers, codec, reply=True, keys=keys)
         except SerializationError as exc:
-            out = wire.encode_message({self.hostname: {"error": str(exc)}}, headers, codec, reply=True)
+            out = wire.encode_message({self.hostname: {"error": str(exc)}}, headers, codec, reply=True, keys=keys)
         try:
             channel = await self._reply_channel()
             if exchange and exchange not in self._reply_exchanges:
