@@ -151,6 +151,8 @@ SPECS: dict[str, Spec] = {
     "task_soft_time_limit": Spec(None, _number(0, allow_none=True), "soft time limit per task, seconds"),
     "task_default_retry_delay": Spec(180.0, _number(0), "default countdown of self.retry(), seconds"),
     "task_max_retries": Spec(3, _number(0, integer=True, allow_none=True), "default max_retries"),
+    "task_requeue_limit": Spec(20, _number(0, integer=True), "how often Reject(requeue=True) may send one "
+                               "message back to its queue; once more and it is dead-lettered (requeue-limit)"),
     "result_expires_s": Spec(86400, _number(1, integer=True), "reply queues vanish after being unused this long"),
     "result_persistent": Spec(True, _bool, "replies survive a broker restart"),
     "worker_concurrency": Spec(_CPUS, _number(1, integer=True), "tasks run at once per worker process"),

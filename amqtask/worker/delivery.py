@@ -171,7 +171,7 @@ class DeliveryHandler:
             await self.retry(message, queue, msg, wire, exc)
         except Reject as exc:
             if exc.requeue:
-                await self.requeue_failed(message)
+                await self.triage.requeue_rejected(message, queue, wire, exc.reason)
             else:
                 await self.dead_letter(message, queue, deadletter.REJECTED, exc.reason)
         except Exception as exc:
