@@ -25,6 +25,7 @@ from amqtask import dlq as dlq_module
 from amqtask.chords import ChordKeeper, Outcome, Part, queue_name
 from amqtask.producer import to_amqp
 from amqtask.protocol import TaskMessage, WireMessage
+from amqtask.worker.delivery import wire_of
 
 KEYS = ["new-key", "old-key"]
 
@@ -305,6 +306,11 @@ def test_replay_under_signing_runs_and_never_launders_or_follows_headers(broker_
         assert sorted(ran) == [1, 2]
         assert await queue_depth(broker_url, elsewhere) == 0
         assert await queue_depth(broker_url, f"{queue}.dlq") == 1, "the forged message stays dead-lettered"
+        # The operator, and only the operator, names another target.
+        await publish_raw(broker_url, f"{queue}.dlq", signed_wire("sig.charge", [4]))
+        moved = await dlq_module.replay(app, queue, to=elsewhere)
+        assert (len(moved.replayed), len(moved.refused)) == (1, 1)
+        assert signing.verify(KEYS, wire_of(await get_raw(broker_url, elsewhere)))
         await app.aclose()
 
     run(scenario)
