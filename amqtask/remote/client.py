@@ -20,7 +20,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from .. import serializers
 from ..connection import SETTLE_ERRORS, close_quietly
 from ..errors import ConfigurationError
-from ..serializers import DecodeLimits
+from ..serializers import CONTROL_LIMITS
 from . import wire
 from .wire import EXCHANGE, QUEUE_ARGUMENTS, REPLY_EXCHANGE, LamportClock, declare_exchange, encode_message
 
@@ -277,7 +277,7 @@ class _Collector:
         self._reader = wire.Reader(
             self.clock,
             serializers.normalize_accept(conf.result_accept_content),
-            DecodeLimits(conf.message_max_bytes, conf.message_max_depth),
+            CONTROL_LIMITS,
             "control reply",
             conf.signing_keys,
         )

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from ..errors import Revoked
-from ..urls import mask_url
+from ..urls import encode_credentials, mask_url
 from .wire import LamportClock
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ class RevokedIds:
 
 def broker_info(url: str, others: Iterable[str], heartbeat: float, connect_timeout: float) -> dict[str, Any]:
     """The ``broker`` section of ``stats`` in Celery's shape; credentials masked."""
-    parts = urlsplit(url)
+    parts = urlsplit(encode_credentials(url))  # a raw "/" in the password must not split it
     return {
         "hostname": parts.hostname,
         "port": parts.port or (5671 if parts.scheme == "amqps" else 5672),

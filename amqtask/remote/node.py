@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -100,7 +101,7 @@ class ControlNode:
         self._reader = wire.Reader(
             self.clock,
             serializers.normalize_accept(conf.accept_content),
-            serializers.DecodeLimits(min(conf.message_max_bytes, MAX_REQUEST_BYTES), conf.message_max_depth),
+            dataclasses.replace(serializers.CONTROL_LIMITS, max_bytes=MAX_REQUEST_BYTES),
             "control request",
             conf.signing_keys,
         )

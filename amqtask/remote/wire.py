@@ -27,9 +27,9 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from .. import serializers, signing
 from ..errors import SerializationError
+from ..producer import wire_of
 from ..protocol import PERSISTENT, TRANSIENT, WireMessage
 from ..topology import translate
-from ..worker.delivery import wire_of
 
 log = logging.getLogger("amqtask.control")
 

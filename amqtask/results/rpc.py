@@ -25,7 +25,7 @@ from .. import protocol, signing
 from ..connection import CONNECTION_ERRORS, SETTLE_ERRORS, Broker, raise_if_cancelled
 from ..errors import AmqtaskError, BrokerConnectionError, MessageError, TimeoutError
 from ..protocol import READY_STATES, ResultMessage, WireMessage
-from ..serializers import DecodeLimits, normalize_accept
+from ..serializers import limits_of, normalize_accept
 from ..settings import Settings
 
 #: A lost connection, or the CancelledError aiormq fails a stuck connection's calls with.
@@ -105,7 +105,7 @@ class ResultConsumer:
         self.queue_name = queue_name
         self.store = store
         self._accept = normalize_accept(settings.result_accept_content)
-        self._limits = DecodeLimits(settings.message_max_bytes, settings.message_max_depth)
+        self._limits = limits_of(settings)
         self._channel: AbstractChannel | None = None
         self._started_generation = 0
         self._lock = asyncio.Lock()
