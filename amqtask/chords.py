@@ -56,9 +56,9 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from . import protocol, serializers, signing
 from .connection import Broker, close_quietly
 from .errors import AmqtaskError, MessageError, TimeoutError, TopologyNotFoundError
+from .producer import wire_of
 from .protocol import WireMessage
 from .settings import Settings
-from .worker.delivery import wire_of
 
 if TYPE_CHECKING:
     from .app import Runtime

@@ -23,9 +23,8 @@ from support.workers import get_raw, queue_depth, running_worker
 from amqtask import App, TimeoutError, protocol, serializers, signing
 from amqtask import dlq as dlq_module
 from amqtask.chords import ChordKeeper, Outcome, Part, queue_name
-from amqtask.producer import to_amqp
+from amqtask.producer import to_amqp, wire_of
 from amqtask.protocol import TaskMessage, WireMessage
-from amqtask.worker.delivery import wire_of
 
 KEYS = ["new-key", "old-key"]
 
