@@ -127,9 +127,11 @@ class Triage:
         travels in the message (:data:`REQUEUES_HEADER`), whichever worker receives it next: the bound
         holds across workers and restarts. The copy is confirmed before the delivery is acked, so a
         crash in between leaves a duplicate with its own bounded count, never a loss. Signing leaves
-        ``x-`` headers out of the MAC, so the copy keeps its signature; a forged count can only use the
-        limit up sooner. The pause (0.1 s doubling to 5 s with the count) holds the delivery's slot, so
-        a worker meeting such a message again slows down; the tasks queued behind it run meanwhile.
+        ``x-`` headers out of the MAC, so the copy keeps its signature; a forged count gains no more
+        than sending the captured message again would (which signing does not stop either), and one
+        that is negative or not a number counts as 0. The pause (0.1 s doubling to 5 s with the count)
+        holds the delivery's slot, so a worker meeting such a message again slows down; the tasks
+        queued behind it run meanwhile.
         """
         requeues = requeues_of(wire.headers)
         limit: int = self.handler.app.conf.task_requeue_limit
