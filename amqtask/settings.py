@@ -22,6 +22,8 @@ from .urls import mask_text
 ENV_PREFIX = "AMQTASK_"
 #: Variables under this prefix belong to amqtask's own test suite, not to an app's settings.
 ENV_TEST_PREFIX = "AMQTASK_TEST_"
+#: Variables of the ``amqtask`` command line, not settings (``AMQTASK_APP`` names the app module).
+ENV_CLI_VARIABLES = frozenset({"AMQTASK_APP"})
 
 
 @dataclass(frozen=True)
@@ -202,7 +204,7 @@ class Settings:
         """
         environ = os.environ if environ is None else environ
         for key, value in environ.items():
-            if key.startswith(ENV_PREFIX) and not key.startswith(ENV_TEST_PREFIX):
+            if key.startswith(ENV_PREFIX) and not key.startswith(ENV_TEST_PREFIX) and key not in ENV_CLI_VARIABLES:
                 name = key[len(ENV_PREFIX) :].lower()
                 if name.endswith("_file") and name[: -len("_file")] in SPECS:
                     name = name[: -len("_file")]
