@@ -19,6 +19,7 @@ from .commands.shared import (
     EXIT_BROKER,
     app_option,
     app_spec_given,
+    load_app,
     loglevel_option,
     run,
     setup_logging,
@@ -26,10 +27,6 @@ from .commands.shared import (
     timeout_option,
 )
 from .commands.shared import EXIT_FAILED as EXIT_FAILED  # imported from here by commands/control.py
-from .commands.shared import load_app as load_app
-
-# The names the command modules imported from here before amqtask.commands.shared existed.
-_run, _split = run, split
 
 #: Pool names a Celery user may give to -P; amqtask's -P is a process count.
 CELERY_POOLS = ("prefork", "processes", "solo", "threads", "eventlet", "gevent", "custom")
