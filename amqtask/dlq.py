@@ -33,9 +33,10 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from . import topology
 from .delays import strip_death_headers
 from .errors import TopologyNotFoundError
+from .producer import wire_of
 from .protocol import WireMessage
 from .topology import DLQ_SUFFIX
-from .worker.delivery import REASON, wire_of
+from .worker.delivery import REASON
 
 if TYPE_CHECKING:
     from .app import App

@@ -16,7 +16,7 @@ from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from . import delays, topology
 from .connection import CONNECTION_ERRORS, Broker, close_quietly, raise_if_cancelled
@@ -73,8 +73,26 @@ def _check_header_size(wire: WireMessage, channel: aiormq.abc.AbstractChannel) -
         )
 
 
+def wire_of(message: AbstractIncomingMessage) -> WireMessage:
+    """The protocol view of an incoming aio-pika message: the inverse of :func:`to_amqp`."""
+    return WireMessage(
+        body=message.body,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        headers=dict(message.headers or {}),
+        delivery_mode=2,
+        priority=message.priority,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        app_id=message.app_id,
+        type=message.type,
+    )
+
+
 def to_amqp(wire: WireMessage) -> aio_pika.Message:
-    """The aio-pika message for a :class:`WireMessage`."""
+    """The aio-pika message for a :class:`WireMessage`: the inverse of :func:`wire_of`."""
     return aio_pika.Message(
         wire.body,
         headers=wire.headers,

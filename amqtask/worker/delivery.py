@@ -30,7 +30,7 @@ from ..errors import (
     TaskRevokedError,
 )
 from ..failures import encode_exception, format_traceback
-from ..producer import HeadersTooLargeError
+from ..producer import HeadersTooLargeError, Publisher, wire_of
 from ..protocol import ResultMessage, TaskMessage, WireMessage
 from ..retry import autoretry_delay
 from ..task import Request, Task
@@ -45,24 +45,6 @@ ETA_TOLERANCE = dt.timedelta(milliseconds=50)
 REASON = "x-amqtask-reason"
 
 
-def wire_of(message: AbstractIncomingMessage) -> WireMessage:
-    """The protocol view of an incoming aio-pika message."""
-    return WireMessage(
-        body=message.body,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        headers=dict(message.headers or {}),
-        delivery_mode=2,
-        priority=message.priority,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        app_id=message.app_id,
-        type=message.type,
-    )
-
-
 class DeliveryHandler:
     """Processes deliveries for a :class:`~amqtask.worker.worker.Worker`."""
 
@@ -74,7 +56,7 @@ class DeliveryHandler:
         self.limits = serializers.DecodeLimits(conf.message_max_bytes, conf.message_max_depth)
 
     @property
-    def publisher(self) -> Any:
+    def publisher(self) -> Publisher:
         return self.worker.runtime.publisher
 
     # ------------------------------------------------------------------------------------------ entry
