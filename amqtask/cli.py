@@ -17,6 +17,7 @@ import click
 from . import __version__
 from .commands.shared import (
     EXIT_BROKER,
+    EXIT_FAILED,
     app_option,
     app_spec_given,
     load_app,
@@ -26,7 +27,6 @@ from .commands.shared import (
     split,
     timeout_option,
 )
-from .commands.shared import EXIT_FAILED as EXIT_FAILED  # imported from here by commands/control.py
 
 #: Pool names a Celery user may give to -P; amqtask's -P is a process count.
 CELERY_POOLS = ("prefork", "processes", "solo", "threads", "eventlet", "gevent", "custom")
@@ -119,7 +119,7 @@ def main(app_spec: str | None) -> None:
 )  # fmt: skip
 @click.option("--process-index", type=int, hidden=True)
 @click.option("--burst", is_flag=True, help="exit once the queues are empty")
-@loglevel_option
+@loglevel_option("info")
 def worker(
     app_spec: str | None, queues: str | None, exclude_queues: str | None, concurrency: int | None,
     prefetch_multiplier: int | None, hostname: str | None, processes: int, process_index: int | None,
@@ -180,12 +180,14 @@ def worker(
 @click.option("--serializer", type=click.Choice(["msgpack", "json"]), help="body encoding (default: task_serializer)")
 @click.option("--wait/--no-wait", default=False, help="wait for the result and print it")
 @timeout_option(30.0, "seconds for the whole: connecting, sending and, with --wait, the result")
+@loglevel_option("critical")
 def call(
     app_spec: str | None, name: str, args_json: str, kwargs_json: str, queue: str | None, exchange: str | None,
     routing_key: str | None, countdown: float | None, eta: dt.datetime | None, expires: dt.datetime | float | None,
-    priority: int | None, serializer: str | None, wait: bool, timeout: float,
+    priority: int | None, serializer: str | None, wait: bool, timeout: float, loglevel: str,
 ) -> None:  # fmt: skip
     """Send task NAME (by name) and print its id, or with --wait its result as JSON."""
+    setup_logging(loglevel)
     try:
         args, kwargs = json.loads(args_json), json.loads(kwargs_json)
     except ValueError as exc:

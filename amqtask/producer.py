@@ -39,6 +39,13 @@ _RABBITMQ_FRAME_PAYLOAD = 131072 - 8
 _PROPERTIES_ROOM = 4096
 
 
+class NotConfirmedError(PublishError):
+    """The broker did not take a message for now: unreachable, or refusing it (nack), until the deadline.
+
+    Unlike the other publish errors, nothing is wrong with the message itself: sent later, it may go.
+    """
+
+
 class HeadersTooLargeError(PublishError):
     """A message's headers do not fit in one AMQP frame (RabbitMQ would close the whole connection)."""
 
@@ -73,24 +80,6 @@ def _check_header_size(wire: WireMessage, channel: aiormq.abc.AbstractChannel) -
         )
 
 
-def wire_of(message: AbstractIncomingMessage) -> WireMessage:
-    """The protocol view of an incoming aio-pika message: the inverse of :func:`to_amqp`."""
-    return WireMessage(
-        body=message.body,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        headers=dict(message.headers or {}),
-        delivery_mode=2,
-        priority=message.priority,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        app_id=message.app_id,
-        type=message.type,
-    )
-
-
 def to_amqp(wire: WireMessage) -> aio_pika.Message:
     """The aio-pika message for a :class:`WireMessage`: the inverse of :func:`wire_of`."""
     return aio_pika.Message(
@@ -107,6 +96,24 @@ def to_amqp(wire: WireMessage) -> aio_pika.Message:
         timestamp=wire.timestamp,
         app_id=wire.app_id,
         type=wire.type,
+    )
+
+
+def wire_of(message: AbstractIncomingMessage) -> WireMessage:
+    """The protocol view of an incoming aio-pika message: the inverse of :func:`to_amqp`."""
+    return WireMessage(
+        body=message.body,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        headers=dict(message.headers or {}),
+        delivery_mode=2,
+        priority=message.priority,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        app_id=message.app_id,
+        type=message.type,
     )
 
 
@@ -151,7 +158,7 @@ class Publisher:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise PublishError(
+                raise NotConfirmedError(
                     f"message to exchange {exchange!r} with routing key {routing_key!r} was not confirmed "
                     f"within {self.settings.publish_timeout_s:.1f}s (broker unreachable)"
                 )
@@ -175,7 +182,7 @@ class Publisher:
                 nacks += 1
                 pause = min(1.0, 0.05 * 2**nacks)
                 if time.monotonic() + pause >= deadline:
-                    raise PublishError(
+                    raise NotConfirmedError(
                         f"broker refused the message (nack) on exchange {exchange!r}, {nacks} time(s): {exc}"
                     ) from None
                 await self._retire(channel)

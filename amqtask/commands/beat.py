@@ -27,7 +27,7 @@ from .shared import app_option, load_app, loglevel_option, run, setup_logging
     type=click.Path(dir_okay=False),
     help="TOML or JSON schedule merged over beat_schedule (its entries win on a name clash); re-read on change",
 )
-@loglevel_option
+@loglevel_option("info")
 @click.pass_context
 def command(ctx: click.Context, app_spec: str | None, schedule_file: str | None, loglevel: str) -> None:
     """Send periodic tasks on schedule. Run several for fail-over: exactly one sends at a time."""

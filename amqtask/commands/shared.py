@@ -41,9 +41,12 @@ app_option = click.option(
     metavar="MODULE[:ATTR]",
     help="module (and attribute) holding the App; also accepted before the command, or from AMQTASK_APP",
 )
-loglevel_option = click.option(
-    "-l", "--loglevel", default="info", show_default=True, type=click.Choice(LOG_LEVELS, case_sensitive=False)
-)
+
+
+def loglevel_option(default: str) -> Callable[[F], F]:
+    """``-l/--loglevel``, defaulting to ``default`` (one-shot commands: only what ends them)."""
+    choices = click.Choice(LOG_LEVELS, case_sensitive=False)
+    return click.option("-l", "--loglevel", default=default, show_default=True, type=choices)
 
 
 def timeout_option(default: float, what: str = "seconds the broker may take, connecting included") -> Callable[[F], F]:
