@@ -11,7 +11,10 @@ from pathlib import Path
 
 import aio_pika
 import pytest
+from support.queues import delete
 from support.workers import TESTS_DIR, get_raw, queue_depth, stop_process, worker_process
+
+from amqtask import App
 
 pytestmark = pytest.mark.broker
 
@@ -121,7 +124,7 @@ def test_purge_empties_a_queue_and_refuses_a_missing_one(broker_url: str, unique
     assert asyncio.run(queue_depth(broker_url, queue)) == 0
     missing = amqtask("purge", f"{queue}-nope", "-f", env=env)
     assert missing.returncode == 2 and f"{queue}-nope" in missing.stderr, missing.stderr
-    asyncio.run(delete_queues(broker_url, queue, f"{queue}.dlq"))
+    asyncio.run(delete_queues(broker_url, queue))
 
 
 async def declare(url: str, queue: str) -> None:
@@ -130,9 +133,9 @@ async def declare(url: str, queue: str) -> None:
         await (await connection.channel()).declare_queue(queue, durable=True)
 
 
-async def delete_queues(url: str, *queues: str) -> None:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        for queue in queues:
-            await channel.queue_delete(queue)
+async def delete_queues(url: str, queue: str) -> None:
+    app = App("cli-test-cleanup", broker=url)
+    try:
+        await delete(app, [queue])
+    finally:
+        await app.aclose()
