@@ -31,7 +31,7 @@ from ..errors import (
     TaskRevokedError,
 )
 from ..failures import encode_exception, format_traceback
-from ..producer import HeadersTooLargeError, wire_of
+from ..producer import HeadersTooLargeError, Publisher, wire_of
 from ..protocol import ResultMessage, TaskMessage, WireMessage
 from ..retry import autoretry_delay
 from ..task import Request, Task
@@ -58,7 +58,7 @@ class DeliveryHandler:
         self.triage = Triage(self)
 
     @property
-    def publisher(self) -> Any:
+    def publisher(self) -> Publisher:
         return self.worker.runtime.publisher
 
     # ------------------------------------------------------------------------------------------ entry
