@@ -88,17 +88,20 @@ def _split(value: str | None) -> list[str] | None:
 @click.option("-P", "--processes", type=click.IntRange(1), default=1, show_default=True, help="worker processes")
 @click.option("--process-index", type=int, hidden=True)
 @click.option("--burst", is_flag=True, help="exit once the queues are empty")
+@click.option("-E", "--task-events", is_flag=True, help="send Celery's task and worker events (Flower, celery events)")
 @loglevel_option
 def worker(
     app_spec: str, queues: str | None, exclude_queues: str | None, concurrency: int | None,
     prefetch_multiplier: int | None, hostname: str | None, processes: int, process_index: int | None,
-    burst: bool, loglevel: str,
+    burst: bool, task_events: bool, loglevel: str,
 ) -> None:  # fmt: skip
     """Consume queues and run tasks."""
     from .worker.supervisor import serve, supervise
 
     _setup_logging(loglevel)
     app = load_app(app_spec)
+    if task_events:
+        app.conf.worker_send_task_events = True
     if processes > 1:
 
         def child(index: int) -> list[str]:
@@ -120,6 +123,8 @@ def worker(
                     argv += [flag, str(value)]
             if hostname:
                 argv += ["-n", f"{hostname}-{index}"]
+            if task_events:
+                argv.append("-E")
             return argv
 
         sys.exit(supervise(child, processes))

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..app import App
+    from ..errors import Reject, Retry
     from ..protocol import ResultMessage, TaskMessage, WireMessage
+    from ..routing import Route
     from ..worker.worker import Worker
 
 
@@ -21,6 +23,9 @@ class Middleware:
 
     async def before_publish(self, app: App, message: TaskMessage, wire: WireMessage) -> None:
         """Called with the encoded message before it is published (may change ``wire.headers``)."""
+
+    async def after_publish(self, app: App, message: TaskMessage, route: Route) -> None:
+        """Called once the broker confirmed a task message sent on ``route``."""
 
     async def before_process(self, worker: Worker, message: TaskMessage, wire: WireMessage) -> None:
         """Called after a delivery was decoded and its task found, before it runs."""
@@ -32,6 +37,12 @@ class Middleware:
         self, worker: Worker, message: TaskMessage, exc: BaseException, report: ResultMessage
     ) -> None:
         """Called after a task finally failed (no retry left), before it is dead-lettered and acked."""
+
+    async def after_retry(self, worker: Worker, message: TaskMessage, retry: Retry) -> None:
+        """Called once a task's next attempt was republished, before its delivery is acked."""
+
+    async def after_reject(self, worker: Worker, message: TaskMessage, reject: Reject) -> None:
+        """Called when a running task raised :class:`~amqtask.errors.Reject` (dead-lettered or requeued)."""
 
     async def on_worker_start(self, worker: Worker) -> None:
         """Called once the worker consumes."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..monitoring.event_middleware import EventsMiddleware
 from ..signing import SigningMiddleware
 from . import Middleware
 from .canvas import CanvasMiddleware
@@ -12,6 +13,7 @@ def default_middleware() -> list[Middleware]:
     """A fresh list of the built-in middleware, in the order their hooks run.
 
     Signing comes first so a forged message is refused before anything acts on it; it is a no-op
-    unless ``signing_keys`` is set. Control's revoke check comes before canvas follow-ups.
+    unless ``signing_keys`` is set. Control's revoke check comes before events (a revoked task yields
+    ``task-revoked`` alone) and canvas follow-ups.
     """
-    return [SigningMiddleware(), ControlMiddleware(), CanvasMiddleware()]
+    return [SigningMiddleware(), ControlMiddleware(), EventsMiddleware(), CanvasMiddleware()]

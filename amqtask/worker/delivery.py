@@ -161,6 +161,8 @@ class DeliveryHandler:
         except Retry as exc:
             await self.retry(message, queue, msg, wire, exc)
         except Reject as exc:
+            for middleware in self.app.middleware:
+                await middleware.after_reject(self.worker, msg, exc)
             if exc.requeue:
                 await self.requeue_failed(message)
             else:
@@ -243,6 +245,8 @@ class DeliveryHandler:
         else:
             await self.publisher.publish(again, "", queue.name)
         self.worker.stats["retried"] += 1
+        for middleware in self.app.middleware:
+            await middleware.after_retry(self.worker, msg, exc)
         log.info("task %s[%s] retry %d in %.1fs: %s", msg.task, msg.id, msg.retries + 1, delay, exc.exc or exc)
         cause = exc.exc if exc.exc is not None else exc
         report = ResultMessage(msg.id, protocol.RETRY, encode_exception(cause), traceback=str(exc),
