@@ -38,8 +38,9 @@ class Middleware:
     ) -> None:
         """Called after a task finally failed (no retry left), before it is dead-lettered and acked."""
 
-    async def after_retry(self, worker: Worker, message: TaskMessage, retry: Retry) -> None:
-        """Called once a task's next attempt was republished, before its delivery is acked."""
+    async def on_retry(self, worker: Worker, message: TaskMessage, retry: Retry) -> None:
+        """Called when a task is to run again, before its next attempt is published (which may then run
+        at once, on another worker)."""
 
     async def after_reject(self, worker: Worker, message: TaskMessage, reject: Reject) -> None:
         """Called when a running task raised :class:`~amqtask.errors.Reject` (dead-lettered or requeued)."""

@@ -171,7 +171,7 @@ class EventsMiddleware(Middleware):
             # Not for a task that never started here (unknown to this worker, or refused before verification).
             events.publisher.send("task-failed", uuid=message.id, exception=repr(exc), traceback=format_traceback(exc))
 
-    async def after_retry(self, worker: Worker, message: TaskMessage, retry: Retry) -> None:
+    async def on_retry(self, worker: Worker, message: TaskMessage, retry: Retry) -> None:
         events = self.workers.get(worker)
         if events is None:
             return

@@ -119,7 +119,7 @@ class EventPublisher:
         )  # fmt: skip
         try:
             exchange = await self._ready_exchange()
-            await exchange.publish(message, key)
+            await exchange.publish(message, key, mandatory=False)
         except RECOVERABLE_ERRORS as exc:
             # Monitoring must not hold anything up: drop what waits (stale by the time the broker is
             # back) and open a new channel next time.

@@ -240,13 +240,13 @@ class DeliveryHandler:
         headers = dict(_stripped(wire).headers)
         headers.update(retries=msg.retries + 1, eta=eta.isoformat())
         again = WireMessage(**{**wire.__dict__, "headers": headers})
+        for middleware in self.app.middleware:
+            await middleware.on_retry(self.worker, msg, exc)
         if delay > 0:
             await self.publisher.publish_delayed(again, queue, delay)
         else:
             await self.publisher.publish(again, "", queue.name)
         self.worker.stats["retried"] += 1
-        for middleware in self.app.middleware:
-            await middleware.after_retry(self.worker, msg, exc)
         log.info("task %s[%s] retry %d in %.1fs: %s", msg.task, msg.id, msg.retries + 1, delay, exc.exc or exc)
         cause = exc.exc if exc.exc is not None else exc
         report = ResultMessage(msg.id, protocol.RETRY, encode_exception(cause), traceback=str(exc),
