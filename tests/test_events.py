@@ -254,3 +254,38 @@ def test_events_are_dropped_not_hoarded_while_nobody_can_take_them() -> None:
         await app.aclose()
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+@pytest.mark.broker
+def test_enable_and_disable_events_by_remote_control_as_celery_and_flower_ask(broker_url: str, unique: str) -> None:
+    app = event_app(broker_url, unique)
+    app.conf.worker_send_task_events = False
+    hostname = f"{unique}@switch"
+    celery = Celery("switch", broker=broker_url)
+
+    def task_events() -> list[str]:
+        return [e["type"] for e in tap.events if e["hostname"] == hostname and e["type"].startswith("task-")]
+
+    async def scenario() -> None:
+        worker = Worker(app, hostname=hostname)
+        await worker.start()
+        try:
+            assert await (await app.asend_task("tasks.add", (1, 2))).aget(timeout=10) == 3
+            enable = celery.control.enable_events
+            replies = await asyncio.to_thread(enable, destination=[hostname], reply=True, timeout=10)
+            assert replies == [{hostname: {"ok": "task events enabled"}}]
+            assert await (await app.asend_task("tasks.add", (2, 2))).aget(timeout=10) == 4
+            await asyncio.to_thread(wait_for, lambda: "task-succeeded" in task_events(), 10, "task events")
+            disable = celery.control.disable_events
+            replies = await asyncio.to_thread(disable, destination=[hostname], reply=True, timeout=10)
+            assert replies == [{hostname: {"ok": "task events disabled"}}]
+            assert await (await app.asend_task("tasks.add", (3, 2))).aget(timeout=10) == 5
+        finally:
+            await worker.stop(grace=5)
+
+    with tapping(broker_url) as tap:
+        asyncio.run(asyncio.wait_for(scenario(), 60))
+        wait_for(lambda: any(e["type"] == "worker-offline" and e["hostname"] == hostname for e in tap.events), 10)
+    celery.close()
+    # Only the task run while events were on; heartbeats went on after disable_events, as Celery's do.
+    assert task_events() == ["task-received", "task-started", "task-succeeded"]

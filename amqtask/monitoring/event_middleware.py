@@ -78,6 +78,8 @@ class WorkerEvents:
         self.worker = worker
         self.publisher = EventPublisher(worker.runtime.broker, worker.hostname)
         self.started: dict[str, float] = {}
+        #: Off after ``control disable_events``: heartbeats go on (Flower keeps the worker online), task events stop.
+        self.task_events = True
         self._heartbeat: asyncio.Task[None] | None = None
 
     def worker_event(self, event_type: str) -> None:
@@ -88,7 +90,7 @@ class WorkerEvents:
             loadavg=[round(load, 2) for load in os.getloadavg()],
         )  # fmt: skip
 
-    async def start(self) -> None:
+    def start(self) -> None:
         self.worker_event("worker-online")
         self._heartbeat = asyncio.create_task(self._beat(), name=f"amqtask-heartbeat-{self.worker.hostname}")
 
@@ -120,13 +122,33 @@ class EventsMiddleware(Middleware):
 
     async def on_worker_start(self, worker: Worker) -> None:
         if worker.app.conf.worker_send_task_events:
-            events = self.workers[worker] = WorkerEvents(worker)
-            await events.start()
+            self.switch(worker, on=True)
 
     async def on_worker_stop(self, worker: Worker) -> None:
         events = self.workers.pop(worker, None)
         if events is not None:
             await events.stop()
+
+    def switch(self, worker: Worker, *, on: bool) -> str:
+        """Turn a running worker's task events on or off (``control enable_events``, which Flower sends every
+        few seconds, as to Celery workers); the reply text is Celery's."""
+        events = self.workers.get(worker)
+        if on:
+            if events is not None and events.task_events:
+                return "task events already enabled"
+            if events is None:
+                events = self.workers[worker] = WorkerEvents(worker)
+                events.start()
+            events.task_events = True
+            return "task events enabled"
+        if events is None or not events.task_events:
+            return "task events already disabled"
+        events.task_events = False
+        return "task events disabled"
+
+    def _sending(self, worker: Worker) -> WorkerEvents | None:
+        events = self.workers.get(worker)
+        return events if events is not None and events.task_events else None
 
     async def after_publish(self, app: App, message: TaskMessage, route: Route) -> None:
         if not app.conf.task_send_sent_event:
@@ -140,7 +162,7 @@ class EventsMiddleware(Middleware):
                        routing_key=route.routing_key)  # fmt: skip
 
     async def before_process(self, worker: Worker, message: TaskMessage, wire: WireMessage) -> None:
-        events = self.workers.get(worker)
+        events = self._sending(worker)
         if events is None:
             return
         events.publisher.send("task-received", **_task_fields(message))
@@ -149,7 +171,7 @@ class EventsMiddleware(Middleware):
             events.publisher.send("task-started", uuid=message.id)
 
     async def after_success(self, worker: Worker, message: TaskMessage, value: Any, report: ResultMessage) -> None:
-        events = self.workers.get(worker)
+        events = self._sending(worker)
         if events is None:
             return
         runtime = events.finished(message.id)
@@ -159,7 +181,7 @@ class EventsMiddleware(Middleware):
     async def after_failure(
         self, worker: Worker, message: TaskMessage, exc: BaseException, report: ResultMessage
     ) -> None:
-        events = self.workers.get(worker)
+        events = self._sending(worker)
         if events is None:
             return
         started = events.finished(message.id)
@@ -172,7 +194,7 @@ class EventsMiddleware(Middleware):
             events.publisher.send("task-failed", uuid=message.id, exception=repr(exc), traceback=format_traceback(exc))
 
     async def on_retry(self, worker: Worker, message: TaskMessage, retry: Retry) -> None:
-        events = self.workers.get(worker)
+        events = self._sending(worker)
         if events is None:
             return
         events.finished(message.id)
@@ -181,7 +203,7 @@ class EventsMiddleware(Middleware):
                               traceback=format_traceback(cause))  # fmt: skip
 
     async def after_reject(self, worker: Worker, message: TaskMessage, reject: Reject) -> None:
-        events = self.workers.get(worker)
+        events = self._sending(worker)
         if events is None:
             return
         events.finished(message.id)

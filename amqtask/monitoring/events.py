@@ -29,7 +29,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from ..connection import RECOVERABLE_ERRORS, Broker, close_quietly
-from ..control import LamportClock
+from ..remote.wire import LamportClock
 
 log = logging.getLogger("amqtask.events")
 

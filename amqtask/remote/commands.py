@@ -1,8 +1,8 @@
 """What a worker answers to remote control: the commands, and the revoked ids they keep.
 
-Commands: ``ping``, ``registered``, ``active``, ``stats``, ``revoke``, ``revoked`` and ``hello`` (Celery
-workers send it at startup to share revoked ids). A new command is a method here and a line in
-:attr:`Commands.table`.
+Commands: ``ping``, ``registered``, ``active``, ``stats``, ``revoke``, ``revoked``, ``hello`` (Celery
+workers send it at startup to share revoked ids) and ``enable_events`` / ``disable_events``. A new
+command is a method here and a line in :attr:`Commands.table`.
 
 Revoked ids live in the worker's memory, bounded and expiring like Celery's: a worker started after a
 revoke does not know it, and a restart forgets it. A delivery whose id was revoked is acked and
@@ -111,6 +111,8 @@ class Commands:
             "revoke": self.revoke,
             "revoked": lambda _: self.revoked.ids(),
             "hello": self.hello,
+            "enable_events": lambda _: self.events(on=True),
+            "disable_events": lambda _: self.events(on=False),
         }
 
     def dispatch(self, method: str, arguments: Any) -> Any:
@@ -210,6 +212,15 @@ class Commands:
         # Celery 5.7 sends a list of ids; older versions a dict of id -> time.
         self.revoked.add(i for i in (theirs or ()) if isinstance(i, str))
         return {"revoked": self.revoked.ids(), "clock": self.clock.forward()}
+
+    def events(self, *, on: bool) -> dict[str, str]:
+        """Turn task events on or off, as ``celery control enable_events`` (and Flower) ask."""
+        from ..monitoring.event_middleware import EventsMiddleware
+
+        for middleware in self.worker.app.middleware:
+            if isinstance(middleware, EventsMiddleware):
+                return {"ok": middleware.switch(self.worker, on=on)}
+        return {"error": "this worker's app has no events middleware"}
 
     def check(self, msg: TaskMessage) -> None:
         """Before a task runs: note its start time, and raise :class:`Revoked` if it was revoked."""
