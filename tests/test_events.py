@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -20,10 +23,11 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.utils.time import utcoffset as celery_utcoffset
-from support.workers import wait_for
+from support.workers import running_worker, wait_for
 
 from amqtask import App, Reject, Worker
 from amqtask.monitoring import events as events_module
+from amqtask.monitoring import receiver
 from amqtask.monitoring.events import EventPublisher
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "celery_events" / "events.json"
@@ -289,3 +293,38 @@ def test_enable_and_disable_events_by_remote_control_as_celery_and_flower_ask(br
     celery.close()
     # Only the task run while events were on; heartbeats went on after disable_events, as Celery's do.
     assert task_events() == ["task-received", "task-started", "task-succeeded"]
+
+
+def test_describe_prints_one_line_per_event() -> None:
+    event = {"type": "task-succeeded", "hostname": "w@h", "uuid": "id-1", "result": "8", "runtime": 0.004,
+             "timestamp": 0.0, "clock": 3}  # fmt: skip
+    line = receiver.describe(event)
+    assert line.endswith(" w@h task-succeeded id-1 result=8 runtime=0.004")
+    assert receiver.describe({"type": "worker-heartbeat", "hostname": "w@h"}) == "- w@h worker-heartbeat"
+
+
+@pytest.mark.broker
+def test_events_command_prints_the_stream_as_json(broker_url: str, unique: str) -> None:
+    app = event_app(broker_url, unique)
+    hostname = f"{unique}@cli"
+    env = {**os.environ, "AMQTASK_BROKER_URL": broker_url, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-m", "amqtask", "events", "--json"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr is not None and process.stdout is not None
+        assert "listening" in process.stderr.readline()
+
+        async def scenario() -> str:
+            async with running_worker(app, hostname=hostname):
+                return (await app.asend_task("tasks.add", (4, 4))).id
+
+        task_id = asyncio.run(asyncio.wait_for(scenario(), 30))
+        seen: list[dict[str, Any]] = []
+        while not any(e["type"] == "worker-offline" for e in seen):
+            seen.append(json.loads(process.stdout.readline()))
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+    mine = [e["type"] for e in seen if e.get("uuid") == task_id]
+    assert mine == ["task-received", "task-started", "task-succeeded"]
+    assert seen[0]["type"] == "worker-online" and seen[0]["hostname"] == hostname
