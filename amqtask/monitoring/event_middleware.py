@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import os
 import platform
 import time
@@ -37,6 +38,7 @@ HEARTBEAT_S = 2.0
 SOFTWARE = "py-amqtask"
 
 
+@functools.cache
 def _version() -> str:
     try:
         return metadata.version("amqtask")
