@@ -88,18 +88,21 @@ def _split(value: str | None) -> list[str] | None:
 @click.option("-P", "--processes", type=click.IntRange(1), default=1, show_default=True, help="worker processes")
 @click.option("--process-index", type=int, hidden=True)
 @click.option("--burst", is_flag=True, help="exit once the queues are empty")
+@click.option("--log-format", type=click.Choice(["text", "json"]), help="log lines as text or JSON objects")
 @click.option("-E", "--task-events", is_flag=True, help="send Celery's task and worker events (Flower, celery events)")
 @loglevel_option
 def worker(
     app_spec: str, queues: str | None, exclude_queues: str | None, concurrency: int | None,
     prefetch_multiplier: int | None, hostname: str | None, processes: int, process_index: int | None,
-    burst: bool, task_events: bool, loglevel: str,
+    burst: bool, log_format: str | None, task_events: bool, loglevel: str,
 ) -> None:  # fmt: skip
     """Consume queues and run tasks."""
+    from .monitoring.logs import configure_logging
     from .worker.supervisor import serve, supervise
 
-    _setup_logging(loglevel)
     app = load_app(app_spec)
+    log_format = log_format or app.conf.worker_log_format
+    configure_logging(loglevel, log_format)
     if task_events:
         app.conf.worker_send_task_events = True
     if processes > 1:
@@ -125,6 +128,7 @@ def worker(
                 argv += ["-n", f"{hostname}-{index}"]
             if task_events:
                 argv.append("-E")
+            argv += ["--log-format", log_format]
             return argv
 
         sys.exit(supervise(child, processes))

@@ -189,7 +189,7 @@ class Broker:
             )
         except Exception as exc:
             self.last_error = f"{mask_url(url)}: {_describe(exc)}"
-            log.warning("cannot connect to %s", self.last_error)
+            log.warning("cannot connect to %s%s", self.last_error, _hint(exc, url))
             raise BrokerConnectionError(self.last_error) from exc
         _detect_stalls_after_two_heartbeats(connection, self.settings.broker_heartbeat_s)
         _give_a_reason_to_reasonless_closes(connection)
@@ -346,6 +346,14 @@ def _give_a_reason_to_reasonless_closes(connection: aio_pika.abc.AbstractConnect
         return fail_pending(reason)
 
     underlay._cancel_tasks = fail_pending_with_a_reason
+
+
+def _hint(exc: BaseException, url: str) -> str:
+    """What to check when nothing answers at ``url`` (a refused or unreachable address)."""
+    unreachable = isinstance(exc, OSError | asyncio.TimeoutError) or (
+        isinstance(exc, aiormq.exceptions.AMQPConnectionError) and isinstance(exc.args[0] if exc.args else None, int)
+    )
+    return f"; is RabbitMQ running at {mask_url(url)}? set AMQTASK_BROKER_URL" if unreachable else ""
 
 
 def _describe(exc: BaseException) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..monitoring.event_middleware import EventsMiddleware
+from ..monitoring.logs import TaskLogMiddleware
 from ..signing import SigningMiddleware
 from . import Middleware
 from .canvas import CanvasMiddleware
@@ -14,6 +15,7 @@ def default_middleware() -> list[Middleware]:
 
     Signing comes first so a forged message is refused before anything acts on it; it is a no-op
     unless ``signing_keys`` is set. Control's revoke check comes before events (a revoked task yields
-    ``task-revoked`` alone) and canvas follow-ups.
+    ``task-revoked`` alone) and canvas follow-ups; task logging comes before canvas, so the follow-ups'
+    log records carry the task's fields.
     """
-    return [SigningMiddleware(), ControlMiddleware(), EventsMiddleware(), CanvasMiddleware()]
+    return [SigningMiddleware(), ControlMiddleware(), EventsMiddleware(), TaskLogMiddleware(), CanvasMiddleware()]

@@ -205,7 +205,6 @@ class DeliveryHandler:
             await self.retry(message, queue, msg, wire, Retry(f"Retry in {when:g}s: {exc!r}", exc=exc, when=when))
             return
         self.worker.stats["failed"] += 1
-        log.error("task %s[%s] failed: %s: %s", msg.task, msg.id, type(exc).__name__, exc)
         report = self.failure(msg, exc, format_traceback(exc))
         await self.fail_follow_ups(msg, exc, report)
         await self.dead_letter(message, queue, "failed", f"{type(exc).__name__}: {exc}", exc=exc, settle=False)
@@ -247,7 +246,6 @@ class DeliveryHandler:
         else:
             await self.publisher.publish(again, "", queue.name)
         self.worker.stats["retried"] += 1
-        log.info("task %s[%s] retry %d in %.1fs: %s", msg.task, msg.id, msg.retries + 1, delay, exc.exc or exc)
         cause = exc.exc if exc.exc is not None else exc
         report = ResultMessage(msg.id, protocol.RETRY, encode_exception(cause), traceback=str(exc),
                                parent_id=msg.parent_id)  # fmt: skip
