@@ -88,13 +88,14 @@ def _split(value: str | None) -> list[str] | None:
 @click.option("-P", "--processes", type=click.IntRange(1), default=1, show_default=True, help="worker processes")
 @click.option("--process-index", type=int, hidden=True)
 @click.option("--burst", is_flag=True, help="exit once the queues are empty")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), help="serve Prometheus metrics on this port")
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="log lines as text or JSON objects")
 @click.option("-E", "--task-events", is_flag=True, help="send Celery's task and worker events (Flower, celery events)")
 @loglevel_option
 def worker(
     app_spec: str, queues: str | None, exclude_queues: str | None, concurrency: int | None,
     prefetch_multiplier: int | None, hostname: str | None, processes: int, process_index: int | None,
-    burst: bool, log_format: str | None, task_events: bool, loglevel: str,
+    burst: bool, metrics_port: int | None, log_format: str | None, task_events: bool, loglevel: str,
 ) -> None:  # fmt: skip
     """Consume queues and run tasks."""
     from .monitoring.logs import configure_logging
@@ -103,6 +104,8 @@ def worker(
     app = load_app(app_spec)
     log_format = log_format or app.conf.worker_log_format
     configure_logging(loglevel, log_format)
+    if metrics_port is not None:
+        app.conf.worker_metrics_port = metrics_port
     if task_events:
         app.conf.worker_send_task_events = True
     if processes > 1:
@@ -129,9 +132,11 @@ def worker(
             if task_events:
                 argv.append("-E")
             argv += ["--log-format", log_format]
+            if app.conf.worker_metrics_port is not None:
+                argv += ["--metrics-port", str(app.conf.worker_metrics_port)]
             return argv
 
-        sys.exit(supervise(child, processes))
+        sys.exit(_run(app, lambda: supervise(child, processes, metrics_port=app.conf.worker_metrics_port)))
     if hostname is None and process_index is not None:
         hostname = f"{app.conf.worker_hostname or 'amqtask@' + os.uname().nodename}-{process_index}"
     options = {"queues": _split(queues), "exclude_queues": _split(exclude_queues), "concurrency": concurrency,

@@ -118,4 +118,3 @@ def test_records_outside_a_task_pass_with_empty_fields() -> None:
         task_context.reset(token)
     entry = json.loads(JsonFormatter().format(inside))
     assert (entry["task_id"], entry["task_name"], entry["retries"], entry["worker"]) == ("id-1", "t.name", 2, "w@h")
-    assert "queue" not in entry  # known only while the task runs

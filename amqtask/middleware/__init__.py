@@ -8,6 +8,7 @@ message.
 
 from __future__ import annotations
 
+import contextvars
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -16,6 +17,11 @@ if TYPE_CHECKING:
     from ..protocol import ResultMessage, TaskMessage, WireMessage
     from ..routing import Route
     from ..worker.worker import Worker
+
+
+#: The queue of the delivery being handled, for hooks that label by queue (metrics, logs). Set by the worker
+#: in each delivery's own asyncio task, so it never leaks into the next delivery.
+current_queue: contextvars.ContextVar[str | None] = contextvars.ContextVar("amqtask_queue", default=None)
 
 
 class Middleware:
@@ -52,4 +58,4 @@ class Middleware:
         """Called when the worker stops."""
 
 
-__all__ = ["Middleware"]
+__all__ = ["Middleware", "current_queue"]

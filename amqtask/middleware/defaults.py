@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..monitoring.event_middleware import EventsMiddleware
 from ..monitoring.logs import TaskLogMiddleware
+from ..monitoring.metrics import MetricsMiddleware
 from ..signing import SigningMiddleware
 from . import Middleware
 from .canvas import CanvasMiddleware
@@ -18,4 +19,7 @@ def default_middleware() -> list[Middleware]:
     ``task-revoked`` alone) and canvas follow-ups; task logging comes before canvas, so the follow-ups'
     log records carry the task's fields.
     """
-    return [SigningMiddleware(), ControlMiddleware(), EventsMiddleware(), TaskLogMiddleware(), CanvasMiddleware()]
+    return [
+        SigningMiddleware(), ControlMiddleware(), EventsMiddleware(), MetricsMiddleware(), TaskLogMiddleware(),
+        CanvasMiddleware(),
+    ]  # fmt: skip

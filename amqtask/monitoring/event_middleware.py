@@ -150,6 +150,10 @@ class EventsMiddleware(Middleware):
 
     def _sending(self, worker: Worker) -> WorkerEvents | None:
         events = self.workers.get(worker)
+        if events is None and worker.app.conf.worker_send_task_events:
+            # Deliveries already waiting arrive before on_worker_start: start here, worker-online first.
+            self.switch(worker, on=True)
+            events = self.workers[worker]
         return events if events is not None and events.task_events else None
 
     async def after_publish(self, app: App, message: TaskMessage, route: Route) -> None:

@@ -22,9 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..middleware import Middleware
+from ..middleware import Middleware, current_queue
 from ..protocol import short_repr
-from ..task import current_request
 
 if TYPE_CHECKING:
     from ..errors import Retry
@@ -83,10 +82,10 @@ class TaskFields(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         context = task_context.get()
-        request = current_request.get()
-        queue = request.delivery_info.get("queue") if request is not None else None
         if context is not None:
-            values: tuple[Any, ...] = (context.task_id, context.task_name, queue, context.retries, context.worker)
+            values: tuple[Any, ...] = (
+                context.task_id, context.task_name, current_queue.get(), context.retries, context.worker
+            )  # fmt: skip
         else:
             values = (None,) * len(TASK_FIELDS)
         for name, value in zip(TASK_FIELDS, values, strict=True):

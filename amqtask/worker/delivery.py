@@ -30,6 +30,7 @@ from ..errors import (
     TaskRevokedError,
 )
 from ..failures import encode_exception, format_traceback
+from ..middleware import current_queue
 from ..producer import HeadersTooLargeError
 from ..protocol import ResultMessage, TaskMessage, WireMessage
 from ..retry import autoretry_delay
@@ -80,6 +81,7 @@ class DeliveryHandler:
     # ------------------------------------------------------------------------------------------ entry
     async def handle(self, message: AbstractIncomingMessage, queue: QueueSpec) -> None:
         """Decode, check and run one delivery, then settle it."""
+        current_queue.set(queue.name)
         wire = wire_of(message)
         try:
             msg = protocol.decode_task(wire, self.accept, self.limits)
