@@ -320,11 +320,11 @@ def test_events_command_prints_the_stream_as_json(broker_url: str, unique: str) 
 
         task_id = asyncio.run(asyncio.wait_for(scenario(), 30))
         seen: list[dict[str, Any]] = []
-        while not any(e["type"] == "worker-offline" for e in seen):
+        while not any(e["type"] == "worker-offline" and e["hostname"] == hostname for e in seen):
             seen.append(json.loads(process.stdout.readline()))
     finally:
         process.terminate()
         process.communicate(timeout=10)
     mine = [e["type"] for e in seen if e.get("uuid") == task_id]
     assert mine == ["task-received", "task-started", "task-succeeded"]
-    assert seen[0]["type"] == "worker-online" and seen[0]["hostname"] == hostname
+    assert [e["type"] for e in seen if e["hostname"] == hostname][0] == "worker-online", seen
