@@ -327,4 +327,4 @@ def test_events_command_prints_the_stream_as_json(broker_url: str, unique: str) 
         process.communicate(timeout=10)
     mine = [e["type"] for e in seen if e.get("uuid") == task_id]
     assert mine == ["task-received", "task-started", "task-succeeded"]
-    assert [e["type"] for e in seen if e["hostname"] == hostname][0] == "worker-online", seen
+    assert next(e["type"] for e in seen if e["hostname"] == hostname) == "worker-online", seen
