@@ -28,7 +28,7 @@ from .middleware.defaults import default_middleware
 from .portal import Portal, register_exit
 from .producer import Publisher
 from .remote import Control
-from .result import AsyncResult, ResultConsumer, ResultStore, new_reply_queue_name
+from .results import AsyncResult, ResultConsumer, ResultStore, new_reply_queue_name
 from .routing import Router
 from .settings import Settings
 from .task import CALL_OPTIONS, Task, check_task_options

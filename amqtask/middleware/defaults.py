@@ -14,12 +14,13 @@ from .control import ControlMiddleware
 def default_middleware() -> list[Middleware]:
     """A fresh list of the built-in middleware, in the order their hooks run.
 
-    Signing comes first so a forged message is refused before anything acts on it; it is a no-op
-    unless ``signing_keys`` is set. Control's revoke check comes before events (a revoked task yields
-    ``task-revoked`` alone) and canvas follow-ups; task logging comes before canvas, so the follow-ups'
-    log records carry the task's fields.
+    Control's revoke check comes before events (a revoked task yields ``task-revoked`` alone), metrics
+    and task logging, and those before canvas follow-ups (whose log records then carry the task's
+    fields). Signing (a no-op unless ``signing_keys`` is set) signs what is published, so it comes after
+    anything that changes outgoing messages; it verifies nothing here: a worker verifies each delivery
+    before any middleware sees it, so an unverified message causes no event, metric or log of a task.
     """
     return [
-        SigningMiddleware(), ControlMiddleware(), EventsMiddleware(), MetricsMiddleware(), TaskLogMiddleware(),
-        CanvasMiddleware(),
+        ControlMiddleware(), EventsMiddleware(), MetricsMiddleware(), TaskLogMiddleware(), CanvasMiddleware(),
+        SigningMiddleware(),
     ]  # fmt: skip
