@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import ssl
@@ -349,11 +350,15 @@ def _give_a_reason_to_reasonless_closes(connection: aio_pika.abc.AbstractConnect
 
 
 def _hint(exc: BaseException, url: str) -> str:
-    """What to check when nothing answers at ``url`` (a refused or unreachable address)."""
-    unreachable = isinstance(exc, OSError | asyncio.TimeoutError) or (
-        isinstance(exc, aiormq.exceptions.AMQPConnectionError) and isinstance(exc.args[0] if exc.args else None, int)
-    )
-    return f"; is RabbitMQ running at {mask_url(url)}? set AMQTASK_BROKER_URL" if unreachable else ""
+    """What to check when nothing answers at ``url`` (refused, unreachable, timed out; not TLS or login)."""
+    code = exc.errno if isinstance(exc, OSError) else exc.args[0] if exc.args else None
+    if isinstance(exc, asyncio.TimeoutError) or code in _NOBODY_THERE:
+        return f"; is RabbitMQ running at {mask_url(url)}? set AMQTASK_BROKER_URL"
+    return ""
+
+
+#: Connect errors that mean no broker listens at the address (as opposed to TLS or login failures).
+_NOBODY_THERE = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT})
 
 
 def _describe(exc: BaseException) -> str:
