@@ -114,6 +114,8 @@ def test_flower_reports_amqtask_workers_and_tasks(flower: Flower, broker_url: st
 
     assert set(workers[hostname]["registered"]) >= {"tasks.add", "tasks.fail", "tasks.flaky"}
     assert workers[hostname]["stats"]["pool"]["max-concurrency"] == 2
+    assert [queue["name"] for queue in workers[hostname]["active_queues"]] == [unique]
+    assert workers[hostname]["conf"]["task_default_queue"] == unique
     wait_for(lambda: flower.get("/api/workers?status=1").get(hostname) is False, 30, "worker offline in Flower")
 
 
