@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigurationError
+from .ratelimit import parse_rate
 from .urls import mask_text
 
 ENV_PREFIX = "AMQTASK_"
@@ -107,6 +108,15 @@ def _broker_urls(name: str, value: Any) -> tuple[str, ...]:
     return tuple(urls)
 
 
+@_kind("rate: N/s, N/m or N/h (a number alone is per second), or none")
+def _rate(name: str, value: Any) -> Any:
+    try:
+        parse_rate(value)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"setting {name!r}: {exc}") from None
+    return value or None
+
+
 @_kind("list of strings (comma-separated in the environment)")
 def _str_list(name: str, value: Any) -> tuple[str, ...]:
     items = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
@@ -188,6 +198,8 @@ SPECS: dict[str, Spec] = {
     "task_queues": Spec(None, _anything, "queue definitions (see the routing section)"),
     "task_routes": Spec(None, _anything, "task name -> route: dict, list of dicts/functions, or a function"),
     "task_time_limit": Spec(None, _number(0, allow_none=True), "hard time limit per task, seconds"),
+    "task_default_rate_limit": Spec(None, _rate, "tasks of one name started per worker process at most, "
+                                    "e.g. '100/s', '10/m', '500/h' (none: unlimited; a task's rate_limit wins)"),
     "task_soft_time_limit": Spec(None, _number(0, allow_none=True), "soft time limit per task, seconds"),
     "task_default_retry_delay": Spec(180.0, _number(0), "default countdown of self.retry(), seconds"),
     "task_max_retries": Spec(3, _number(0, integer=True, allow_none=True), "default max_retries"),

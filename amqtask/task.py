@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from .errors import ConfigurationError
+from .ratelimit import parse_rate
 
 if TYPE_CHECKING:
     from .app import App
@@ -46,6 +47,7 @@ TASK_OPTIONS: dict[str, type | tuple[type, ...] | None] = {
     "soft_time_limit": (int, float),
     "expires": (int, float, dt.timedelta, dt.datetime),
     "track_started": bool,
+    "rate_limit": (str, int, float),
 }
 
 #: Options ``apply_async`` accepts.
@@ -68,6 +70,10 @@ def check_task_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigurationError(f"task {name!r}: option {key!r} has the wrong type ({value!r})")
     if "priority" in options and not 0 <= options["priority"] <= 255:
         raise ConfigurationError(f"task {name!r}: priority must be 0..255")
+    try:
+        parse_rate(options.get("rate_limit"))
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"task {name!r}: {exc}") from None
     return dict(options)
 
 

@@ -33,3 +33,21 @@ def revoke(
         return flatten(app.control.revoke(list(task_ids), destination=nodes, reply=True, timeout=timeout))
 
     run_query(app_spec, destination, timeout, as_json, query)
+
+
+@command.command("rate_limit")
+@click.argument("task_name")
+@click.argument("rate")
+@remote_options
+def rate_limit(
+    app_spec: str | None, destination: str | None, timeout: float, as_json: bool, task_name: str, rate: str
+) -> None:
+    """Limit how often each worker process starts TASK_NAME: RATE is N/s, N/m or N/h (0: no limit).
+
+    The limit lasts until the workers restart; set ``rate_limit`` on the task to keep it.
+    """
+
+    def query(app: App, nodes: list[str] | None, timeout: float) -> dict[str, Any]:
+        return flatten(app.control.rate_limit(task_name, rate, destination=nodes, reply=True, timeout=timeout))
+
+    run_query(app_spec, destination, timeout, as_json, query)

@@ -184,6 +184,41 @@ class Control:
             self.arevoke(task_id, terminate=terminate, destination=destination, reply=reply, timeout=timeout)
         )
 
+    async def arate_limit(
+        self,
+        task_name: str,
+        rate_limit: str | float | None,
+        *,
+        destination: Sequence[str] | None = None,
+        reply: bool = False,
+        timeout: float = 1.0,
+    ) -> list[dict[str, Any]]:
+        """Set ``task_name``'s rate limit (``"10/s"``, ``"5/m"``, ``"100/h"``; ``0`` for none) in every worker process.
+
+        As in Celery, the limit is per worker process and lasts until it restarts.
+        """
+        return await self.abroadcast(
+            "rate_limit",
+            {"task_name": task_name, "rate_limit": rate_limit},
+            destination=destination,
+            reply=reply,
+            timeout=timeout,
+        )
+
+    def rate_limit(
+        self,
+        task_name: str,
+        rate_limit: str | float | None,
+        *,
+        destination: Sequence[str] | None = None,
+        reply: bool = False,
+        timeout: float = 1.0,
+    ) -> list[dict[str, Any]]:
+        """:meth:`arate_limit` for synchronous code."""
+        return self.app.portal.run(
+            self.arate_limit(task_name, rate_limit, destination=destination, reply=reply, timeout=timeout)
+        )
+
     def inspect(
         self, timeout: float = 1.0, destination: Sequence[str] | None = None, limit: int | None = None
     ) -> Inspect:

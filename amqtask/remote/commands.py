@@ -1,8 +1,8 @@
 """What a worker answers to remote control: the commands, and the revoked ids they keep.
 
 Commands: ``ping``, ``registered``, ``active``, ``stats``, ``revoke``, ``revoked``, ``hello`` (Celery
-workers send it at startup to share revoked ids), ``active_queues``, ``conf`` and ``enable_events`` /
-``disable_events``. A new command is a method here and a line in :attr:`Commands.table`.
+workers send it at startup to share revoked ids), ``active_queues``, ``conf``, ``enable_events`` /
+``disable_events`` and ``rate_limit``. A new command is a method here and a line in :attr:`Commands.table`.
 
 Revoked ids live in the worker's memory, bounded and expiring like Celery's: a worker started after a
 revoke does not know it, and a restart forgets it. A delivery whose id was revoked is acked and
@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from ..errors import Revoked
+from ..errors import ConfigurationError, Revoked
+from ..ratelimit import parse_rate
 from ..urls import encode_credentials, mask_url
 from .wire import LamportClock
 
@@ -178,6 +179,7 @@ class Commands:
             "conf": lambda _: visible_settings(self.worker.app.conf.as_dict()),
             "enable_events": lambda _: self.events(on=True),
             "disable_events": lambda _: self.events(on=False),
+            "rate_limit": self.rate_limit,
         }
 
     def dispatch(self, method: str, arguments: Any) -> Any:
@@ -277,6 +279,23 @@ class Commands:
         # Celery 5.7 sends a list of ids; older versions a dict of id -> time.
         self.revoked.add(i for i in (theirs or ()) if isinstance(i, str))
         return {"revoked": self.revoked.ids(), "clock": self.clock.forward()}
+
+    def rate_limit(self, arguments: dict[str, Any]) -> dict[str, str]:
+        """Change a task's rate limit in this worker process; Celery's replies."""
+        name, limit = arguments.get("task_name"), arguments.get("rate_limit")
+        try:
+            parse_rate(limit)
+        except ConfigurationError as exc:
+            return {"error": f"Invalid rate limit string: {exc}"}
+        if not isinstance(name, str) or name not in self.worker.app.tasks:
+            log.error("rate limit attempt for unknown task %r", name)
+            return {"error": "unknown task"}
+        self.worker.rate_limits.set(name, limit)
+        if not parse_rate(limit):
+            log.info("rate limits disabled for tasks of type %s", name)
+            return {"ok": "rate limit disabled successfully"}
+        log.info("new rate limit for tasks of type %s: %s", name, limit)
+        return {"ok": "new rate limit set successfully"}
 
     def events(self, *, on: bool) -> dict[str, str]:
         """Turn task events on or off, as ``celery control enable_events`` (and Flower) ask."""

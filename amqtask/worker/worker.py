@@ -24,6 +24,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from .. import delays, topology
 from ..errors import ConfigurationError
 from ..protocol import TaskMessage
+from ..ratelimit import RateLimits
 from ..topology import QueueSpec
 from .consumer import Consumer
 from .delivery import DeliveryHandler, default_hostname
@@ -68,6 +69,7 @@ class Worker:
         self.pid = os.getpid()
         self.executor = Executor(self.concurrency)
         self.handler = DeliveryHandler(self)
+        self.rate_limits = RateLimits(app)
         self.stats: collections.Counter[str] = collections.Counter()
         self.active: dict[str, TaskMessage] = {}
         self.started_at = time.time()
@@ -159,6 +161,8 @@ class Worker:
 
     async def _process(self, message: AbstractIncomingMessage, queue: QueueSpec) -> None:
         try:
+            # Before taking a slot: a task waiting for its rate limit must not keep other tasks from running.
+            await self.rate_limits.wait(message.headers.get("task"))
             async with self._slots:
                 self._waiting.pop(message, None)
                 if channel_gone(message):
