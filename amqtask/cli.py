@@ -10,7 +10,7 @@ import importlib
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -27,6 +27,9 @@ from .commands.shared import (
     split,
     timeout_option,
 )
+
+if TYPE_CHECKING:
+    from .app import App
 
 #: Pool names a Celery user may give to -P; amqtask's -P is a process count.
 CELERY_POOLS = ("prefork", "processes", "solo", "threads", "eventlet", "gevent", "custom")
@@ -106,6 +109,13 @@ def main(app_spec: str | None) -> None:
     """
 
 
+def _apply_flags(app: App, **settings: Any) -> None:
+    """Command-line flags win over the app's settings; a flag not given (``None``) leaves its setting alone."""
+    for name, value in settings.items():
+        if value is not None:
+            setattr(app.conf, name, value)
+
+
 @main.command(epilog=WORKER_EXAMPLES)
 @app_option
 @click.option("-Q", "--queues", help="comma-separated queues to consume (default: all configured)")
@@ -118,6 +128,9 @@ def main(app_spec: str | None) -> None:
     help="worker processes, supervised (a number, not a Celery pool name)",
 )  # fmt: skip
 @click.option("--process-index", type=int, hidden=True)
+@click.option("--max-tasks-per-child", type=click.IntRange(1), help="replace a worker process after this many tasks")
+@click.option("--max-memory-per-child", type=click.IntRange(1),
+              help="replace a worker process once its peak resident memory reaches this many KiB")  # fmt: skip
 @click.option("--burst", is_flag=True, help="exit once the queues are empty")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), help="serve Prometheus metrics on this port")
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="log lines as text or JSON objects")
@@ -126,7 +139,8 @@ def main(app_spec: str | None) -> None:
 def worker(
     app_spec: str | None, queues: str | None, exclude_queues: str | None, concurrency: int | None,
     prefetch_multiplier: int | None, hostname: str | None, processes: int, process_index: int | None,
-    burst: bool, metrics_port: int | None, log_format: str | None, task_events: bool, loglevel: str,
+    max_tasks_per_child: int | None, max_memory_per_child: int | None, burst: bool, metrics_port: int | None,
+    log_format: str | None, task_events: bool, loglevel: str,
 ) -> None:  # fmt: skip
     """Consume queues and run tasks."""
     from .monitoring.logs import configure_logging
@@ -136,11 +150,11 @@ def worker(
     app = load_app(app_spec)
     log_format = log_format or app.conf.worker_log_format
     configure_logging(loglevel, log_format)
-    if metrics_port is not None:
-        app.conf.worker_metrics_port = metrics_port
-    if task_events:
-        app.conf.worker_send_task_events = True
-    if processes > 1:
+    _apply_flags(app, worker_metrics_port=metrics_port, worker_send_task_events=task_events or None,
+                 worker_max_tasks_per_child=max_tasks_per_child,
+                 worker_max_memory_per_child=max_memory_per_child)  # fmt: skip
+    recycled = app.conf.worker_max_tasks_per_child or app.conf.worker_max_memory_per_child
+    if process_index is None and (processes > 1 or recycled):
         spec = app_spec_given(app_spec)
         assert spec is not None  # load_app exits without one
 
@@ -166,8 +180,10 @@ def worker(
             if task_events:
                 argv.append("-E")
             argv += ["--log-format", log_format]
-            if app.conf.worker_metrics_port is not None:
-                argv += ["--metrics-port", str(app.conf.worker_metrics_port)]
+            for flag, value in (("--metrics-port", app.conf.worker_metrics_port),
+                                ("--max-tasks-per-child", app.conf.worker_max_tasks_per_child),
+                                ("--max-memory-per-child", app.conf.worker_max_memory_per_child)):  # fmt: skip
+                argv += [flag, str(value)] if value is not None else []
             return argv
 
         sys.exit(run(app, lambda: supervise(child, processes, metrics_port=app.conf.worker_metrics_port), quiet=False))
@@ -175,6 +191,9 @@ def worker(
         hostname = f"{app.conf.worker_hostname or 'amqtask@' + os.uname().nodename}-{process_index}"
     options = {"queues": split(queues), "exclude_queues": split(exclude_queues), "concurrency": concurrency,
                "prefetch_multiplier": prefetch_multiplier, "hostname": hostname, "burst": burst}  # fmt: skip
+    if process_index is not None:  # only a supervised child is replaced when it reaches a limit
+        options.update(max_tasks=app.conf.worker_max_tasks_per_child,
+                       max_memory_kib=app.conf.worker_max_memory_per_child)  # fmt: skip
     sys.exit(run(app, lambda: asyncio.run(serve(app, **options)), quiet=False))
 
 

@@ -210,6 +210,10 @@ SPECS: dict[str, Spec] = {
     "worker_concurrency": Spec(_CPUS, _number(1, integer=True), "tasks run at once per worker process"),
     "worker_prefetch_multiplier": Spec(4, _number(1, integer=True), "prefetch = concurrency x this"),
     "worker_shutdown_grace_s": Spec(30.0, _number(0), "time running tasks get to finish on SIGTERM"),
+    "worker_max_tasks_per_child": Spec(None, _number(1, integer=True, allow_none=True), "with -P: a worker process "
+                                       "starts at most this many tasks, then finishes them and is replaced"),
+    "worker_max_memory_per_child": Spec(None, _number(1, integer=True, allow_none=True), "with -P: a worker process "
+                                        "whose peak resident memory (KiB) reaches this after a task is replaced"),
     "worker_hostname": Spec(None, _opt_str, "worker node name (default amqtask@<host>)"),
     "message_max_bytes": Spec(16 * 1024 * 1024, _number(1, integer=True), "largest body a worker decodes"),
     "message_max_depth": Spec(64, _number(1, integer=True), "deepest nesting a worker decodes"),

@@ -6,6 +6,7 @@ The broker URL and queue come from the environment (``AMQTASK_BROKER_URL``, ``AM
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from amqtask import App
@@ -41,3 +42,8 @@ def flaky(self: Any) -> str:
     if self.request.retries == 0:
         raise self.retry(countdown=0, exc=KeyError("again"))
     return "ok"
+
+
+@app.task(name="mon.pid")
+def pid() -> int:
+    return os.getpid()

@@ -3,7 +3,9 @@
 Signals, decided once: the first SIGTERM or SIGINT drains (stop consuming, finish running tasks within
 the grace period, hand the rest back) and exits 0; a second one exits at once with status 1, and the
 broker redelivers whatever was unacked. With ``--processes P`` the supervisor starts P children (each
-a single-process worker of its own), restarts any that dies, and passes signals on to them.
+a single-process worker of its own), restarts any that dies, and passes signals on to them. A child
+that exits by itself with status 0 reached ``--max-tasks-per-child`` or ``--max-memory-per-child`` after
+finishing its tasks, and is replaced at once.
 """
 
 from __future__ import annotations
@@ -104,10 +106,18 @@ def supervise(child_command: Callable[[int], list[str]], processes: int, metrics
         if exited_hook is not None:
             exited_hook(pid)
         if not stopping:
-            # Back off when a child keeps dying at once (a broken deploy must not spin the CPU).
-            wait = 1.0 if time.monotonic() - restarts.get(which, 0.0) < 5 else 0.0
-            log.warning("worker process %d (pid %d) died (status %d); restarting", which, pid, status)
-            time.sleep(wait)
-            restarts[which] = time.monotonic()
+            _before_replacing(which, pid, exited.returncode, restarts)
             spawn(which)
     return 0
+
+
+def _before_replacing(index: int, pid: int, code: int, restarts: dict[int, float]) -> None:
+    """Log why child ``index`` goes; after a crash, pause if it crashed recently too."""
+    if code == 0:
+        log.info("worker process %d (pid %d) reached its task or memory limit; replacing it", index, pid)
+        return
+    # Back off when a child keeps dying at once (a broken deploy must not spin the CPU).
+    wait = 1.0 if time.monotonic() - restarts.get(index, 0.0) < 5 else 0.0
+    log.warning("worker process %d (pid %d) died (status %d); restarting", index, pid, code)
+    time.sleep(wait)
+    restarts[index] = time.monotonic()

@@ -15,6 +15,8 @@ import contextlib
 import functools
 import logging
 import os
+import resource
+import sys
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -37,11 +39,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("amqtask.worker")
 
 
+def peak_rss_kib() -> int:
+    """This process's peak resident memory in KiB, as Celery's ``--max-memory-per-child`` measures it."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024 if sys.platform == "darwin" else peak  # macOS counts bytes, Linux KiB
+
+
 class Worker:
     """Consumes queues of an :class:`~amqtask.App` and runs its tasks.
 
     ``burst=True`` makes :meth:`run` return once the queues are empty and nothing is running (tests,
-    batch jobs).
+    batch jobs). ``max_tasks`` / ``max_memory_kib`` (a supervised child's ``--max-tasks-per-child`` /
+    ``--max-memory-per-child``) make it stop as on SIGTERM once it has started that many tasks, or once
+    its peak resident memory reaches that many KiB after a task; its supervisor then starts another.
     """
 
     def __init__(
@@ -54,6 +64,8 @@ class Worker:
         prefetch_multiplier: int | None = None,
         hostname: str | None = None,
         burst: bool = False,
+        max_tasks: int | None = None,
+        max_memory_kib: int | None = None,
     ) -> None:
         self.app = app
         conf = app.conf
@@ -66,6 +78,10 @@ class Worker:
         self.prefetch = self.concurrency * (prefetch_multiplier or conf.worker_prefetch_multiplier)
         self.hostname = hostname or conf.worker_hostname or default_hostname()
         self.burst = burst
+        self.max_tasks = max_tasks
+        self.max_memory_kib = max_memory_kib
+        self._started_tasks = 0
+        self._recycling: asyncio.Task[None] | None = None
         self.pid = os.getpid()
         self.executor = Executor(self.concurrency)
         self.handler = DeliveryHandler(self)
@@ -165,6 +181,10 @@ class Worker:
             await self.rate_limits.wait(message.headers.get("task"))
             async with self._slots:
                 self._waiting.pop(message, None)
+                if self._stopping or self._recycling is not None:
+                    # Stopping began while this one waited: hand it back now rather than start it.
+                    await self.handler.release(message)
+                    return
                 if channel_gone(message):
                     # The broker requeued this delivery when its channel went, and may already have
                     # handed it to another consumer: starting it now would only run the task twice.
@@ -176,13 +196,24 @@ class Worker:
 
     @contextlib.contextmanager
     def tracking(self, msg: TaskMessage) -> Iterator[None]:
-        """Mark ``msg`` as running (for ``inspect active`` and stats)."""
+        """Mark ``msg`` as running (for ``inspect active`` and stats); recycle the process when a limit is due."""
         self.active[msg.id] = msg
+        self._started_tasks += 1
+        if self.max_tasks is not None and self._started_tasks >= self.max_tasks:
+            self._recycle(f"started {self._started_tasks} tasks (max {self.max_tasks})")
         try:
             yield
         finally:
             self.active.pop(msg.id, None)
             self.stats["processed"] += 1
+            if self.max_memory_kib is not None and peak_rss_kib() >= self.max_memory_kib:
+                self._recycle(f"peak memory {peak_rss_kib()} KiB (max {self.max_memory_kib} KiB)")
+
+    def _recycle(self, why: str) -> None:
+        """Stop as on SIGTERM: take no more deliveries, hand back those not started, finish the running ones."""
+        if self._recycling is None and not self._stopping:
+            log.info("worker %s %s: finishing its tasks, then exiting to be replaced", self.hostname, why)
+            self._recycling = asyncio.get_running_loop().create_task(self.stop())
 
     # ------------------------------------------------------------------------------------------ stopping
     async def stop(self, grace: float | None = None) -> None:
