@@ -51,3 +51,38 @@ def rate_limit(
         return flatten(app.control.rate_limit(task_name, rate, destination=nodes, reply=True, timeout=timeout))
 
     run_query(app_spec, destination, timeout, as_json, query)
+
+
+@command.command("add_consumer")
+@click.argument("queue")
+@remote_options
+def add_consumer(app_spec: str | None, destination: str | None, timeout: float, as_json: bool, queue: str) -> None:
+    """Make the workers consume QUEUE too, until they restart."""
+
+    def query(app: App, nodes: list[str] | None, timeout: float) -> dict[str, Any]:
+        return flatten(app.control.add_consumer(queue, destination=nodes, reply=True, timeout=timeout))
+
+    run_query(app_spec, destination, timeout, as_json, query)
+
+
+@command.command("cancel_consumer")
+@click.argument("queue")
+@remote_options
+def cancel_consumer(app_spec: str | None, destination: str | None, timeout: float, as_json: bool, queue: str) -> None:
+    """Make the workers stop consuming QUEUE, until they restart."""
+
+    def query(app: App, nodes: list[str] | None, timeout: float) -> dict[str, Any]:
+        return flatten(app.control.cancel_consumer(queue, destination=nodes, reply=True, timeout=timeout))
+
+    run_query(app_spec, destination, timeout, as_json, query)
+
+
+@command.command()
+@remote_options
+def shutdown(app_spec: str | None, destination: str | None, timeout: float, as_json: bool) -> None:
+    """Stop the workers as SIGTERM does: running tasks finish, the rest go back to their queues."""
+
+    def query(app: App, nodes: list[str] | None, timeout: float) -> dict[str, Any]:
+        return flatten(app.control.shutdown(destination=nodes, reply=True, timeout=timeout))
+
+    run_query(app_spec, destination, timeout, as_json, query)

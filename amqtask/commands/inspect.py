@@ -72,3 +72,17 @@ def active_queues(app_spec: str, destination: str | None, timeout: float, as_jso
 def conf(app_spec: str, destination: str | None, timeout: float, as_json: bool) -> None:
     """Show each worker's settings (secrets left out, broker URLs masked)."""
     run_query(app_spec, destination, timeout, as_json, _inspect("conf"))
+
+
+@command.command()
+@remote_options
+def reserved(app_spec: str, destination: str | None, timeout: float, as_json: bool) -> None:
+    """List the tasks each worker holds but has not started (waiting for a slot or a rate limit)."""
+    run_query(app_spec, destination, timeout, as_json, _inspect("reserved"))
+
+
+@command.command()
+@remote_options
+def scheduled(app_spec: str, destination: str | None, timeout: float, as_json: bool) -> None:
+    """List the tasks each worker holds for a later time (none for amqtask: the broker keeps them)."""
+    run_query(app_spec, destination, timeout, as_json, _inspect("scheduled"))

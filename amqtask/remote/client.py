@@ -219,6 +219,44 @@ class Control:
             self.arate_limit(task_name, rate_limit, destination=destination, reply=reply, timeout=timeout)
         )
 
+    async def aadd_consumer(
+        self, queue: str, *, destination: Sequence[str] | None = None, reply: bool = False, timeout: float = 1.0
+    ) -> list[dict[str, Any]]:
+        """Make the workers consume ``queue`` too (defined by their app's routing, or a plain durable queue)."""
+        return await self.abroadcast("add_consumer", {"queue": queue}, destination=destination, reply=reply,
+                                     timeout=timeout)  # fmt: skip
+
+    def add_consumer(
+        self, queue: str, *, destination: Sequence[str] | None = None, reply: bool = False, timeout: float = 1.0
+    ) -> list[dict[str, Any]]:
+        """:meth:`aadd_consumer` for synchronous code."""
+        return self.app.portal.run(self.aadd_consumer(queue, destination=destination, reply=reply, timeout=timeout))
+
+    async def acancel_consumer(
+        self, queue: str, *, destination: Sequence[str] | None = None, reply: bool = False, timeout: float = 1.0
+    ) -> list[dict[str, Any]]:
+        """Make the workers stop consuming ``queue``; what they already hold from it still runs."""
+        return await self.abroadcast("cancel_consumer", {"queue": queue}, destination=destination, reply=reply,
+                                     timeout=timeout)  # fmt: skip
+
+    def cancel_consumer(
+        self, queue: str, *, destination: Sequence[str] | None = None, reply: bool = False, timeout: float = 1.0
+    ) -> list[dict[str, Any]]:
+        """:meth:`acancel_consumer` for synchronous code."""
+        return self.app.portal.run(self.acancel_consumer(queue, destination=destination, reply=reply, timeout=timeout))
+
+    async def ashutdown(
+        self, *, destination: Sequence[str] | None = None, reply: bool = False, timeout: float = 1.0
+    ) -> list[dict[str, Any]]:
+        """Stop the workers as SIGTERM does (running tasks finish, the rest go back to their queues)."""
+        return await self.abroadcast("shutdown", destination=destination, reply=reply, timeout=timeout)
+
+    def shutdown(
+        self, *, destination: Sequence[str] | None = None, reply: bool = False, timeout: float = 1.0
+    ) -> list[dict[str, Any]]:
+        """:meth:`ashutdown` for synchronous code."""
+        return self.app.portal.run(self.ashutdown(destination=destination, reply=reply, timeout=timeout))
+
     def inspect(
         self, timeout: float = 1.0, destination: Sequence[str] | None = None, limit: int | None = None
     ) -> Inspect:
@@ -303,6 +341,22 @@ class Inspect:
     def conf(self) -> dict[str, Any]:
         """:meth:`aconf` for synchronous code."""
         return self._request("conf")
+
+    async def areserved(self, safe: bool = False) -> dict[str, Any]:
+        """``{node: [task info, ...]}`` for the deliveries each worker holds but has not started."""
+        return await self._arequest("reserved", safe=safe)
+
+    def reserved(self, safe: bool = False) -> dict[str, Any]:
+        """:meth:`areserved` for synchronous code."""
+        return self._request("reserved", safe=safe)
+
+    async def ascheduled(self) -> dict[str, Any]:
+        """``{node: []}`` from amqtask workers: tasks with an eta wait in the broker, never in a worker."""
+        return await self._arequest("scheduled")
+
+    def scheduled(self) -> dict[str, Any]:
+        """:meth:`ascheduled` for synchronous code."""
+        return self._request("scheduled")
 
     async def arevoked(self) -> dict[str, Any]:
         """``{node: [revoked task id, ...]}``, oldest first."""

@@ -2,7 +2,8 @@
 
 Commands: ``ping``, ``registered``, ``active``, ``stats``, ``revoke``, ``revoked``, ``hello`` (Celery
 workers send it at startup to share revoked ids), ``active_queues``, ``conf``, ``enable_events`` /
-``disable_events`` and ``rate_limit``. A new command is a method here and a line in :attr:`Commands.table`.
+``disable_events``, ``rate_limit``, ``reserved``, ``scheduled``, ``add_consumer``,
+``cancel_consumer`` and ``shutdown``. A new command is a method here and a line in :attr:`Commands.table`.
 
 Revoked ids live in the worker's memory, bounded and expiring like Celery's: a worker started after a
 revoke does not know it, and a restart forgets it. A delivery whose id was revoked is acked and
@@ -11,18 +12,19 @@ answered REVOKED without running (:meth:`Commands.check` raises :class:`~amqtask
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import reprlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigurationError, Revoked
 from ..ratelimit import parse_rate
 from ..urls import encode_credentials, mask_url
-from .wire import LamportClock
+from .wire import LamportClock, header_text
 
 if TYPE_CHECKING:
     from ..protocol import TaskMessage
@@ -167,6 +169,7 @@ class Commands:
         #: When each recent task started (for ``active``); bounded, since nothing says when to forget.
         self.started: OrderedDict[str, float] = OrderedDict()
         self._max_started = max(1024, 4 * worker.prefetch)
+        self._pending: set[asyncio.Task[None]] = set()
         self.table: dict[str, Callable[[dict[str, Any]], Any]] = {
             "ping": lambda _: {"ok": "pong"},
             "registered": self.registered,
@@ -180,6 +183,12 @@ class Commands:
             "enable_events": lambda _: self.events(on=True),
             "disable_events": lambda _: self.events(on=False),
             "rate_limit": self.rate_limit,
+            "reserved": self.reserved,
+            # amqtask never holds a task for its eta: the broker's delay levels keep it until it is due.
+            "scheduled": lambda _: [],
+            "add_consumer": self.add_consumer,
+            "cancel_consumer": self.cancel_consumer,
+            "shutdown": self.shutdown,
         }
 
     def dispatch(self, method: str, arguments: Any) -> Any:
@@ -279,6 +288,53 @@ class Commands:
         # Celery 5.7 sends a list of ids; older versions a dict of id -> time.
         self.revoked.add(i for i in (theirs or ()) if isinstance(i, str))
         return {"revoked": self.revoked.ids(), "clock": self.clock.forward()}
+
+    def reserved(self, arguments: dict[str, Any]) -> list[dict[str, Any]]:
+        """Deliveries held but not started, in ``active``'s shape; arguments as the sender's repr, cut to 1 KiB.
+
+        Their bodies are not decoded for this: the headers carry all Celery shows.
+        """
+        infos = []
+        for message in self.worker.reserved():
+            headers = message.headers or {}
+            name = header_text(headers.get("task"))
+            args, kwargs = (header_text(headers.get(key)) or "" for key in ("argsrepr", "kwargsrepr"))
+            infos.append({
+                "id": header_text(headers.get("id")), "name": name, "type": name,
+                "args": _shown(None, args, safe=True), "kwargs": _shown(None, kwargs, safe=True),
+                "hostname": self.hostname, "time_start": None, "acknowledged": False, "worker_pid": None,
+                "delivery_info": {"exchange": message.exchange, "routing_key": message.routing_key,
+                                  "priority": message.priority, "redelivered": message.redelivered},
+            })  # fmt: skip
+        return infos
+
+    def _soon(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` on the worker's loop after the reply has gone (as Celery's ``call_soon``)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    def add_consumer(self, arguments: dict[str, Any]) -> dict[str, str]:
+        """Consume one more queue (its definition from the app's routing, or a plain durable queue)."""
+        queue = arguments.get("queue")
+        if not isinstance(queue, str) or not queue:
+            return {"error": "add_consumer needs a queue name"}
+        self._soon(self.worker.add_queue(self.worker.app.router.queue(queue)))
+        return {"ok": f"add consumer {queue}"}
+
+    def cancel_consumer(self, arguments: dict[str, Any]) -> dict[str, str]:
+        """Stop consuming a queue; deliveries from it already in the worker still run."""
+        queue = arguments.get("queue")
+        if not isinstance(queue, str) or not queue:
+            return {"error": "cancel_consumer needs a queue name"}
+        self._soon(self.worker.remove_queue(queue))
+        return {"ok": f"no longer consuming from {queue}"}
+
+    def shutdown(self, arguments: dict[str, Any]) -> dict[str, str]:
+        """Stop the worker as on SIGTERM (finish running tasks, hand the rest back)."""
+        log.warning("Got shutdown from remote")
+        self._soon(self.worker.stop())
+        return {"ok": "shutting down"}
 
     def rate_limit(self, arguments: dict[str, Any]) -> dict[str, str]:
         """Change a task's rate limit in this worker process; Celery's replies."""

@@ -86,9 +86,7 @@ class Consumer:
         await channel.set_qos(prefetch_count=self.prefetch)
         self._tags.clear()
         for spec in self.queues:
-            queue = await channel.declare_queue(spec.name, passive=True)
-            tag = await queue.consume(self._callback(spec))
-            self._tags[tag] = spec.name
+            await self._consume_on(channel, spec)
         self._channel = channel
         if self.resumptions or self.consuming.is_set():
             log.info("consuming again from %s", ", ".join(q.name for q in self.queues))
@@ -103,6 +101,30 @@ class Consumer:
             # Closing the channel hands its unacked deliveries back; in-flight tasks will then skip their ack.
             with contextlib.suppress(*RECOVERABLE_ERRORS):
                 await channel.close()
+
+    async def _consume_on(self, channel: AbstractChannel, spec: QueueSpec) -> None:
+        queue = await channel.declare_queue(spec.name, passive=True)
+        tag = await queue.consume(self._callback(spec))
+        self._tags[tag] = spec.name
+
+    async def consume(self, spec: QueueSpec) -> None:
+        """Consume ``spec`` on the live channel too (it must be in :attr:`queues` for later reconnects)."""
+        live = self._channel is not None and not self._channel.is_closed and self.consuming.is_set()
+        if live and spec.name not in self._tags.values():  # a reconnect may have consumed it already
+            assert self._channel is not None
+            await self._consume_on(self._channel, spec)
+
+    async def cancel_queue(self, name: str) -> None:
+        """Stop consuming queue ``name``, keeping the channel: its deliveries already here can still ack."""
+        tags = [tag for tag, queue in self._tags.items() if queue == name]
+        for tag in tags:
+            del self._tags[tag]  # first, so the missing tag is not taken for a cancel by the broker
+        if self._channel is None or self._channel.is_closed:
+            return
+        underlay = await self._channel.get_underlay_channel()
+        for tag in tags:
+            with contextlib.suppress(*RECOVERABLE_ERRORS, AmqtaskError):
+                await underlay.basic_cancel(tag)
 
     def _callback(self, spec: QueueSpec) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def deliver(message: AbstractIncomingMessage) -> None:

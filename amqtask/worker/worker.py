@@ -110,12 +110,34 @@ class Worker:
 
     async def declare(self) -> None:
         """Declare the delay levels and every queue the worker consumes (idempotent)."""
-        publisher = self.runtime.publisher
-        await publisher.ensure_delays()
+        await self.runtime.publisher.ensure_delays()
         for spec in self.queues:
-            await topology.declare_queue(self.runtime.broker, spec)
-            bind = functools.partial(delays.bind_destination, topology=publisher.delay_topology, queue=spec.name)
-            await self.runtime.broker.run(bind)
+            await self._declare_queue(spec)
+
+    async def _declare_queue(self, spec: QueueSpec) -> None:
+        publisher = self.runtime.publisher
+        await topology.declare_queue(self.runtime.broker, spec)
+        bind = functools.partial(delays.bind_destination, topology=publisher.delay_topology, queue=spec.name)
+        await self.runtime.broker.run(bind)
+
+    async def add_queue(self, spec: QueueSpec) -> None:
+        """Declare ``spec`` and consume it too, now and after every reconnect (remote ``add_consumer``)."""
+        if any(q.name == spec.name for q in self.queues):
+            return
+        await self._declare_queue(spec)
+        self.queues.append(spec)
+        await self.consumer.consume(spec)
+        log.info("worker %s now consuming %s", self.hostname, spec.name)
+
+    async def remove_queue(self, name: str) -> None:
+        """Stop consuming queue ``name`` (remote ``cancel_consumer``); its deliveries already here still run."""
+        self.queues[:] = [q for q in self.queues if q.name != name]
+        await self.consumer.cancel_queue(name)
+        log.info("worker %s no longer consuming %s", self.hostname, name)
+
+    def reserved(self) -> list[AbstractIncomingMessage]:
+        """Deliveries received but not started (waiting for a slot or a rate limit), for ``inspect reserved``."""
+        return list(self._waiting)
 
     # ------------------------------------------------------------------------------------------ running
     async def start(self) -> None:
