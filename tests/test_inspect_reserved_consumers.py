@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from support.faults import consumer_count
-from support.queues import delete, eventually
+from support.queues import cleanup, eventually
 from support.workers import TESTS_DIR
 
 from amqtask import App, Worker
@@ -66,7 +66,7 @@ def test_reserved_and_scheduled_as_celery_asks(broker_url: str, unique: str) -> 
         ids, reserved, scheduled, ours = asyncio.run(asyncio.wait_for(scenario(), 90))
     finally:
         celery.close()
-        asyncio.run(delete(app, [unique]))
+        asyncio.run(cleanup(app, [unique]))
     assert scheduled == {hostname: []}
     waiting = reserved[hostname]
     assert sorted(info["id"] for info in waiting) == sorted(ids[1:])
@@ -111,7 +111,7 @@ def test_add_and_cancel_consumer_and_shutdown_as_celery_asks(broker_url: str, un
         added, cancelled, ran, shutdown = asyncio.run(asyncio.wait_for(scenario(), 90))
     finally:
         celery.close()
-        asyncio.run(delete(app, [unique, extra]))
+        asyncio.run(cleanup(app, [unique, extra]))
     assert added == [{hostname: {"ok": f"add consumer {extra}"}}]
     assert ran == "extra"
     assert cancelled == [{hostname: {"ok": f"no longer consuming from {extra}"}}]

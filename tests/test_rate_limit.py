@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from support.broker import TestBroker
-from support.queues import QueueStats, delete
+from support.queues import QueueStats, cleanup
 from support.workers import TESTS_DIR, running_worker
 
 from amqtask import App, ConfigurationError
@@ -67,7 +67,7 @@ def test_the_rate_is_kept_and_waiting_deliveries_stay_within_the_prefetch(
     try:
         starts, samples = asyncio.run(asyncio.wait_for(scenario(), 120))
     finally:
-        asyncio.run(delete(app, [unique]))
+        asyncio.run(cleanup(app, [unique]))
     starts.sort()
     measured = (len(starts) - 1) / (starts[-1] - starts[0])
     # At most the limit (one token at a time, never a burst); not far below it on a loaded machine.
@@ -123,7 +123,7 @@ def test_control_rate_limit_changes_the_limit_at_runtime(broker_url: str, unique
         done, replies = asyncio.run(asyncio.wait_for(scenario(), 120))
     finally:
         celery.close()
-        asyncio.run(delete(app, [unique]))
+        asyncio.run(cleanup(app, [unique]))
     assert done == ["ran", "ran"]
     unknown, invalid, disabled, limited = replies
     assert unknown == [{hostname: {"error": "unknown task"}}]

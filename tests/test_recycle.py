@@ -7,7 +7,7 @@ import asyncio
 from collections import Counter
 
 import pytest
-from support.queues import delete
+from support.queues import cleanup
 from support.workers import stop_process, worker_process
 
 from amqtask import App
@@ -33,7 +33,7 @@ def test_children_are_replaced_after_max_tasks_and_nothing_is_lost(broker_url: s
         pids = asyncio.run(asyncio.wait_for(_pids(app, TASKS), 240))
     finally:
         out = stop_process(process)
-        asyncio.run(delete(app, [unique]))
+        asyncio.run(cleanup(app, [unique]))
     per_child = Counter(pids)
     assert len(pids) == TASKS
     # A child stops taking tasks once it has started MAX_TASKS; the ones already past the broker finish.
@@ -54,6 +54,6 @@ def test_a_child_over_its_memory_limit_is_replaced_after_its_task(broker_url: st
         pids = asyncio.run(asyncio.wait_for(_pids(app, 3), 120))
     finally:
         out = stop_process(process)
-        asyncio.run(delete(app, [unique]))
+        asyncio.run(cleanup(app, [unique]))
     assert len(set(pids)) == 3, pids
     assert "peak memory" in out

@@ -51,6 +51,10 @@ class Middleware:
     async def after_reject(self, worker: Worker, message: TaskMessage, reject: Reject) -> None:
         """Called when a running task raised :class:`~amqtask.errors.Reject` (dead-lettered or requeued)."""
 
+    async def after_delivery(self, worker: Worker) -> None:
+        """Called when the worker is done with a delivery, whatever became of it (run, dead-lettered,
+        requeued, sent on to its eta), in the same context as ``before_process``."""
+
     async def on_worker_start(self, worker: Worker) -> None:
         """Called once the worker consumes."""
 

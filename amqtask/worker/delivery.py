@@ -82,6 +82,9 @@ class DeliveryHandler:
             await self.triage.requeue_later(message, exc)
         else:
             self.triage.settled()
+        finally:
+            for middleware in self.app.middleware:
+                await middleware.after_delivery(self.worker)
 
     async def handle(self, message: AbstractIncomingMessage, queue: QueueSpec) -> None:
         """Verify, decode, check and run one delivery, then settle it."""

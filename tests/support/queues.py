@@ -48,6 +48,12 @@ async def delete(app: App, queues: Iterable[str] = (), exchanges: Iterable[str] 
         await topology.delete_exchange(broker, name)
 
 
+async def cleanup(app: App, queues: Iterable[str]) -> None:
+    """Delete a test's queues, then close the app's connection of this loop (so nothing is left pending)."""
+    await delete(app, queues)
+    await app.aclose()
+
+
 class QueueStats:
     """Per-queue numbers from ``rabbitmqctl list_queues`` for one vhost."""
 
