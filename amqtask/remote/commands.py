@@ -312,7 +312,12 @@ class Commands:
         """Run ``work`` on the worker's loop after the reply has gone (as Celery's ``call_soon``)."""
         task = asyncio.get_running_loop().create_task(work)
         self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("control command failed after its reply", exc_info=task.exception())
 
     def add_consumer(self, arguments: dict[str, Any]) -> dict[str, str]:
         """Consume one more queue (its definition from the app's routing, or a plain durable queue)."""
