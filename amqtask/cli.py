@@ -198,9 +198,12 @@ def topology_apply(app_spec: str) -> None:
 def topology_verify(app_spec: str, verbose: bool) -> None:
     """Check, changing nothing, that every queue, exchange and delay level the app defines exists as wanted.
 
-    Prints what is missing or exists with other arguments, and exits 1 if anything is. Bindings are
-    not checked: AMQP cannot list them (`topology apply` re-adds them, which is harmless).
+    Prints what is missing or exists with other arguments, and exits 1 if anything is. A task queue
+    held with other arguments is reported as adopted (workers use it as it is; not a problem unless
+    task_queues_strict is set). Bindings are not checked: AMQP cannot list them (`topology apply`
+    re-adds them, which is harmless).
     """
+    from . import adoption
     from . import topology as broker_topology
 
     app = load_app(app_spec)
@@ -208,15 +211,16 @@ def topology_verify(app_spec: str, verbose: bool) -> None:
     async def verify() -> list[broker_topology.Check]:
         runtime = app.runtime()
         try:
-            return await broker_topology.verify(
-                runtime.broker, app.router.all_queues(), runtime.publisher.delay_topology
-            )
+            return await adoption.verify(
+                runtime.broker, app.router.all_queues(), runtime.publisher.delay_topology,
+                strict=app.conf.task_queues_strict,
+            )  # fmt: skip
         finally:
             await app.aclose()
 
     checks: list[broker_topology.Check] = _run(app, lambda: asyncio.run(verify()))
     for check in checks:
-        if verbose or not check.ok:
+        if verbose or check.problem:
             detail = f": {check.detail}" if check.detail else ""
             click.echo(f"{check.problem or 'ok':<9}{check.kind:<9}{check.name}{detail}")
     problems = sum(not check.ok for check in checks)

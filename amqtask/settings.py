@@ -146,6 +146,8 @@ SPECS: dict[str, Spec] = {
     "task_track_started": Spec(False, _bool, "report STARTED when a worker begins a task"),
     "task_create_missing_queues": Spec(True, _bool, "declare a task's queue on first send when it is missing"),
     "task_queues": Spec(None, _anything, "queue definitions (see the routing section)"),
+    "task_queues_strict": Spec(False, _bool, "refuse a queue that exists with other arguments instead of "
+                               "using it as it is (see the migration guide)"),
     "task_routes": Spec(None, _anything, "task name -> route: dict, list of dicts/functions, or a function"),
     "task_time_limit": Spec(None, _number(0, allow_none=True), "hard time limit per task, seconds"),
     "task_soft_time_limit": Spec(None, _number(0, allow_none=True), "soft time limit per task, seconds"),

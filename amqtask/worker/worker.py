@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from .. import delays, topology
+from .. import adoption, delays, topology
 from ..errors import ConfigurationError
 from ..protocol import TaskMessage
 from ..topology import QueueSpec
@@ -95,7 +95,7 @@ class Worker:
         publisher = self.runtime.publisher
         await publisher.ensure_delays()
         for spec in self.queues:
-            await topology.declare_queue(self.runtime.broker, spec)
+            await adoption.declare_or_adopt(self.runtime.broker, spec, strict=self.app.conf.task_queues_strict)
             bind = functools.partial(delays.bind_destination, topology=publisher.delay_topology, queue=spec.name)
             await self.runtime.broker.run(bind)
 
