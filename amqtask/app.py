@@ -30,6 +30,7 @@ from .portal import Portal, register_exit
 from .producer import Publisher
 from .result import AsyncResult, ResultConsumer, ResultStore, new_reply_queue_name
 from .routing import Router
+from .sending import BrokerSender, Outgoing, Sender
 from .settings import Settings
 from .task import CALL_OPTIONS, Task, check_task_options
 
@@ -106,6 +107,8 @@ class App:
         self.portal = Portal(main)
         self.result_store = ResultStore()
         self.middleware: list[Middleware] = default_middleware()
+        #: Where every built task message goes (:mod:`amqtask.sending`); ``testing.eager`` swaps it.
+        self.sender: Sender = BrokerSender()
         self._runtimes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Runtime] = weakref.WeakKeyDictionary()
         self._runtime_lock = threading.Lock()
         self._reply_queue: tuple[int, str] | None = None
@@ -271,11 +274,8 @@ class App:
         if unknown:
             raise ConfigurationError(f"apply_async/send_task: unknown option(s) {sorted(unknown)} for task {name!r}")
         message, route, codec_name = self.build_message(name, args, kwargs, task, options)
-        runtime = self.runtime()
-        timeout = self.conf.publish_timeout_s
-        if not message.ignore_result:
-            await runtime.results.ensure_started(timeout)
-        await self.publish_task(runtime, message, route, serializers.codec(codec_name))
+        codec = serializers.codec(codec_name)
+        await self.sender.send(self, Outgoing(message, route, codec, awaits_reply=not message.ignore_result))
         return AsyncResult(message.id, self, task_name=name)
 
     def build_message(
@@ -329,26 +329,6 @@ class App:
         )
         codec_name = options.get("serializer") or task_opts.get("serializer") or self.conf.task_serializer
         return message, route, codec_name
-
-    async def publish_task(
-        self, runtime: Runtime, message: protocol.TaskMessage, route: Any, codec: serializers.Codec
-    ) -> None:
-        """Encode and publish a task message on ``route``, through the delay levels when its eta is ahead."""
-        wire = protocol.encode_task(message, codec)
-        for middleware in self.middleware:
-            await middleware.before_publish(self, message, wire)
-        if route.queue is not None and self.conf.task_create_missing_queues:
-            await runtime.publisher.ensure_queue(route.queue)
-        delay = (message.eta - dt.datetime.now(dt.timezone.utc)).total_seconds() if message.eta else 0.0
-        if delay > 0:
-            if route.queue is None:
-                raise ConfigurationError(
-                    f"task {message.task!r}: countdown/eta need a route to a queue (got exchange "
-                    f"{route.exchange!r} only)"
-                )
-            await runtime.publisher.publish_delayed(wire, route.queue, delay)
-        else:
-            await runtime.publisher.publish(wire, route.exchange, route.routing_key)
 
 
 def _signature_list(value: Any) -> list[dict[str, Any]] | None:

@@ -166,7 +166,7 @@ async def _send(worker: Worker, message: TaskMessage, sends: list[canvas.Send], 
     acked, and the task runs again once the broker is back.
     """
     try:
-        await canvas.publish(worker.app, worker.runtime, sends, from_client=False)
+        await canvas.publish(worker.app, sends, from_client=False)
     except _UNSENDABLE as exc:
         log.error("task %s[%s]: cannot send its %s: %s", message.task, message.id, what, exc)
         return exc
