@@ -13,7 +13,9 @@ broker, for instance with the ``amqtask_worker`` fixture of the pytest plugin (:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,7 @@ from .protocol import ResultMessage, TaskMessage
 from .retry import autoretry_delay
 from .sending import Outgoing
 from .task import Request, Task, current_request
+from .worker.worker import Worker
 
 if TYPE_CHECKING:
     from .app import App
@@ -161,3 +164,45 @@ def eager(app: App, *, propagate: bool = False) -> Iterator[App]:
         yield app
     finally:
         app.sender = previous
+
+
+@contextlib.contextmanager
+def background_worker(app: App, **options: Any) -> Iterator[Worker]:
+    """A :class:`~amqtask.Worker` on an event loop of its own in a thread, consuming until the block ends.
+
+    ``options`` are the worker's (``queues``, ``concurrency``, ``hostname`` ...). Returns once the worker
+    consumes; at the end of the block it stops as on SIGTERM (running tasks finish) and the thread ends.
+    """
+    loop = asyncio.new_event_loop()
+    started: concurrent.futures.Future[Worker] = concurrent.futures.Future()
+
+    async def serve() -> None:
+        try:
+            worker = Worker(app, **options)
+            await worker.start()
+        except BaseException as exc:
+            started.set_exception(exc)
+            raise
+        started.set_result(worker)
+        await worker.wait_stopped()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), name="amqtask-test-worker", daemon=True)
+    thread.start()
+    try:
+        worker = started.result(timeout=app.conf.broker_connect_timeout_s + app.conf.publish_timeout_s)
+        try:
+            yield worker
+        finally:
+            asyncio.run_coroutine_threadsafe(worker.stop(), loop).result()
+    finally:
+        thread.join()
+        loop.close()
+
+
+def burst_worker(app: App, **options: Any) -> Worker:
+    """Run a worker until its queues are empty and nothing runs, then stop it; returns it (``.stats``)."""
+    worker = Worker(app, burst=True, **options)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="amqtask-burst") as pool:
+        # A thread of its own: the caller may be inside an event loop (an async test).
+        pool.submit(asyncio.run, worker.run()).result()
+    return worker

@@ -127,6 +127,10 @@ class Worker:
         if self.burst and not self._stopping:
             await self._drain()
             await self.stop()
+        await self.wait_stopped()
+
+    async def wait_stopped(self) -> None:
+        """Return once the worker has stopped (after :meth:`stop`, or a burst run's end)."""
         await self._stopped.wait()
 
     async def _drain(self) -> None:
