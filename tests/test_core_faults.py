@@ -15,7 +15,7 @@ from support.faults import queue_counts, wait_until
 from support.workers import queue_depth, running_worker, stop_process, wait_for, worker_process
 
 from amqtask import App, BrokerConnectionError, topology
-from amqtask.result import reply_queue_arguments
+from amqtask.results import reply_queue_arguments
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault]
 
