@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from .app import App
 
 EAGER_HOSTNAME = "eager@localhost"
+#: How long a background worker may take to connect, declare its queues and consume.
+_START_TIMEOUT_S = 60.0
 
 
 class EagerSender:
@@ -167,14 +169,14 @@ def eager(app: App, *, propagate: bool = False) -> Iterator[App]:
 
 
 @contextlib.contextmanager
-def background_worker(app: App, **options: Any) -> Iterator[Worker]:
+def background_worker(app: App, *, stop_grace: float | None = None, **options: Any) -> Iterator[Worker]:
     """A :class:`~amqtask.Worker` on an event loop of its own in a thread, consuming until the block ends.
 
     ``options`` are the worker's (``queues``, ``concurrency``, ``hostname`` ...). Returns once the worker
-    consumes; at the end of the block it stops as on SIGTERM (running tasks finish) and the thread ends.
+    consumes; at the end of the block it stops as on SIGTERM (running tasks get ``stop_grace`` seconds,
+    default ``worker_shutdown_grace_s``) and the thread ends.
     """
-    loop = asyncio.new_event_loop()
-    started: concurrent.futures.Future[Worker] = concurrent.futures.Future()
+    started: concurrent.futures.Future[tuple[Worker, asyncio.AbstractEventLoop]] = concurrent.futures.Future()
 
     async def serve() -> None:
         try:
@@ -183,20 +185,20 @@ def background_worker(app: App, **options: Any) -> Iterator[Worker]:
         except BaseException as exc:
             started.set_exception(exc)
             raise
-        started.set_result(worker)
+        started.set_result((worker, asyncio.get_running_loop()))
         await worker.wait_stopped()
 
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), name="amqtask-test-worker", daemon=True)
+    # asyncio.run, not run_until_complete: it also finishes what the closed connection left running.
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), name="amqtask-test-worker", daemon=True)
     thread.start()
     try:
-        worker = started.result(timeout=app.conf.broker_connect_timeout_s + app.conf.publish_timeout_s)
+        worker, loop = started.result(timeout=_START_TIMEOUT_S)
         try:
             yield worker
         finally:
-            asyncio.run_coroutine_threadsafe(worker.stop(), loop).result()
+            asyncio.run_coroutine_threadsafe(worker.stop(stop_grace), loop).result()
     finally:
         thread.join()
-        loop.close()
 
 
 def burst_worker(app: App, **options: Any) -> Worker:
