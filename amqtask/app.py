@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol
 
 from . import protocol, serializers
 from .connection import Broker
+from .discovery import TaskDiscovery
 from .errors import ConfigurationError, MisuseError, TaskNotRegisteredError
 from .middleware import Middleware
 from .middleware.defaults import default_middleware
@@ -95,9 +96,15 @@ def _absolute(value: Any, now: dt.datetime, option: str) -> dt.datetime | None:
 class App:
     """An amqtask application: ``App("tasks", broker="amqp://...")``."""
 
-    def __init__(self, main: str = "amqtask", broker: str | list[str] | None = None, **settings: Any) -> None:
+    def __init__(
+        self, main: str = "amqtask", broker: str | list[str] | None = None, *,
+        task_cls: type[Task[Any, Any]] | None = None, **settings: Any,
+    ) -> None:  # fmt: skip
+        """``task_cls``: the class of the app's tasks (``amqtask.contrib.django.DjangoTask`` in Django projects)."""
         global _default_app
         self.main = main
+        self.task_cls: type[Task[Any, Any]] = task_cls or Task
+        self.discovery = TaskDiscovery(self)
         self.conf = Settings()
         self.conf.from_env()
         if broker is not None:
@@ -146,11 +153,20 @@ class App:
             checked = check_task_options(name, options)
             if "serializer" in checked:
                 serializers.codec(checked["serializer"])
-            task: Task[Any, Any] = Task(self, func, name, checked)
+            task: Task[Any, Any] = self.task_cls(self, func, name, checked)
             self.tasks[name] = task
             return task
 
         return register(fn) if fn is not None else register
+
+    def autodiscover_tasks(self, packages: list[str] | None = None, related_name: str = "tasks") -> None:
+        """Import ``<package>.<related_name>`` of each package (by default every installed Django app) once
+        a worker starts, not now: Django may not be set up yet when the app module is imported."""
+        self.discovery.add(packages, related_name)
+
+    def import_task_modules(self) -> None:
+        """Import the modules that define tasks: settings ``imports`` and ``include``, then autodiscovery."""
+        self.discovery.run()
 
     def get_task(self, name: str) -> Task[Any, Any]:
         """The registered task called ``name``."""

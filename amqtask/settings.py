@@ -146,6 +146,8 @@ SPECS: dict[str, Spec] = {
     "task_track_started": Spec(False, _bool, "report STARTED when a worker begins a task"),
     "task_create_missing_queues": Spec(True, _bool, "declare a task's queue on first send when it is missing"),
     "task_queues": Spec(None, _anything, "queue definitions (see the routing section)"),
+    "imports": Spec((), _str_list, "modules a worker imports to register their tasks (Celery's imports)"),
+    "include": Spec((), _str_list, "more modules a worker imports, after imports (Celery's include)"),
     "task_queues_strict": Spec(False, _bool, "refuse a queue that exists with other arguments instead of "
                                "using it as it is (see the migration guide)"),
     "task_routes": Spec(None, _anything, "task name -> route: dict, list of dicts/functions, or a function"),

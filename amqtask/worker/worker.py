@@ -55,6 +55,7 @@ class Worker:
         burst: bool = False,
     ) -> None:
         self.app = app
+        app.import_task_modules()
         conf = app.conf
         names = list(queues) if queues else [conf.task_default_queue, *app.router.queues]
         names = [n for n in dict.fromkeys(names) if n not in set(exclude_queues or ())]
