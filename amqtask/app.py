@@ -16,7 +16,7 @@ import os
 import threading
 import uuid
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
 
@@ -248,6 +248,22 @@ class App:
                 )
                 self._runtimes[loop] = found
             return found
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[App]:
+        """Connect on entry and close on exit, on the running event loop: an ASGI app's lifespan.
+
+        ``async with app.lifespan(): yield`` in FastAPI's/Starlette's lifespan opens the connection
+        and the reply consumer at startup (the first request does not pay for them; a broker that is
+        down fails the startup) and closes them at shutdown.
+        """
+        runtime = self.runtime()
+        await runtime.broker.connection(self.conf.broker_connect_timeout_s)
+        await runtime.results.ensure_started(self.conf.publish_timeout_s)
+        try:
+            yield self
+        finally:
+            await self.aclose()
 
     async def aclose(self) -> None:
         """Close the connections of the running event loop's runtime."""
