@@ -11,7 +11,7 @@ the earliest next slot, at most ``beat_max_loop_s`` (so edits to the schedule fi
 clock are noticed), and wakes at once on :meth:`Scheduler.stop` or when the lock's connection closes.
 
 **Sending.** A due entry's message is built exactly as ``delay`` builds it (``app.build_message`` and
-``app.publish_task``: same protocol, routing, middleware), with ``ignore_result`` unless the entry says
+``app.sender``: same protocol, routing, middleware), with ``ignore_result`` unless the entry says
 otherwise, and published with confirms on the lock's connection. Due entries are sent together, after
 checking the lock is still held; a send that fails is logged and retried with backoff (1 s doubling to
 60 s): the entry stays due, its slot is never dropped.
