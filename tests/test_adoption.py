@@ -39,6 +39,14 @@ async def _declare_foreign(url: str, name: str, arguments: dict[str, Any]) -> No
         await channel.declare_queue(name, durable=True, arguments=arguments)
 
 
+async def _delete_and_close(app: App, name: str) -> None:
+    """Delete the queues on a loop of its own, and close that loop's connection before it ends."""
+    try:
+        await delete(app, [name])
+    finally:
+        await app.aclose()
+
+
 SHAPES = {
     # Celery's priority queue; the app declares the queue plainly.
     "celery-priority": ({"x-max-priority": 10}, {}, "x-max-priority: wanted None, held 10", "nothing the app"),
@@ -100,7 +108,7 @@ def test_worker_adopts_a_foreign_queue_runs_tasks_and_dead_letters_failures_itse
         assert difference in warnings[0] and lost in warnings[0].split("Lost: ")[1]
         assert "task_queues_strict=True" in warnings[0]
     finally:
-        asyncio.run(delete(app, [name]))
+        asyncio.run(_delete_and_close(app, name))
 
 
 def test_the_broker_arguments_are_learned_typed_and_declaring_them_changes_nothing(
