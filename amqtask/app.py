@@ -30,7 +30,7 @@ from .portal import Portal, register_exit
 from .producer import Publisher
 from .remote import Control
 from .results import AsyncResult, ResultConsumer, ResultStore, new_reply_queue_name
-from .routing import Router
+from .routing import Route, Router
 from .sending import BrokerSender, Outgoing, Sender
 from .settings import Settings
 from .task import CALL_OPTIONS, Task, check_task_options
@@ -317,7 +317,7 @@ class App:
         kwargs: dict[str, Any] | None,
         task: Task[Any, Any] | None,
         options: dict[str, Any],
-    ) -> tuple[protocol.TaskMessage, Any, str]:
+    ) -> tuple[protocol.TaskMessage, Route, str]:
         """The protocol message, its route and serializer for a call (options already validated)."""
         args = list(args or ())
         kwargs = dict(kwargs or {})
