@@ -35,7 +35,9 @@ async function worker(url, queue) {
   console.log("consuming");
 }
 
-const [mode, url, queue, tasks] = process.argv.slice(2);
+const [mode, brokerUrl, queue, tasks] = process.argv.slice(2);
+// amqplib offers a frame_max of 4096 by default; RabbitMQ 4.1+ requires at least 8192 and resets the connection.
+const url = `${brokerUrl}${brokerUrl.includes("?") ? "&" : "?"}frameMax=131072`;
 const run = mode === "client" ? client(url, queue, JSON.parse(tasks)) : worker(url, queue);
 run.catch((error) => {
   console.error(`celery-node ${mode} failed: ${error.message}`);
