@@ -3,9 +3,9 @@
 Every task message an app sends passes here, once: ``delay``/``apply_async``/``send_task``, canvas
 (signatures, chains, groups, chords) from clients, and the follow-ups a worker publishes. The
 default :class:`BrokerSender` encodes the message, runs the ``before_publish`` middleware (signing)
-exactly once, makes sure the queue exists and publishes with confirms, through the delay levels when
-the eta is ahead. :func:`amqtask.testing.eager` swaps in a sender that runs the task inline instead,
-so nothing before this seam opens a socket.
+exactly once, makes sure the queue exists, publishes with confirms (through the delay levels when
+the eta is ahead), then runs ``after_publish`` (events) once. :func:`amqtask.testing.eager` swaps
+in a sender that runs the task inline instead, so nothing before this seam opens a socket.
 """
 
 from __future__ import annotations
@@ -71,3 +71,5 @@ class BrokerSender:
             await runtime.publisher.publish_delayed(wire, route.queue, delay)
         else:
             await runtime.publisher.publish(wire, route.exchange, route.routing_key)
+        for middleware in app.middleware:
+            await middleware.after_publish(app, message, route)
