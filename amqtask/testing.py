@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from . import canvas, protocol, serializers
 from .errors import Retry
 from .failures import encode_exception, format_traceback
+from .middleware.canvas import follow_ups
 from .protocol import ResultMessage, TaskMessage
 from .retry import autoretry_delay
 from .sending import Outgoing
@@ -75,10 +76,10 @@ class EagerSender:
         report = ResultMessage(message.id, protocol.SUCCESS, value, date_done=protocol.now_iso(),
                                parent_id=message.parent_id)  # fmt: skip
         app.result_store.put(report)
-        sends = _follow_ups(app, message, message.callbacks, [value])
+        sends = follow_ups(app, message, message.callbacks, [value])
         if message.chain:
             rest = list(message.chain)
-            sends += _follow_ups(app, message, [rest.pop()], [value], rest)
+            sends += follow_ups(app, message, [rest.pop()], [value], rest)
         await canvas.publish(app, sends, from_client=False)
         if message.chord is not None:
             await self._chord_part(app, message, message.chord, protocol.SUCCESS, value)
@@ -87,7 +88,7 @@ class EagerSender:
         report = ResultMessage(message.id, protocol.FAILURE, encode_exception(exc), traceback=format_traceback(exc),
                                date_done=protocol.now_iso(), parent_id=message.parent_id)  # fmt: skip
         app.result_store.put(report)
-        await canvas.publish(app, _follow_ups(app, message, message.errbacks, [message.id]), from_client=False)
+        await canvas.publish(app, follow_ups(app, message, message.errbacks, [message.id]), from_client=False)
         _unreachable(app, message.chain or [], report)
         if message.chord is not None:
             await self._chord_part(app, message, message.chord, protocol.FAILURE, report)
@@ -108,7 +109,7 @@ class EagerSender:
             _unreachable(app, [body], failed)
             return
         values = [parts[index][1] for index in sorted(parts)]
-        await canvas.publish(app, _follow_ups(app, member, [body], [values]), from_client=False)
+        await canvas.publish(app, follow_ups(app, member, [body], [values]), from_client=False)
 
 
 def _request(message: TaskMessage, retries: int) -> Request:
@@ -131,17 +132,6 @@ async def _call(task: Task[Any, Any], request: Request) -> Any:
         return await asyncio.to_thread(task, *request.args, **request.kwargs)
     finally:
         current_request.reset(token)
-
-
-def _follow_ups(
-    app: App, message: TaskMessage, signatures: Iterable[Mapping[str, Any]] | None, args: list[Any],
-    rest: list[dict[str, Any]] | None = None,
-) -> list[canvas.Send]:  # fmt: skip
-    sends: list[canvas.Send] = []
-    for value in signatures or ():
-        sends += canvas.follow_up(app, value, args, reply_to=message.reply_to, parent_id=message.id,
-                                  root_id=message.root_id, rest=rest, serializer=message.serializer)  # fmt: skip
-    return sends
 
 
 def _unreachable(app: App, signatures: Iterable[Mapping[str, Any]], report: ResultMessage) -> None:

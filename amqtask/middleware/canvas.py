@@ -47,13 +47,13 @@ class CanvasMiddleware(Middleware):
 
     async def after_success(self, worker: Worker, message: TaskMessage, value: Any, report: ResultMessage) -> None:
         """Send the callbacks and the next chain step; record a chord part."""
-        callbacks = _follow_ups(worker.app, message, message.callbacks, [value])
+        callbacks = follow_ups(worker.app, message, message.callbacks, [value])
         if await _send(worker, message, callbacks, "link callbacks") is not None:
             callbacks = []
         steps: list[canvas.Send] = []
         if message.chain:
             rest = list(message.chain)
-            steps = _follow_ups(worker.app, message, [rest.pop()], [value], rest)
+            steps = follow_ups(worker.app, message, [rest.pop()], [value], rest)
             error = await _send(worker, message, steps, "next chain step")
             if error is not None:
                 steps = []  # the chain ends here, failed: its later steps will never run
@@ -66,7 +66,7 @@ class CanvasMiddleware(Middleware):
         self, worker: Worker, message: TaskMessage, exc: BaseException, report: ResultMessage
     ) -> None:
         """Send the errbacks; fail the rest of the chain and the chord the task belonged to."""
-        await _send(worker, message, _follow_ups(worker.app, message, message.errbacks, [message.id]), "errbacks")
+        await _send(worker, message, follow_ups(worker.app, message, message.errbacks, [message.id]), "errbacks")
         await self._unreachable(worker, message, message.chain or [], report)
         if message.chord is not None:
             await self._chord_part(worker, message, message.chord, protocol.FAILURE, report.result, report.traceback)
@@ -129,7 +129,7 @@ class CanvasMiddleware(Middleware):
         failed = next((part for part in parts if part.status != protocol.SUCCESS), None)
         if failed is None:
             values = [part.result for part in parts]
-            sends = _follow_ups(app, member, [body], [values])
+            sends = follow_ups(app, member, [body], [values])
             error = await _send(worker, member, sends, "chord body")
             if error is not None:
                 await self._unreachable(worker, member, [body], _failure(error))
@@ -139,15 +139,18 @@ class CanvasMiddleware(Middleware):
         if first is not None and first.id is not None:
             failed_body = TaskMessage(task=first.task, id=first.id, root_id=member.root_id, reply_to=member.reply_to,
                                       serializer=member.serializer)  # fmt: skip
-            errbacks = _follow_ups(app, failed_body, first.options.get("link_error"), [first.id])
+            errbacks = follow_ups(app, failed_body, first.options.get("link_error"), [first.id])
             await _send(worker, failed_body, errbacks, "errbacks")
 
 
-def _follow_ups(
+def follow_ups(
     app: App, message: TaskMessage, signatures: Iterable[Mapping[str, Any]] | None, args: list[Any],
     rest: list[dict[str, Any]] | None = None,
 ) -> list[canvas.Send]:  # fmt: skip
-    """The messages applying ``signatures`` as follow-ups of ``message`` (a malformed one is logged, skipped)."""
+    """The messages applying ``signatures`` as follow-ups of ``message`` (a malformed one is logged, skipped).
+
+    Used by the worker's canvas middleware and by eager mode alike.
+    """
     sends: list[canvas.Send] = []
     for value in signatures or ():
         try:
