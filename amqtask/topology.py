@@ -41,11 +41,11 @@ class QueueSpec:
     layout for its queues). ``<name>.dlq`` is always declared next to the queue: the worker moves the
     tasks it gives up on there itself. ``dead_letter`` also points the queue's own dead-letter arguments
     (``x-dead-letter-exchange``/``-routing-key``) at it, so messages the *broker* drops (delivery limit,
-    TTL, a consumer's reject) land there too. By default (``None``) a queue gets those arguments only
-    with a ``delivery_limit`` (the broker drops what exceeds it unless told where to put it): every
-    other queue is declared exactly as Celery, kombu and celery-node declare theirs, so any of them can
-    declare it too, before or after amqtask (the broker refuses, 406, a second declaration with other
-    arguments, whoever comes second).
+    TTL, a consumer's reject) land there too. By default (``None``) a quorum queue gets those arguments
+    (the broker drops what exceeds its delivery limit unless told where to put it, and RabbitMQ 4 sets
+    a limit of 20 even when none is given); a classic queue is declared exactly as Celery, kombu and
+    celery-node declare theirs, so any of them can declare it too, before or after amqtask (the broker
+    refuses, 406, a second declaration with other arguments, whoever comes second).
     """
 
     name: str
@@ -108,7 +108,7 @@ class QueueSpec:
     @property
     def broker_dead_letter(self) -> bool:
         """Whether the queue is declared with dead-letter arguments pointing at its ``.dlq``."""
-        return self.dead_letter if self.dead_letter is not None else self.delivery_limit is not None
+        return self.dead_letter if self.dead_letter is not None else self.queue_type == "quorum"
 
     @property
     def dlq_name(self) -> str:

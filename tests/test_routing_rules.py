@@ -314,7 +314,10 @@ def test_reserved_or_empty_queue_names_are_refused(name: str) -> None:
                 "x-delivery-limit": 5,
             },
         ),
-        (QueueSpec("q", queue_type="quorum"), {"x-queue-type": "quorum"}),
+        (
+            QueueSpec("q", queue_type="quorum"),
+            {"x-queue-type": "quorum", "x-dead-letter-exchange": "", "x-dead-letter-routing-key": "q.dlq"},
+        ),
         (
             QueueSpec("q", dead_letter=False, arguments={"x-message-ttl": 60000, "x-max-priority": 4}),
             {"x-message-ttl": 60000, "x-max-priority": 4},
@@ -332,8 +335,9 @@ def test_reserved_or_empty_queue_names_are_refused(name: str) -> None:
     ],
 )
 def test_queue_arguments(spec: QueueSpec, expected: dict[str, Any]) -> None:
-    """By default a queue is declared as Celery, kombu and celery-node declare theirs (any of them can
-    come first); broker-side dead-lettering only when asked for or where a delivery limit drops."""
+    """By default a classic queue is declared as Celery, kombu and celery-node declare theirs (any of them
+    can come first); broker-side dead-lettering only when asked for or on quorum queues, whose delivery
+    limit (20 by default on RabbitMQ 4) would otherwise drop a message."""
     assert spec.queue_arguments() == expected
 
 
