@@ -104,7 +104,6 @@ class App:
         self.conf.update(settings)
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.portal = Portal(main)
-        self.result_store = ResultStore()
         self.middleware: list[Middleware] = default_middleware()
         self._runtimes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Runtime] = weakref.WeakKeyDictionary()
         self._runtime_lock = threading.Lock()
@@ -164,6 +163,11 @@ class App:
         if self._router is None or self._router[0] != key:
             self._router = (key, Router(self.conf))
         return self._router[1]
+
+    @functools.cached_property
+    def result_store(self) -> ResultStore:
+        """The results this process knows (its replies, and amqp results it read), bounded as the settings say."""
+        return ResultStore(max_bytes=self.conf.result_store_max_bytes, ttl_s=self.conf.result_expires_s)
 
     @functools.cached_property
     def control(self) -> Control:

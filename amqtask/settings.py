@@ -95,6 +95,12 @@ def _serializer(name: str, value: Any) -> str:
     return str(value)
 
 
+def _result_backend(name: str, value: Any) -> str:
+    if value not in RESULT_BACKENDS:
+        raise ConfigurationError(f"setting {name!r} must be one of {', '.join(RESULT_BACKENDS)}, got {value!r}")
+    return str(value)
+
+
 def _opt_serializer(name: str, value: Any) -> str | None:
     return None if value is None else _serializer(name, value)
 
@@ -122,6 +128,8 @@ def _keys(name: str, value: Any) -> tuple[str, ...] | None:
 
 
 _CPUS = os.cpu_count() or 1
+#: ``rpc``: only the sender gets a result (its reply queue). ``amqp``: also a RabbitMQ stream any process reads by id.
+RESULT_BACKENDS = ("rpc", "amqp")
 
 SPECS: dict[str, Spec] = {
     "broker_url": Spec(("amqp://guest:guest@localhost:5672//",), _broker_urls,
@@ -151,7 +159,16 @@ SPECS: dict[str, Spec] = {
     "task_soft_time_limit": Spec(None, _number(0, allow_none=True), "soft time limit per task, seconds"),
     "task_default_retry_delay": Spec(180.0, _number(0), "default countdown of self.retry(), seconds"),
     "task_max_retries": Spec(3, _number(0, integer=True, allow_none=True), "default max_retries"),
-    "result_expires_s": Spec(86400, _number(1, integer=True), "reply queues vanish after being unused this long"),
+    "result_expires_s": Spec(86400, _number(1, integer=True),
+                             "results are kept this long; reply queues vanish after being unused this long"),
+    "result_backend": Spec("rpc", _result_backend, "rpc: results reach the sender only; amqp: readable by id anywhere"),
+    "result_stream": Spec("amqtask.results", _str, "the stream amqp results are written to (one per app or vhost)"),
+    "result_stream_max_bytes": Spec(2 * 1024**3, _number(1024 * 1024, integer=True),
+                                    "disk the result stream may use before its oldest segments go"),
+    "result_legacy_queues": Spec(False, _bool, "amqp results also go to Celery's per-task queues "
+                                 "(for celery-node and gocelery clients)"),
+    "result_store_max_bytes": Spec(256 * 1024 * 1024, _number(1, integer=True),
+                                   "memory a process keeps results in (oldest dropped first)"),
     "result_persistent": Spec(True, _bool, "replies survive a broker restart"),
     "worker_concurrency": Spec(_CPUS, _number(1, integer=True), "tasks run at once per worker process"),
     "worker_prefetch_multiplier": Spec(4, _number(1, integer=True), "prefetch = concurrency x this"),

@@ -14,8 +14,11 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiormq
@@ -35,40 +38,95 @@ _RESUME_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, AmqtaskEr
 _ORDER = {protocol.PENDING: 0, protocol.STARTED: 1, protocol.RETRY: 2}
 
 
-class ResultStore:
-    """Thread-safe latest state per task id, with waiters on any event loop; bounded in size."""
+@dataclass
+class _Entry:
+    report: ResultMessage
+    size: int
+    stamp: float
 
-    def __init__(self, max_entries: int = 100_000) -> None:
+
+class ResultStore:
+    """Thread-safe latest state per task id, with waiters on any event loop.
+
+    Bounded three ways, so a process that sends tasks and never asks for their results cannot grow
+    without end: by entries, by bytes (each report counts its encoded size), and by age (a report
+    older than ``ttl_s`` is dropped, as the broker drops an unused result). The oldest reports go first;
+    a waiter is resolved when its report arrives, so eviction only forgets what nobody waits for.
+    """
+
+    def __init__(
+        self,
+        max_entries: int = 100_000,
+        max_bytes: int = 256 * 1024 * 1024,
+        ttl_s: float = 86400.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._lock = threading.Lock()
-        self._results: OrderedDict[str, ResultMessage] = OrderedDict()
+        self._results: OrderedDict[str, _Entry] = OrderedDict()
         self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[ResultMessage]]]] = {}
         self._max = max_entries
+        self._max_bytes = max_bytes
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._bytes = 0
 
-    def put(self, result: ResultMessage) -> None:
-        """Record a state report; the first ready state wins, earlier states never overwrite later ones."""
+    @property
+    def size_bytes(self) -> int:
+        """The encoded size of the reports held now."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def put(self, result: ResultMessage, size: int = 0) -> None:
+        """Record a report of ``size`` bytes; the first ready state wins, earlier states never overwrite later ones."""
         with self._lock:
             current = self._results.get(result.task_id)
-            if current is not None and not _newer(result, current):
+            if current is not None and not _newer(result, current.report):
                 return
-            self._results[result.task_id] = result
+            if current is not None:
+                self._bytes -= current.size
+            self._results[result.task_id] = _Entry(result, size, self._clock())
             self._results.move_to_end(result.task_id)
-            while len(self._results) > self._max:
-                self._results.popitem(last=False)
+            self._bytes += size
+            self._evict()
             waiters = self._waiters.pop(result.task_id, []) if result.status in READY_STATES else []
         for loop, future in waiters:
             loop.call_soon_threadsafe(_resolve, future, result)
 
-    def get(self, task_id: str) -> ResultMessage | None:
-        """The latest report for ``task_id``, if any arrived."""
+    def forget(self, task_id: str) -> None:
+        """Drop what is known about ``task_id``."""
         with self._lock:
-            return self._results.get(task_id)
+            entry = self._results.pop(task_id, None)
+            if entry is not None:
+                self._bytes -= entry.size
+
+    def _evict(self) -> None:
+        oldest_kept = self._clock() - self._ttl_s
+        while self._results:
+            entry = next(iter(self._results.values()))
+            if len(self._results) <= self._max and self._bytes <= self._max_bytes and entry.stamp >= oldest_kept:
+                return
+            self._results.popitem(last=False)
+            self._bytes -= entry.size
+
+    def get(self, task_id: str) -> ResultMessage | None:
+        """The latest report for ``task_id``, if any arrived and has not expired."""
+        with self._lock:
+            entry = self._results.get(task_id)
+            if entry is None:
+                return None
+            if entry.stamp < self._clock() - self._ttl_s:
+                self._evict()
+                return None
+            return entry.report
 
     async def wait(self, task_id: str, timeout: float | None) -> ResultMessage:
         """Wait until ``task_id`` is ready (SUCCESS, FAILURE or REVOKED)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ResultMessage] = loop.create_future()
+        current = self.get(task_id)
         with self._lock:
-            current = self._results.get(task_id)
             if current is not None and current.status in READY_STATES:
                 return current
             self._waiters.setdefault(task_id, []).append((loop, future))
@@ -172,7 +230,7 @@ class ResultConsumer:
             correlation_id=message.correlation_id,
         )
         try:
-            self.store.put(protocol.decode_result(wire, self._accept, self._limits))
+            self.store.put(protocol.decode_result(wire, self._accept, self._limits), len(message.body))
         except (MessageError, AmqtaskError) as exc:
             log.error("dropping an unreadable result (correlation_id=%s): %s", message.correlation_id, exc)
         with contextlib.suppress(*SETTLE_ERRORS):
