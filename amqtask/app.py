@@ -29,6 +29,7 @@ from .middleware.defaults import default_middleware
 from .portal import Portal, register_exit
 from .producer import Publisher
 from .results import AsyncResult, ResultConsumer, ResultStore, new_reply_queue_name
+from .results.stream import StreamReader
 from .routing import Router
 from .settings import Settings
 from .task import CALL_OPTIONS, Task, check_task_options
@@ -72,6 +73,7 @@ class Runtime:
     broker: Broker
     publisher: Publisher
     results: ResultConsumer
+    stream: StreamReader
 
 
 def _utc(moment: dt.datetime) -> dt.datetime:
@@ -226,10 +228,12 @@ class App:
             found = self._runtimes.get(loop)
             if found is None or found.broker.settings is not self.conf:
                 broker = Broker(self.conf, name=f"{self.main}-{os.getpid()}")
+                publisher = Publisher(broker, self.conf)
                 found = Runtime(
                     broker,
-                    Publisher(broker, self.conf),
+                    publisher,
                     ResultConsumer(broker, self.conf, self.reply_queue, self.result_store),
+                    StreamReader(broker, publisher, self.conf, self.result_store),
                 )
                 self._runtimes[loop] = found
             return found
@@ -243,6 +247,7 @@ class App:
             # Closing channels on a connection that is down can wait for an answer that never comes.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(runtime.results.close(), CLOSE_TIMEOUT_S)
+                await asyncio.wait_for(runtime.stream.close(), CLOSE_TIMEOUT_S)
                 await asyncio.wait_for(runtime.publisher.close(), CLOSE_TIMEOUT_S)
             await runtime.broker.close()
 
@@ -280,7 +285,7 @@ class App:
         if not message.ignore_result:
             await runtime.results.ensure_started(timeout)
         await self.publish_task(runtime, message, route, serializers.codec(codec_name))
-        return AsyncResult(message.id, self, task_name=name)
+        return AsyncResult(message.id, self, task_name=name, sent_here=not message.ignore_result)
 
     def build_message(
         self,

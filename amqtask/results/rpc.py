@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from .. import protocol
 from ..connection import CONNECTION_ERRORS, SETTLE_ERRORS, Broker, raise_if_cancelled
@@ -36,13 +36,16 @@ _LOST_OR_STUCK: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncio.C
 log = logging.getLogger("amqtask.result")
 _RESUME_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, AmqtaskError)
 _ORDER = {protocol.PENDING: 0, protocol.STARTED: 1, protocol.RETRY: 2}
+EXPIRES_HEADER = "x-amqtask-expires"
+#: A custom state from ``update_state`` (PROGRESS) ranks with STARTED: it follows it and is followed by RETRY.
+_CUSTOM = 1
 
 
 @dataclass
 class _Entry:
     report: ResultMessage
     size: int
-    stamp: float
+    deadline: float
 
 
 class ResultStore:
@@ -78,15 +81,17 @@ class ResultStore:
     def __len__(self) -> int:
         return len(self._results)
 
-    def put(self, result: ResultMessage, size: int = 0) -> None:
-        """Record a report of ``size`` bytes; the first ready state wins, earlier states never overwrite later ones."""
+    def put(self, result: ResultMessage, size: int = 0, ttl_s: float | None = None) -> None:
+        """Record a report of ``size`` bytes, kept ``ttl_s`` (default: the store's); the first ready state wins,
+        earlier states never overwrite later ones."""
         with self._lock:
             current = self._results.get(result.task_id)
             if current is not None and not _newer(result, current.report):
                 return
             if current is not None:
                 self._bytes -= current.size
-            self._results[result.task_id] = _Entry(result, size, self._clock())
+            deadline = self._clock() + (self._ttl_s if ttl_s is None else ttl_s)
+            self._results[result.task_id] = _Entry(result, size, deadline)
             self._results.move_to_end(result.task_id)
             self._bytes += size
             self._evict()
@@ -102,10 +107,10 @@ class ResultStore:
                 self._bytes -= entry.size
 
     def _evict(self) -> None:
-        oldest_kept = self._clock() - self._ttl_s
+        now = self._clock()
         while self._results:
             entry = next(iter(self._results.values()))
-            if len(self._results) <= self._max and self._bytes <= self._max_bytes and entry.stamp >= oldest_kept:
+            if len(self._results) <= self._max and self._bytes <= self._max_bytes and entry.deadline > now:
                 return
             self._results.popitem(last=False)
             self._bytes -= entry.size
@@ -116,8 +121,9 @@ class ResultStore:
             entry = self._results.get(task_id)
             if entry is None:
                 return None
-            if entry.stamp < self._clock() - self._ttl_s:
-                self._evict()
+            if entry.deadline <= self._clock():
+                del self._results[task_id]
+                self._bytes -= entry.size
                 return None
             return entry.report
 
@@ -146,7 +152,7 @@ class ResultStore:
 def _newer(new: ResultMessage, old: ResultMessage) -> bool:
     if old.status in READY_STATES:
         return False
-    return new.status in READY_STATES or _ORDER.get(new.status, 0) >= _ORDER.get(old.status, 0)
+    return new.status in READY_STATES or _ORDER.get(new.status, _CUSTOM) >= _ORDER.get(old.status, _CUSTOM)
 
 
 def _resolve(future: asyncio.Future[ResultMessage], result: ResultMessage) -> None:
@@ -201,12 +207,18 @@ class ResultConsumer:
         channel = await self.broker.channel(confirms=False, timeout=timeout)
         generation = self.broker.generation  # the channel's, even if a reconnect comes during the awaits below
         await channel.set_qos(prefetch_count=1000)
-        arguments = reply_queue_arguments(self.settings)
-        queue = await channel.declare_queue(self.queue_name, durable=True, arguments=arguments)
+        queue = await self._declare(channel)
         channel.close_callbacks.add(lambda *_: self._channel_closed())
-        await queue.consume(self._on_message)
+        await queue.consume(self._on_message, arguments=self._consume_arguments())
         self._channel = channel
         self._started_generation = generation
+
+    async def _declare(self, channel: AbstractChannel) -> AbstractQueue:
+        arguments = reply_queue_arguments(self.settings)
+        return await channel.declare_queue(self.queue_name, durable=True, arguments=arguments)
+
+    def _consume_arguments(self) -> dict[str, Any] | None:
+        return None
 
     def _channel_closed(self) -> None:
         self._started_generation = 0
@@ -230,7 +242,8 @@ class ResultConsumer:
             correlation_id=message.correlation_id,
         )
         try:
-            self.store.put(protocol.decode_result(wire, self._accept, self._limits), len(message.body))
+            report = protocol.decode_result(wire, self._accept, self._limits)
+            self.store.put(report, len(message.body), remaining_s(wire.headers))
         except (MessageError, AmqtaskError) as exc:
             log.error("dropping an unreadable result (correlation_id=%s): %s", message.correlation_id, exc)
         with contextlib.suppress(*SETTLE_ERRORS):
@@ -241,6 +254,17 @@ class ResultConsumer:
         if self._channel is not None and not self._channel.is_closed:
             with contextlib.suppress(Exception):
                 await self._channel.close()
+
+
+def expiry_header(expires_s: float) -> dict[str, Any]:
+    """The header saying until when a report counts (epoch milliseconds), for a task's own ``result_expires``."""
+    return {EXPIRES_HEADER: int((time.time() + expires_s) * 1000)}
+
+
+def remaining_s(headers: dict[str, Any]) -> float | None:
+    """How long a report with these headers still counts (None: as long as the store keeps anything)."""
+    expires = headers.get(EXPIRES_HEADER)
+    return (expires / 1000 - time.time()) if isinstance(expires, int | float) else None
 
 
 def reply_queue_arguments(settings: Settings) -> dict[str, Any]:
