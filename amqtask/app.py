@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol
 
 from . import protocol, serializers
 from .connection import Broker
-from .control import Control
 from .errors import ConfigurationError, MisuseError, TaskNotRegisteredError
 from .middleware import Middleware
 from .middleware.defaults import default_middleware
 from .portal import Portal, register_exit
 from .producer import Publisher
+from .remote import Control
 from .results import AsyncResult, ResultConsumer, ResultStore, new_reply_queue_name
 from .results.stream import StreamReader
 from .routing import Router

@@ -14,34 +14,37 @@ a closed channel counts against a quorum queue's delivery limit (20 by default),
 queue with no dead-letter target of its own drops a message that used its limit up; a nack does not
 count there. Classic queues put requeued messages back where they were.
 
-Replay publishes a copy to the original queue through the default exchange, with ``retries`` reset
-to 0 and the dead-lettering headers (``x-amqtask-*``, ``x-death``, delivery counters) removed, waits
-for the broker's confirm, and only then acks the dead-lettered message: a crash in between leaves a
-duplicate, never a loss.
+Replay publishes a copy through the default exchange to the queue whose dead-letter queue it is in
+(or to the queue the operator names), never to a queue named by the message's own headers, which
+its sender wrote. The copy has ``retries`` reset to 0 and the dead-lettering headers (``x-amqtask-*``,
+``x-death``, delivery counters) removed; replay waits for the broker's confirm, and only then acks
+the dead-lettered message: a crash in between leaves a duplicate, never a loss. With
+``signing_keys`` set, replay checks the message's original signature and signs the copy with the
+first key; a message that does not verify (the reason it was dead-lettered, often) stays where it is.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from . import topology
+from . import deadletter, signing, topology
+from .deadletter import header_text
 from .delays import strip_death_headers
 from .errors import TopologyNotFoundError
+from .producer import wire_of
 from .protocol import WireMessage
 from .topology import DLQ_SUFFIX
-from .worker.delivery import REASON, wire_of
 
 if TYPE_CHECKING:
     from .app import App
 
-#: Prefix of the headers a worker adds when it dead-letters a message (see ``worker/delivery.py``).
-HEADER_PREFIX = "x-amqtask-"
+#: Prefix of the headers a worker adds when it dead-letters a message (see ``deadletter.py``).
+HEADER_PREFIX = deadletter.PREFIX
 #: Counters RabbitMQ adds to quorum queue deliveries; stale once the message is published again.
 _DELIVERY_COUNTERS = ("x-delivery-count", "x-acquired-count")
 
@@ -52,13 +55,13 @@ class DeadLetter:
 
     id: str | None
     task: str | None
-    #: Why it was dead-lettered: the worker's reason (``failed``, ``rejected``, ``malformed``,
-    #: ``unknown-task``) or the broker's (``delivery_limit``, ``expired``, ``rejected``, ``maxlen``).
+    #: Why it was dead-lettered: the worker's reason (see ``deadletter.py``: ``failed``, ``rejected``,
+    #: ``malformed``, ...) or the broker's (``delivery_limit``, ``expired``, ``rejected``, ``maxlen``).
     reason: str
     #: ``Type: message`` of the task's exception, or the worker's detail; empty for broker reasons.
     exception: str
     failed_at: str | None
-    #: The queue it came from, where a replay sends it.
+    #: The queue it came from, as the worker that dead-lettered it wrote (a replay does not trust it).
     queue: str
     retries: int | None
     headers: Mapping[str, Any] = field(repr=False)
@@ -67,23 +70,15 @@ class DeadLetter:
     def from_message(cls, message: AbstractIncomingMessage, dlq: str) -> DeadLetter:
         """Read a message taken from dead-letter queue ``dlq``."""
         headers = dict(message.headers or {})
-        death = _latest_death(headers)
-        exc_type = _text(headers.get(HEADER_PREFIX + "exception-type"))
-        if exc_type:
-            exception = f"{exc_type}: {_text(headers.get(HEADER_PREFIX + 'exception-message')) or ''}"
-        else:
-            exception = _text(headers.get(HEADER_PREFIX + "detail")) or ""
-        failed_at = _text(headers.get(HEADER_PREFIX + "failed-at"))
-        if failed_at is None and isinstance(death.get("time"), dt.datetime):
-            failed_at = death["time"].isoformat()
+        record = deadletter.read(headers)
         retries = headers.get("retries")
         return cls(
-            id=_text(headers.get("id")) or message.correlation_id,
-            task=_text(headers.get("task")),
-            reason=_text(headers.get(REASON)) or _text(death.get("reason")) or "unknown",
-            exception=exception,
-            failed_at=failed_at,
-            queue=_text(headers.get(HEADER_PREFIX + "queue")) or dlq.removesuffix(DLQ_SUFFIX),
+            id=header_text(headers.get("id")) or message.correlation_id,
+            task=header_text(headers.get("task")),
+            reason=record.reason,
+            exception=record.exception,
+            failed_at=record.failed_at,
+            queue=record.queue or dlq.removesuffix(DLQ_SUFFIX),
             retries=retries if isinstance(retries, int) and not isinstance(retries, bool) else None,
             headers=headers,
         )
@@ -100,10 +95,12 @@ class Listing:
 
 @dataclass(frozen=True)
 class Replayed:
-    """The outcome of a replay: ids sent back to their queues, and asked-for ids that were not found."""
+    """The outcome of a replay: ids sent back, asked-for ids not found, and ids left because unverified."""
 
     replayed: list[str | None]
     missing: list[str]
+    #: Messages that stay in the dead-letter queue: signing is on and their signature does not verify.
+    refused: list[str | None] = field(default_factory=list)
 
 
 def dlq_name(app: App, queue: str) -> str:
@@ -130,15 +127,19 @@ async def inspect(app: App, queue: str, limit: int = 100) -> Listing:
     return Listing(name, browser.count, messages)
 
 
-async def replay(app: App, queue: str, ids: Collection[str] | None = None) -> Replayed:
-    """Send dead-lettered messages back to their queues: those with ``ids``, or all when ``ids`` is None.
+async def replay(app: App, queue: str, ids: Collection[str] | None = None, *, to: str | None = None) -> Replayed:
+    """Send dead-lettered messages back: those with ``ids``, or all when ``ids`` is None.
 
-    Only messages present when the replay starts are considered, so a message that fails again
-    and comes back during a replay is not replayed twice.
+    They go to ``to`` when given, else to the queue whose dead-letter queue they are in. Only
+    messages present when the replay starts are considered, so a message that fails again and
+    comes back during a replay is not replayed twice.
     """
     name = dlq_name(app, queue)
+    target = to or name.removesuffix(DLQ_SUFFIX)
+    keys = app.conf.signing_keys
     wanted = None if ids is None else set(ids)
     replayed: list[str | None] = []
+    refused: list[str | None] = []
     publisher = app.runtime().publisher
     async with _browse(app, name) as browser:
         async for message in browser.take(browser.count):
@@ -146,15 +147,19 @@ async def replay(app: App, queue: str, ids: Collection[str] | None = None) -> Re
             if wanted is not None and entry.id not in wanted:
                 continue
             wire = wire_of(message)
-            copy = WireMessage(**{**wire.__dict__, "headers": replay_headers(wire.headers)})
-            await publisher.publish(copy, "", entry.queue)
-            await browser.ack(message)
-            replayed.append(entry.id)
+            if signing.problem(keys, wire, signing.Kind.TASK) is not None:
+                refused.append(entry.id)
+            else:
+                copy = WireMessage(**{**wire.__dict__, "headers": replay_headers(wire.headers)})
+                signing.seal(keys, copy, signing.Kind.TASK)
+                await publisher.publish(copy, "", target)
+                await browser.ack(message)
+                replayed.append(entry.id)
             if wanted is not None:
                 wanted.discard(entry.id or "")
                 if not wanted:
                     break
-    return Replayed(replayed, sorted(wanted or ()))
+    return Replayed(replayed, sorted(wanted or ()), refused)
 
 
 async def purge(app: App, queue: str) -> int:
@@ -221,20 +226,6 @@ async def _browse(app: App, name: str) -> AsyncIterator[_Browser]:
                 await browser.give_back()
     finally:
         await channel.close()
-
-
-def _latest_death(headers: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The most recent ``x-death`` entry (RabbitMQ keeps them newest first), or an empty mapping."""
-    deaths = headers.get("x-death")
-    if isinstance(deaths, list | tuple) and deaths and isinstance(deaths[0], Mapping):
-        return deaths[0]
-    return {}
-
-
-def _text(value: Any) -> str | None:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return value if isinstance(value, str) else None
 
 
 __all__ = ["DeadLetter", "Listing", "Replayed", "dlq_name", "inspect", "purge", "replay", "replay_headers"]

@@ -18,7 +18,7 @@ def parse_bind(bind: str) -> tuple[str, int]:
 @click.command("serve")
 @app_option
 @click.option("--bind", default="127.0.0.1:8080", show_default=True, help="HOST:PORT to listen on")
-@loglevel_option
+@loglevel_option("info")
 def command(app_spec: str, bind: str, loglevel: str) -> None:
     """Serve the HTTP gateway: POST /tasks/{name}, GET and DELETE /tasks/{id}, /health, /openapi.json."""
     _setup_logging(loglevel)

@@ -8,10 +8,10 @@ with ``rpc`` alone; the delivery is acked only after both were confirmed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .. import protocol, serializers
+from .. import protocol, serializers, signing
 from ..errors import SerializationError
 from ..failures import encode_exception
 from ..protocol import READY_STATES, ResultMessage
@@ -47,9 +47,13 @@ def result_codec(app: App, content_type: str | None) -> serializers.Codec:
 
 async def report(
     app: App, runtime: Runtime, report: ResultMessage, *, task: str | None, reply_to: str | None,
-    content_type: str | None,
+    content_type: str | None, keys: Sequence[str] | None = None,
 ) -> None:  # fmt: skip
-    """Send ``report`` to ``reply_to`` (if any) and, for an ``amqp`` task, append it to the result stream."""
+    """Send ``report`` to ``reply_to`` (if any) and, for an ``amqp`` task, append it to the result stream.
+
+    Signed with the first of ``keys`` (default: ``signing_keys``) when signing is on; a worker passes the
+    key its caller used first.
+    """
     codec = result_codec(app, content_type)
     persistent = app.conf.result_persistent
     try:
@@ -62,6 +66,7 @@ async def report(
     amqp = backend_of(app, task) == "amqp"
     if amqp:
         out.headers.update(expiry_header(expires_of(app, task)))  # the sender's copy expires when the stream's does
+    signing.seal(app.conf.signing_keys if keys is None else keys, out, signing.Kind.RESULT)
     sends: list[Awaitable[Any]] = []
     if reply_to:
         # Not mandatory: a caller that went away (its reply queue expired) is nobody to tell.
