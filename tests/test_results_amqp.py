@@ -19,6 +19,9 @@ import pytest
 from support.workers import TESTS_DIR, wait_for, worker_thread
 
 from amqtask import App, AsyncResult, GroupResult, RemoteTaskError, chain, chord, group
+from amqtask.producer import to_amqp
+from amqtask.protocol import ResultMessage, encode_result
+from amqtask.serializers import JSON
 
 pytestmark = pytest.mark.broker
 TIMEOUT = 30
@@ -187,3 +190,33 @@ def test_group_chain_and_chord_results_by_the_id_the_caller_got(app: App, broker
         restored = GroupResult.restore(members.id, app=app)
         assert restored is not None and restored.get(timeout=TIMEOUT) == [0, 2, 4]
     assert GroupResult.restore("no-such-group", app=app) is None
+
+
+def test_with_signing_an_unsigned_record_in_the_stream_is_ignored(broker_url: str, unique: str, stream: str) -> None:
+    app = App(f"signed-{unique}", broker=broker_url, task_default_queue=f"q-{unique}", result_backend="amqp",
+              result_stream=stream, signing_keys=["k-results"])  # fmt: skip
+    tasks = define(app)
+    forged_id = f"forged-{unique}"
+    forged = encode_result(ResultMessage(forged_id, "SUCCESS", "forged"), JSON)
+
+    async def forge() -> None:
+        connection = await aio_pika.connect(broker_url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.default_exchange.publish(to_amqp(forged), stream)
+
+    try:
+        with worker_thread(app):
+            genuine = tasks["add"].delay(2, 2)
+            assert genuine.get(timeout=TIMEOUT) == 4
+            asyncio.run(forge())
+            assert AsyncResult(genuine.id, app=app).get(timeout=TIMEOUT) == 4  # signed by the worker: read
+        reader_app = App(f"reader-{unique}", broker=broker_url, result_backend="amqp", result_stream=stream,
+                         signing_keys=["k-results"])  # fmt: skip
+        try:
+            assert AsyncResult(genuine.id, app=reader_app).state == "SUCCESS"
+            assert AsyncResult(forged_id, app=reader_app).state == "PENDING"
+        finally:
+            reader_app.close()
+    finally:
+        app.close()
