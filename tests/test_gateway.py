@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
-from support.workers import TESTS_DIR, wait_for, worker_thread
+from support.workers import REPO_DIR, TESTS_DIR, wait_for, worker_thread
 
 from amqtask import App
 
@@ -86,6 +86,11 @@ def test_send_run_and_read_over_http(setup: tuple[App, str]) -> None:
         assert error["error"]["message"] == "bad input" and "ValueError" in error["error"]["traceback"]
         unknown = http.get("/tasks/no-such-task").json()
         assert unknown == {"id": "no-such-task", "state": "PENDING", "result": None, "meta": None}
+    script = REPO_DIR / "examples" / "gateway_client.sh"  # the curl client of the docs
+    done = subprocess.run(["sh", str(script), "gw.add", "[20, 22]"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "GATEWAY": base, "TOKEN": TOKEN})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["result"] == 42
 
 
 def test_revoke_over_http(setup: tuple[App, str]) -> None:
