@@ -8,14 +8,14 @@ result written before, and a task run after the stop is readable too.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
-from support.broker import BrokerError, TestBroker
+from support.broker import TestBroker
+from support.broker import cluster as broker_cluster
 from support.workers import TESTS_DIR, wait_for, worker_thread
 
 from amqtask import App, AsyncResult
@@ -27,17 +27,8 @@ NODES = 3
 @pytest.fixture(scope="module")
 def cluster(pytestconfig: pytest.Config) -> Iterator[tuple[TestBroker, str]]:
     """A 3-node cluster of this module's own, with a vhost; deleted at the end."""
-    version = pytestconfig.getoption("--rabbitmq")
-    broker = TestBroker(name=f"amqtask-results-{version.replace('.', '')}-{os.getpid()}", nodes=NODES)
-    try:
-        broker.start(version)
-    except BrokerError as exc:  # the machine cannot run a cluster: nothing amqtask can fix
-        pytest.skip(f"cannot start a {NODES}-node RabbitMQ {version} cluster here: {exc}")
-    try:
-        broker.add_vhost("results")
+    with broker_cluster(pytestconfig.getoption("--rabbitmq"), "amqtask-results", NODES, "results") as broker:
         yield broker, "results"
-    finally:
-        broker.stop()
 
 
 def leader(cluster: TestBroker, vhost: str, stream: str) -> int | None:
