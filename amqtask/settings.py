@@ -175,6 +175,7 @@ SPECS: dict[str, Spec] = {
     "gateway_allow": Spec(None, _keys, "task names the gateway may send (default: the tasks registered in the app)"),
     "gateway_max_body_bytes": Spec(1024 * 1024, _number(2, integer=True), "largest request body the gateway reads"),
     "gateway_max_json_depth": Spec(32, _number(1, integer=True), "deepest JSON nesting the gateway accepts"),
+    "gateway_max_wait_s": Spec(60.0, _number(0), "longest GET /tasks/{id}?wait= long poll"),
     "worker_concurrency": Spec(_CPUS, _number(1, integer=True), "tasks run at once per worker process"),
     "worker_prefetch_multiplier": Spec(4, _number(1, integer=True), "prefetch = concurrency x this"),
     "worker_shutdown_grace_s": Spec(30.0, _number(0), "time running tasks get to finish on SIGTERM"),

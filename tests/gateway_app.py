@@ -13,7 +13,8 @@ from amqtask import App
 
 def create_app(url: str, queue: str, stream: str, tokens_file: str | None = None) -> App:
     app = App("gateway", broker=url, task_default_queue=queue, result_backend="amqp", result_stream=stream,
-              gateway_tokens_file=tokens_file, gateway_max_body_bytes=64 * 1024, task_track_started=True)  # fmt: skip
+              gateway_tokens_file=tokens_file, gateway_max_body_bytes=64 * 1024, task_track_started=True,
+              gateway_max_wait_s=2)  # fmt: skip
 
     @app.task(name="gw.add")
     def add(x: int, y: int) -> int:

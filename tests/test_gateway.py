@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -66,22 +67,32 @@ def _up(base: str, server: subprocess.Popen[bytes]) -> bool:
         return False
 
 
+def outcome(http: httpx.Client, task_id: str) -> dict[str, Any]:
+    """The task's state once ready: long polls of the gateway (its test app allows 2 s each), for up to 60 s."""
+    for _ in range(30):
+        state: dict[str, Any] = http.get(f"/tasks/{task_id}", params={"wait": 2}).json()
+        if state["state"] in ("SUCCESS", "FAILURE", "REVOKED"):
+            return state
+    raise AssertionError(f"task {task_id} not ready within 60 s: {state}")
+
+
 def client(base: str, token: str | None = TOKEN) -> httpx.Client:
     headers = {"authorization": f"Bearer {token}"} if token else {}
     return httpx.Client(base_url=base, headers=headers, timeout=30)
 
 
 def test_send_run_and_read_over_http(setup: tuple[App, str]) -> None:
-    _, base = setup
+    app, base = setup
     with client(base) as http:
-        sent = http.post("/tasks/gw.add", json={"args": [2, 3], "options": {"priority": 3}})
+        queue = app.conf.task_default_queue
+        sent = http.post("/tasks/gw.add", json={"args": [2, 3], "options": {"priority": 3, "queue": queue}})
         assert sent.status_code == 202 and sent.headers["location"] == f"/tasks/{sent.json()['id']}"
         task_id = sent.json()["id"]
-        done = http.get(f"/tasks/{task_id}", params={"wait": 20}).json()
+        done = outcome(http, task_id)
         assert done == {"id": task_id, "state": "SUCCESS", "result": 5, "meta": None}
         assert http.get(f"/tasks/{task_id}").json() == done  # reading never consumes
         failed = http.post("/tasks/gw.fail", json={"kwargs": {"message": "bad input"}}).json()["id"]
-        error = http.get(f"/tasks/{failed}", params={"wait": 20}).json()
+        error = outcome(http, failed)
         assert error["state"] == "FAILURE" and error["error"]["type"] == "ValueError"
         assert error["error"]["message"] == "bad input" and "ValueError" in error["error"]["traceback"]
         unknown = http.get("/tasks/no-such-task").json()
@@ -99,7 +110,7 @@ def test_revoke_over_http(setup: tuple[App, str]) -> None:
         task_id = http.post("/tasks/gw.add", json={"args": [1, 1], "options": {"countdown": 2}}).json()["id"]
         revoked = http.delete(f"/tasks/{task_id}")
         assert revoked.status_code == 202 and revoked.json() == {"id": task_id, "revoked": True}
-        assert http.get(f"/tasks/{task_id}", params={"wait": 20}).json()["state"] == "REVOKED"
+        assert outcome(http, task_id)["state"] == "REVOKED"
 
 
 def test_refusals_have_the_right_status_and_never_echo_the_token(setup: tuple[App, str]) -> None:
@@ -113,7 +124,8 @@ def test_refusals_have_the_right_status_and_never_echo_the_token(setup: tuple[Ap
         oversize = http.post("/tasks/gw.add", content=b'{"args": ["' + b"x" * 70_000 + b'"]}')
         assert oversize.status_code == 413
         assert http.post("/tasks/gw.add", json={"args": {}}).status_code == 422
-        assert http.post("/tasks/gw.add", json={"options": {"queue": "amq.rabbitmq.reply-to"}}).status_code == 422
+        for queue in ("amq.rabbitmq.reply-to", "other-apps-queue", "\u0019"):  # only the app's own queues
+            assert http.post("/tasks/gw.add", json={"options": {"queue": queue}}).status_code == 422
         assert http.post("/tasks/gw.add", json={"options": {"countdown": 10**12}}).status_code == 422
         assert http.get("/tasks/x", params={"wait": "soon"}).status_code == 422
         assert http.put("/tasks/x").status_code == 405

@@ -7,6 +7,7 @@ a credential: a bearer token is never repeated, and broker errors are masked as 
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 from starlette.applications import Starlette
@@ -22,11 +23,11 @@ from ..results import AsyncResult
 from ..results.reporting import backend_of
 from ..urls import mask_text
 from .auth import authorized, load_tokens
-from .openapi import document
+from .openapi import document, queue_names
 from .requests import HTTPError, parse_send, read_json
 
 MAX_ID = 255
-MAX_WAIT_S = 60.0
+log = logging.getLogger("amqtask.gateway")
 
 
 class Gateway:
@@ -36,6 +37,7 @@ class Gateway:
         self.app = app
         self.tokens = load_tokens(app.conf)
         self.openapi = document(app)
+        self.queues = frozenset(queue_names(app))
 
     def allowed(self, name: str) -> bool:
         allow = self.app.conf.gateway_allow
@@ -51,7 +53,8 @@ class Gateway:
         if not self.allowed(name):
             raise HTTPError(404, "no such task (not registered, or not allowed through the gateway)")
         conf = self.app.conf
-        sent = parse_send(await read_json(request, conf.gateway_max_body_bytes, conf.gateway_max_json_depth))
+        body = await read_json(request, conf.gateway_max_body_bytes, conf.gateway_max_json_depth)
+        sent = parse_send(body, self.queues)
         result = await self.app.asend_task(name, sent.args, sent.kwargs, **sent.options)
         return JSONResponse({"id": result.id}, status_code=202, headers={"location": f"/tasks/{result.id}"})
 
@@ -60,7 +63,7 @@ class Gateway:
         task_id = _task_id(request)
         if backend_of(self.app, None) != "amqp":
             raise HTTPError(501, "reading results by id needs result_backend='amqp' in the gateway's app")
-        wait_s = _wait(request)
+        wait_s = _wait(request, self.app.conf.gateway_max_wait_s)
         result: AsyncResult[Any] = AsyncResult(task_id, self.app)
         await result.arefresh()
         if wait_s:
@@ -106,14 +109,14 @@ def _task_id(request: Request) -> str:
     return task_id
 
 
-def _wait(request: Request) -> float:
+def _wait(request: Request, most_s: float) -> float:
     raw = request.query_params.get("wait", "0")
     try:
         wait_s = float(raw)
     except ValueError:
         raise HTTPError(422, "wait must be a number of seconds") from None
-    if not 0 <= wait_s <= MAX_WAIT_S:
-        raise HTTPError(422, f"wait must be between 0 and {MAX_WAIT_S:g} seconds")
+    if not 0 <= wait_s <= most_s:
+        raise HTTPError(422, f"wait must be between 0 and {most_s:g} seconds")
     return wait_s
 
 
@@ -127,6 +130,10 @@ def build(app: App) -> Starlette:
         status = 503 if isinstance(exc, BrokerConnectionError | PublishError) else 400
         return JSONResponse({"error": mask_text(f"{type(exc).__name__}: {exc}", app.conf.broker_url)}, status)
 
+    async def crashed(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("gateway error on %s %s", request.method, request.url.path)
+        return JSONResponse({"error": "internal error"}, status_code=500)
+
     async def not_found(request: Request, exc: Exception) -> JSONResponse:
         code = getattr(exc, "status_code", 404)
         return JSONResponse({"error": "no such route" if code == 404 else "method not allowed"}, status_code=code)
@@ -138,7 +145,8 @@ def build(app: App) -> Starlette:
         Route("/health", gateway.health, methods=["GET"]),
         Route("/openapi.json", gateway.schema, methods=["GET"]),
     ]
-    handlers: dict[Any, Any] = {HTTPError: refused, AmqtaskError: refused, 404: not_found, 405: not_found}
+    handlers: dict[Any, Any] = {HTTPError: refused, AmqtaskError: refused, 404: not_found, 405: not_found,
+                                Exception: crashed}  # fmt: skip
     return Starlette(routes=routes, exception_handlers=handlers)
 
 

@@ -19,7 +19,7 @@ def _errors(*codes: int) -> dict[str, Any]:
     return {str(code): _ERROR for code in codes}
 
 
-def _schemas() -> dict[str, Any]:
+def _schemas(queues: list[str]) -> dict[str, Any]:
     seconds = {"type": "number", "minimum": -MAX_DELAY_S, "maximum": MAX_DELAY_S}
     when = {"oneOf": [seconds, {"type": "string", "format": "date-time"}]}
     return {
@@ -37,7 +37,7 @@ def _schemas() -> dict[str, Any]:
                         "eta": {"type": "string", "format": "date-time"},
                         "expires": when,
                         "priority": {"type": "integer", "minimum": 0, "maximum": 255},
-                        "queue": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^(?!amq\\.)"},
+                        "queue": {"type": "string", "enum": queues},
                     },
                 },
             },
@@ -80,6 +80,11 @@ def _schemas() -> dict[str, Any]:
     }
 
 
+def queue_names(app: App) -> list[str]:
+    """The queues a gateway caller may name: the app's configured ones and its default."""
+    return sorted(spec.name for spec in app.router.all_queues())
+
+
 def document(app: App) -> dict[str, Any]:
     """The OpenAPI document for ``app``'s gateway."""
     names = sorted(app.conf.gateway_allow if app.conf.gateway_allow is not None else app.tasks)
@@ -90,14 +95,23 @@ def document(app: App) -> dict[str, Any]:
         "schema": {"type": "string", "minLength": 1, "maxLength": 255},
     }
     name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": names or [""]}}
-    wait = {"name": "wait", "in": "query", "required": False, "schema": {"type": "number", "minimum": 0, "maximum": 60}}
+    most_s = app.conf.gateway_max_wait_s
+    wait = {
+        "name": "wait",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "number", "minimum": 0, "maximum": most_s},
+    }
     secured: list[dict[str, list[str]]] = (
         [{"bearer": []}] if app.conf.gateway_tokens or app.conf.gateway_tokens_file else []
     )
     return {
         "openapi": "3.0.3",
         "info": {"title": f"amqtask gateway ({app.main})", "version": "1"},
-        "components": {"schemas": _schemas(), "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "components": {
+            "schemas": _schemas(queue_names(app)),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
         "security": secured,
         "paths": {
             "/tasks/{name}": {
