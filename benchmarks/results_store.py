@@ -203,17 +203,19 @@ def main() -> None:
     parser.add_argument("--counts", default="10000,100000")
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--layouts", default="queues,stream", help="which layouts to fill (queues, stream)")
+    parser.add_argument("--skip-tasks", action="store_true", help="skip the end-to-end task rates")
     args = parser.parse_args()
     broker = Broker(args.version)
     settings = Settings()
     try:
         print(f"RabbitMQ {args.version}")
         base_url = broker.vhost("bench-e2e")
-        for backend in ("rpc", "amqp"):
+        for backend in () if args.skip_tasks else ("rpc", "amqp"):
             rate, round_trip = asyncio.run(tasks_per_second(base_url, backend, args.tasks))
             print(f"tasks with {backend} results: {rate:.0f}/s; one round trip {round_trip * 1000:.1f} ms")
         for count in (int(c) for c in args.counts.split(",")):
-            for layout in ("queues", "stream"):
+            for layout in args.layouts.split(","):
                 vhost = f"bench-{layout}-{count}"
                 url = broker.vhost(vhost)
                 before = broker.usage(vhost)

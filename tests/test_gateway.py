@@ -99,7 +99,7 @@ def test_send_run_and_read_over_http(setup: tuple[App, str]) -> None:
         assert unknown == {"id": "no-such-task", "state": "PENDING", "result": None, "meta": None}
     script = REPO_DIR / "examples" / "gateway_client.sh"  # the curl client of the docs
     done = subprocess.run(["sh", str(script), "gw.add", "[20, 22]"], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "GATEWAY": base, "TOKEN": TOKEN})  # fmt: skip
+                          env={**os.environ, "GATEWAY": base, "TOKEN": TOKEN, "WAIT": "2"})  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["result"] == 42
 
