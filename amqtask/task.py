@@ -20,6 +20,7 @@ from .settings import RESULT_BACKENDS
 if TYPE_CHECKING:
     from .app import App
     from .canvas import Signature
+    from .protocol import ResultMessage
     from .results import AsyncResult
 
 P = ParamSpec("P")
@@ -198,22 +199,34 @@ class Task(Generic[P, R]):
         The caller sees it as ``result.state`` / ``result.info``; with ``result_backend="amqp"`` every process
         does. From an ``async def`` task use :meth:`aupdate_state`.
         """
-        self.app.portal.run(self.aupdate_state(task_id, state, meta))
+        report = self._state_report(task_id, state, meta)
+        if self.request.is_eager:
+            self.app.result_store.put(report)  # eager mode runs on the portal's loop: no round trip through it
+            return
+        self.app.portal.run(self._send_state(report))
 
     async def aupdate_state(self, task_id: str | None = None, state: str | None = None, meta: Any = None) -> None:
         """:meth:`update_state` for async tasks."""
+        report = self._state_report(task_id, state, meta)
+        if self.request.is_eager:
+            self.app.result_store.put(report)
+            return
+        await self._send_state(report)
+
+    def _state_report(self, task_id: str | None, state: str | None, meta: Any) -> ResultMessage:
         from .protocol import ResultMessage
-        from .results import reporting
 
         request = self.request
         report = ResultMessage(task_id or request.id or "", state or "PENDING", meta, parent_id=request.parent_id)
         if not report.task_id:
             raise MisuseError(f"task {self.name!r}: update_state needs a task_id outside a running task")
-        if request.is_eager:
-            self.app.result_store.put(report)
-            return
-        await reporting.report(self.app, self.app.runtime(), report, task=self.name, reply_to=request.reply_to,
-                               content_type=None)  # fmt: skip
+        return report
+
+    async def _send_state(self, report: ResultMessage) -> None:
+        from .results import reporting
+
+        await reporting.report(self.app, self.app.runtime(), report, task=self.name,
+                               reply_to=self.request.reply_to, content_type=None)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ retries
     def retry(

@@ -62,7 +62,7 @@ def eager(app: App, *, propagate: bool = False) -> Iterator[App]:
         finally:
             current_request.reset(token)
         app.result_store.put(report)
-        return AsyncResult(task_id, app, task_name=name)
+        return AsyncResult(task_id, app, task_name=name, sent_here=True)  # its result is in this process
 
     app.asend_task = run_inline  # type: ignore[method-assign]
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -71,3 +72,16 @@ def test_leaving_the_block_restores_real_sending() -> None:
     with eager(app):
         pass
     assert "asend_task" not in vars(app)
+
+
+def test_eager_mode_with_amqp_results_needs_no_broker() -> None:
+    app = App("eager-amqp", broker="amqp://guest:guest@127.0.0.1:1//", result_backend="amqp")
+
+    @app.task(name="t.steps", bind=True)
+    def steps(self: Any, n: int) -> int:
+        self.update_state(state="PROGRESS", meta={"done": n})
+        return n
+
+    with eager(app):
+        result = steps.delay(3)
+        assert result.get(timeout=1) == 3 and result.state == "SUCCESS"
