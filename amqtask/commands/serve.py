@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..cli import _run, _setup_logging, app_option, load_app, loglevel_option
+from .shared import app_option, load_app, loglevel_option, run, setup_logging
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
@@ -19,12 +19,11 @@ def parse_bind(bind: str) -> tuple[str, int]:
 @app_option
 @click.option("--bind", default="127.0.0.1:8080", show_default=True, help="HOST:PORT to listen on")
 @loglevel_option("info")
-def command(app_spec: str, bind: str, loglevel: str) -> None:
+def command(app_spec: str | None, bind: str, loglevel: str) -> None:
     """Serve the HTTP gateway: POST /tasks/{name}, GET and DELETE /tasks/{id}, /health, /openapi.json."""
-    _setup_logging(loglevel)
+    setup_logging(loglevel)
     host, port = parse_bind(bind)
     app = load_app(app_spec)
-
     from ..gateway import serve
 
-    _run(app, lambda: serve(app, host, port, log_level=loglevel.lower()))
+    run(app, lambda: serve(app, host, port, log_level=loglevel.lower()), quiet=False)
