@@ -187,6 +187,9 @@ def test_group_chain_and_chord_results_by_the_id_the_caller_got(app: App, broker
         assert reads(reader(broker_url, stream, "group", members.id)) == [[0, 2, 4], [0, 2, 4]]
         assert reads(reader(broker_url, stream, "get", chained.id))[0]["result"] == 13
         assert reads(reader(broker_url, stream, "get", chorded.id))[0]["result"] == 6
+        broken = chain(tasks["fail"].si(), add.s(1)).apply_async()  # its last step never runs
+        assert reads(reader(broker_url, stream, "get", broken.id))[0] == {
+            "id": broken.id, "state": "FAILURE", "result": "KeyError: missing"}  # fmt: skip
         restored = GroupResult.restore(members.id, app=app)
         assert restored is not None and restored.get(timeout=TIMEOUT) == [0, 2, 4]
     assert GroupResult.restore("no-such-group", app=app) is None
