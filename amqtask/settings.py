@@ -122,11 +122,13 @@ def _serializer(name: str, value: Any) -> str:
     return str(value)
 
 
-@_kind("'rpc' or 'amqp'")
-def _result_backend(name: str, value: Any) -> str:
-    if value not in RESULT_BACKENDS:
-        raise ConfigurationError(f"setting {name!r} must be one of {', '.join(RESULT_BACKENDS)}, got {value!r}")
-    return str(value)
+def _choice(*choices: str) -> Callable[[str, Any], str]:
+    def check(name: str, value: Any) -> str:
+        if value not in choices:
+            raise ConfigurationError(f"setting {name!r} must be one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    return _kind(" or ".join(repr(choice) for choice in choices))(check)
 
 
 @_kind("'msgpack' or 'json', or none")
@@ -195,7 +197,8 @@ SPECS: dict[str, Spec] = {
                                "message back to its queue; once more and it is dead-lettered (requeue-limit)"),
     "result_expires_s": Spec(86400, _number(1, integer=True),
                              "results are kept this long; reply queues vanish after being unused this long"),
-    "result_backend": Spec("rpc", _result_backend, "rpc: results reach the sender only; amqp: readable by id anywhere"),
+    "result_backend": Spec("rpc", _choice(*RESULT_BACKENDS),
+                           "rpc: results reach the sender only; amqp: readable by id anywhere"),
     "result_stream": Spec("amqtask.results", _str, "the stream amqp results are written to (one per app or vhost)"),
     "result_stream_max_bytes": Spec(2 * 1024**3, _number(1024 * 1024, integer=True),
                                     "disk the result stream may use before its oldest segments go"),
@@ -227,6 +230,11 @@ SPECS: dict[str, Spec] = {
                               "after the leader dies takes this, plus ~2x broker_heartbeat_s if its host vanished"),
     "beat_max_loop_s": Spec(5.0, _number(0.01), "longest beat sleeps between checks (schedule file, clock jumps)"),
     "beat_schedule_file": Spec(None, _opt_str, "TOML/JSON schedule file merged over beat_schedule, re-read on change"),
+    "worker_log_format": Spec("text", _choice("text", "json"), "worker log lines: text, or json (one object a line)"),
+    "worker_metrics_port": Spec(None, _number(1, integer=True, allow_none=True),
+                                "serve Prometheus metrics on this port (needs amqtask[metrics])"),
+    "worker_send_task_events": Spec(False, _bool, "workers publish Celery's task and worker events (-E)"),
+    "task_send_sent_event": Spec(False, _bool, "producers publish a task-sent event for every task they send"),
     "signing_keys": Spec(None, _keys, "HMAC keys; the first signs, all verify"),
 }  # fmt: skip
 
