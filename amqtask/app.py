@@ -30,6 +30,7 @@ from .portal import Portal, register_exit
 from .producer import Publisher
 from .remote import Control
 from .results import AsyncResult, ResultConsumer, ResultStore, new_reply_queue_name
+from .results.stream import StreamReader
 from .routing import Route, Router
 from .sending import BrokerSender, Outgoing, Sender
 from .settings import Settings
@@ -74,6 +75,7 @@ class Runtime:
     broker: Broker
     publisher: Publisher
     results: ResultConsumer
+    stream: StreamReader
 
 
 def _utc(moment: dt.datetime) -> dt.datetime:
@@ -112,7 +114,6 @@ class App:
         self.conf.update(settings)
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.portal = Portal(main)
-        self.result_store = ResultStore()
         self.middleware: list[Middleware] = default_middleware()
         #: Where every built task message goes (:mod:`amqtask.sending`); ``testing.eager`` swaps it.
         self.sender: Sender = BrokerSender()
@@ -185,6 +186,11 @@ class App:
         return self._router[1]
 
     @functools.cached_property
+    def result_store(self) -> ResultStore:
+        """The results this process knows (its replies, and amqp results it read), bounded as the settings say."""
+        return ResultStore(max_bytes=self.conf.result_store_max_bytes, ttl_s=self.conf.result_expires_s)
+
+    @functools.cached_property
     def control(self) -> Control:
         """Remote control of the workers: ``app.control.ping()``, ``.inspect().stats()``, ``.revoke(id)``."""
         return Control(self)
@@ -241,10 +247,12 @@ class App:
             found = self._runtimes.get(loop)
             if found is None or found.broker.settings is not self.conf:
                 broker = Broker(self.conf, name=f"{self.main}-{os.getpid()}")
+                publisher = Publisher(broker, self.conf)
                 found = Runtime(
                     broker,
-                    Publisher(broker, self.conf),
+                    publisher,
                     ResultConsumer(broker, self.conf, self.reply_queue, self.result_store),
+                    StreamReader(broker, publisher, self.conf, self.result_store),
                 )
                 self._runtimes[loop] = found
             return found
@@ -274,6 +282,7 @@ class App:
             # Closing channels on a connection that is down can wait for an answer that never comes.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(runtime.results.close(), CLOSE_TIMEOUT_S)
+                await asyncio.wait_for(runtime.stream.close(), CLOSE_TIMEOUT_S)
                 await asyncio.wait_for(runtime.publisher.close(), CLOSE_TIMEOUT_S)
             await runtime.broker.close()
 
@@ -308,7 +317,7 @@ class App:
         message, route, codec_name = self.build_message(name, args, kwargs, task, options)
         codec = serializers.codec(codec_name)
         await self.sender.send(self, Outgoing(message, route, codec, awaits_reply=not message.ignore_result))
-        return AsyncResult(message.id, self, task_name=name)
+        return AsyncResult(message.id, self, task_name=name, sent_here=not message.ignore_result)
 
     def build_message(
         self,

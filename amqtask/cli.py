@@ -347,5 +347,5 @@ def _register_command_groups() -> None:
 
 
 #: Modules under ``amqtask/commands`` that each define one click ``command`` (a command or a group).
-COMMAND_MODULES: tuple[str, ...] = ("inspect", "control", "dlq", "beat", "events")
+COMMAND_MODULES: tuple[str, ...] = ("inspect", "control", "dlq", "beat", "events", "serve")
 _register_command_groups()

@@ -180,3 +180,16 @@ def test_a_chord_with_a_failed_member_fails_its_body() -> None:
         result = chord([add.s(1, 1), fail.s(3)], total.s()).delay()
         with pytest.raises(ValueError, match="no 3"):
             result.get()
+
+
+def test_eager_mode_with_amqp_results_needs_no_broker() -> None:
+    app = App("eager-amqp", broker="amqp://guest:guest@127.0.0.1:1//", result_backend="amqp")
+
+    @app.task(name="t.steps", bind=True)
+    def steps(self: Any, n: int) -> int:
+        self.update_state(state="PROGRESS", meta={"done": n})
+        return n
+
+    with eager(app):
+        result = steps.delay(3)
+        assert result.get(timeout=1) == 3 and result.state == "SUCCESS"

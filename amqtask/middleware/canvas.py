@@ -22,11 +22,12 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .. import canvas, protocol, serializers, signing
+from .. import canvas, protocol, serializers
 from ..chords import ChordKeeper, Part
 from ..errors import AmqtaskError, ConfigurationError, MessageError, SerializationError, TopologyError, UnroutableError
 from ..failures import encode_exception
 from ..protocol import ResultMessage, TaskMessage
+from ..results import reporting
 from . import Middleware
 
 if TYPE_CHECKING:
@@ -82,8 +83,8 @@ class CanvasMiddleware(Middleware):
         """FAILURE replies for every task in ``signatures``; chords they belong to fail too."""
         for sig in (task for value in signatures for task in canvas.task_signatures(value)):
             options = sig.options
-            if options.get("task_id") and options.get("reply_to"):
-                await _report_failure(worker, message, options["task_id"], options["reply_to"], report)
+            if options.get("task_id"):
+                await _report_failure(worker, message, sig.task, options["task_id"], options.get("reply_to"), report)
             if isinstance(options.get("chord"), Mapping):
                 member = TaskMessage(task=sig.task, id=str(options.get("task_id")), group=options.get("group_id"),
                                      group_index=options.get("group_index"), root_id=message.root_id,
@@ -185,18 +186,17 @@ def _report(part: Part) -> ResultMessage:
 
 
 async def _report_failure(
-    worker: Worker, message: TaskMessage, task_id: str, reply_to: str, report: ResultMessage
+    worker: Worker, message: TaskMessage, task: str, task_id: str, reply_to: str | None, report: ResultMessage
 ) -> None:
-    """A FAILURE reply for a task that will never run, carrying the error that stopped it.
+    """A FAILURE report for a task that will never run, carrying the error that stopped it.
 
-    Encoded like the replies to ``message``, the task that failed: in the caller's own encoding.
+    Encoded like the replies to ``message``, the task that failed: in the caller's own encoding. It goes where
+    the task's own reports would (its ``reply_to``, the result stream for ``amqp`` results).
     """
-    app = worker.app
     failure = ResultMessage(task_id, protocol.FAILURE, report.result, report.traceback, date_done=protocol.now_iso())
-    codec = serializers.codec(app.conf.result_serializer or message.serializer or "json")
-    wire = protocol.encode_result(failure, codec, persistent=app.conf.result_persistent)
-    signing.seal(app.conf.signing_keys, wire, signing.Kind.RESULT)
-    await worker.runtime.publisher.publish(wire, "", reply_to, mandatory=False)
+    content_type = serializers.codec(message.serializer or "json").content_type
+    await reporting.report(worker.app, worker.runtime, failure, task=task, reply_to=reply_to,
+                           content_type=content_type)  # fmt: skip
 
 
 __all__ = ["CanvasMiddleware"]
