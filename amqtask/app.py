@@ -16,12 +16,13 @@ import os
 import threading
 import uuid
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
 
 from . import protocol, serializers
 from .connection import Broker
+from .discovery import TaskDiscovery
 from .errors import ConfigurationError, MisuseError, TaskNotRegisteredError
 from .middleware import Middleware
 from .middleware.defaults import default_middleware
@@ -29,7 +30,9 @@ from .portal import Portal, register_exit
 from .producer import Publisher
 from .remote import Control
 from .results import AsyncResult, ResultConsumer, ResultStore, new_reply_queue_name
+from .results.stream import StreamReader
 from .routing import Route, Router
+from .sending import BrokerSender, Outgoing, Sender
 from .settings import Settings
 from .task import CALL_OPTIONS, Task, check_task_options
 
@@ -72,6 +75,7 @@ class Runtime:
     broker: Broker
     publisher: Publisher
     results: ResultConsumer
+    stream: StreamReader
 
 
 def _utc(moment: dt.datetime) -> dt.datetime:
@@ -94,9 +98,15 @@ def _absolute(value: Any, now: dt.datetime, option: str) -> dt.datetime | None:
 class App:
     """An amqtask application: ``App("tasks", broker="amqp://...")``."""
 
-    def __init__(self, main: str = "amqtask", broker: str | list[str] | None = None, **settings: Any) -> None:
+    def __init__(
+        self, main: str = "amqtask", broker: str | list[str] | None = None, *,
+        task_cls: type[Task[Any, Any]] | None = None, **settings: Any,
+    ) -> None:  # fmt: skip
+        """``task_cls``: the class of the app's tasks (``amqtask.contrib.django.DjangoTask`` in Django projects)."""
         global _default_app
         self.main = main
+        self.task_cls: type[Task[Any, Any]] = task_cls or Task
+        self.discovery = TaskDiscovery(self)
         self.conf = Settings()
         self.conf.from_env()
         if broker is not None:
@@ -104,8 +114,9 @@ class App:
         self.conf.update(settings)
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.portal = Portal(main)
-        self.result_store = ResultStore()
         self.middleware: list[Middleware] = default_middleware()
+        #: Where every built task message goes (:mod:`amqtask.sending`); ``testing.eager`` swaps it.
+        self.sender: Sender = BrokerSender()
         self._runtimes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Runtime] = weakref.WeakKeyDictionary()
         self._runtime_lock = threading.Lock()
         self._reply_queue: tuple[int, str] | None = None
@@ -143,11 +154,20 @@ class App:
             checked = check_task_options(name, options)
             if "serializer" in checked:
                 serializers.codec(checked["serializer"])
-            task: Task[Any, Any] = Task(self, func, name, checked)
+            task: Task[Any, Any] = self.task_cls(self, func, name, checked)
             self.tasks[name] = task
             return task
 
         return register(fn) if fn is not None else register
+
+    def autodiscover_tasks(self, packages: list[str] | None = None, related_name: str = "tasks") -> None:
+        """Import ``<package>.<related_name>`` of each package (by default every installed Django app) once
+        a worker starts, not now: Django may not be set up yet when the app module is imported."""
+        self.discovery.add(packages, related_name)
+
+    def import_task_modules(self) -> None:
+        """Import the modules that define tasks: settings ``imports`` and ``include``, then autodiscovery."""
+        self.discovery.run()
 
     def get_task(self, name: str) -> Task[Any, Any]:
         """The registered task called ``name``."""
@@ -164,6 +184,11 @@ class App:
         if self._router is None or self._router[0] != key:
             self._router = (key, Router(self.conf))
         return self._router[1]
+
+    @functools.cached_property
+    def result_store(self) -> ResultStore:
+        """The results this process knows (its replies, and amqp results it read), bounded as the settings say."""
+        return ResultStore(max_bytes=self.conf.result_store_max_bytes, ttl_s=self.conf.result_expires_s)
 
     @functools.cached_property
     def control(self) -> Control:
@@ -222,13 +247,31 @@ class App:
             found = self._runtimes.get(loop)
             if found is None or found.broker.settings is not self.conf:
                 broker = Broker(self.conf, name=f"{self.main}-{os.getpid()}")
+                publisher = Publisher(broker, self.conf)
                 found = Runtime(
                     broker,
-                    Publisher(broker, self.conf),
+                    publisher,
                     ResultConsumer(broker, self.conf, self.reply_queue, self.result_store),
+                    StreamReader(broker, publisher, self.conf, self.result_store),
                 )
                 self._runtimes[loop] = found
             return found
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[App]:
+        """Connect on entry and close on exit, on the running event loop: an ASGI app's lifespan.
+
+        ``async with app.lifespan(): yield`` in FastAPI's/Starlette's lifespan opens the connection
+        and the reply consumer at startup (the first request does not pay for them; a broker that is
+        down fails the startup) and closes them at shutdown.
+        """
+        runtime = self.runtime()
+        await runtime.broker.connection(self.conf.broker_connect_timeout_s)
+        await runtime.results.ensure_started(self.conf.publish_timeout_s)
+        try:
+            yield self
+        finally:
+            await self.aclose()
 
     async def aclose(self) -> None:
         """Close the connections of the running event loop's runtime."""
@@ -239,6 +282,7 @@ class App:
             # Closing channels on a connection that is down can wait for an answer that never comes.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(runtime.results.close(), CLOSE_TIMEOUT_S)
+                await asyncio.wait_for(runtime.stream.close(), CLOSE_TIMEOUT_S)
                 await asyncio.wait_for(runtime.publisher.close(), CLOSE_TIMEOUT_S)
             await runtime.broker.close()
 
@@ -271,12 +315,9 @@ class App:
         if unknown:
             raise ConfigurationError(f"apply_async/send_task: unknown option(s) {sorted(unknown)} for task {name!r}")
         message, route, codec_name = self.build_message(name, args, kwargs, task, options)
-        runtime = self.runtime()
-        timeout = self.conf.publish_timeout_s
-        if not message.ignore_result:
-            await runtime.results.ensure_started(timeout)
-        await self.publish_task(runtime, message, route, serializers.codec(codec_name))
-        return AsyncResult(message.id, self, task_name=name)
+        codec = serializers.codec(codec_name)
+        await self.sender.send(self, Outgoing(message, route, codec, awaits_reply=not message.ignore_result))
+        return AsyncResult(message.id, self, task_name=name, sent_here=not message.ignore_result)
 
     def build_message(
         self,
@@ -329,28 +370,6 @@ class App:
         )
         codec_name = options.get("serializer") or task_opts.get("serializer") or self.conf.task_serializer
         return message, route, codec_name
-
-    async def publish_task(
-        self, runtime: Runtime, message: protocol.TaskMessage, route: Route, codec: serializers.Codec
-    ) -> None:
-        """Encode and publish a task message on ``route``, through the delay levels when its eta is ahead."""
-        wire = protocol.encode_task(message, codec)
-        for middleware in self.middleware:
-            await middleware.before_publish(self, message, wire)
-        if route.queue is not None and self.conf.task_create_missing_queues:
-            await runtime.publisher.ensure_queue(route.queue)
-        delay = (message.eta - dt.datetime.now(dt.timezone.utc)).total_seconds() if message.eta else 0.0
-        if delay > 0:
-            if route.queue is None:
-                raise ConfigurationError(
-                    f"task {message.task!r}: countdown/eta need a route to a queue (got exchange "
-                    f"{route.exchange!r} only)"
-                )
-            await runtime.publisher.publish_delayed(wire, route.queue, delay)
-        else:
-            await runtime.publisher.publish(wire, route.exchange, route.routing_key)
-        for middleware in self.middleware:
-            await middleware.after_publish(self, message, route)
 
 
 def _signature_list(value: Any) -> list[dict[str, Any]] | None:

@@ -300,9 +300,12 @@ def topology_apply(app_spec: str | None, timeout: float) -> None:
 def topology_verify(app_spec: str | None, verbose: bool, timeout: float) -> None:
     """Check, changing nothing, that every queue, exchange and delay level the app defines exists as wanted.
 
-    Prints what is missing or exists with other arguments, and exits 1 if anything is. Bindings are
-    not checked: AMQP cannot list them (`topology apply` re-adds them, which is harmless).
+    Prints what is missing or exists with other arguments, and exits 1 if anything is. A task queue
+    held with other arguments is reported as adopted (workers use it as it is; not a problem unless
+    task_queues_strict is set). Bindings are not checked: AMQP cannot list them (`topology apply`
+    re-adds them, which is harmless).
     """
+    from . import adoption
     from . import topology as broker_topology
 
     app = load_app(app_spec)
@@ -310,15 +313,16 @@ def topology_verify(app_spec: str | None, verbose: bool, timeout: float) -> None
     async def verify() -> list[broker_topology.Check]:
         runtime = app.runtime()
         try:
-            return await broker_topology.verify(
-                runtime.broker, app.router.all_queues(), runtime.publisher.delay_topology
-            )
+            return await adoption.verify(
+                runtime.broker, app.router.all_queues(), runtime.publisher.delay_topology,
+                strict=app.conf.task_queues_strict,
+            )  # fmt: skip
         finally:
             await app.aclose()
 
     checks: list[broker_topology.Check] = run(app, lambda: asyncio.run(verify()))
     for check in checks:
-        if verbose or not check.ok:
+        if verbose or check.problem:
             detail = f": {check.detail}" if check.detail else ""
             click.echo(f"{check.problem or 'ok':<9}{check.kind:<9}{check.name}{detail}")
     problems = sum(not check.ok for check in checks)
@@ -362,5 +366,5 @@ def _register_command_groups() -> None:
 
 
 #: Modules under ``amqtask/commands`` that each define one click ``command`` (a command or a group).
-COMMAND_MODULES: tuple[str, ...] = ("inspect", "control", "dlq", "beat", "events")
+COMMAND_MODULES: tuple[str, ...] = ("inspect", "control", "dlq", "beat", "events", "serve")
 _register_command_groups()

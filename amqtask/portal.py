@@ -19,6 +19,9 @@ from typing import Any, TypeVar
 
 from .errors import MisuseError
 
+#: How long a stopping portal loop lets pending work (close callbacks) finish before cancelling it.
+_FINISH_S = 1.0
+
 T = TypeVar("T")
 
 
@@ -67,7 +70,7 @@ class Portal:
             try:
                 loop.run_forever()
             finally:
-                loop.close()
+                _finish(loop)
 
         thread = threading.Thread(target=run, name=f"{self.name}-portal", daemon=True)
         thread.start()
@@ -108,6 +111,24 @@ class Portal:
         loop.call_soon_threadsafe(loop.stop)
         with self._lock:
             self._loop = None
+
+
+def _finish(loop: asyncio.AbstractEventLoop) -> None:
+    """Close a stopped loop after what is still pending on it (aio-pika's close callbacks) has finished.
+
+    Closing it at once destroys those tasks mid-way, with warnings; one that does not finish within a
+    second is cancelled.
+    """
+    try:
+        pending = asyncio.all_tasks(loop)
+        if pending:
+            _, late = loop.run_until_complete(asyncio.wait(pending, timeout=_FINISH_S))
+            for task in late:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*late, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
 
 
 def register_exit(portal: Portal, cleanup: Any) -> None:

@@ -18,7 +18,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from . import delays, topology
+from . import adoption, delays, topology
 from .connection import CONNECTION_ERRORS, Broker, close_quietly, raise_if_cancelled
 from .errors import BrokerConnectionError, PublishError, UnroutableError
 from .protocol import WireMessage
@@ -263,9 +263,10 @@ class Publisher:
         """Make sure ``spec``'s queue exists, once per connection.
 
         A queue the configuration describes (anything beyond a bare name) is declared, which is
-        idempotent and raises :class:`~amqtask.errors.TopologyMismatchError` when the queue exists
-        with other arguments. A bare name is checked passively and declared only when missing, so
-        tasks can be sent to queues that other services declared their own way (a Celery worker's).
+        idempotent; a queue that exists with other arguments is used as it is (one WARNING), or with
+        ``task_queues_strict`` refused with :class:`~amqtask.errors.TopologyMismatchError`. A bare name
+        is checked passively and declared only when missing, so tasks can be sent to queues that other
+        services declared their own way (a Celery worker's).
         """
         generation = self.broker.generation
         if self._ensured.get(spec.name) == generation and generation:
@@ -275,10 +276,10 @@ class Publisher:
             if self._ensured.get(spec.name) == self.broker.generation and self.broker.generation:
                 return
             if spec != QueueSpec(spec.name):
-                await topology.declare_queue(self.broker, spec)
+                await adoption.declare_or_adopt(self.broker, spec, strict=self.settings.task_queues_strict)
             elif not await topology.queue_exists(self.broker, spec.name):
                 log.info("queue %r does not exist yet; declaring it", spec.name)
-                await topology.declare_queue(self.broker, spec)
+                await adoption.declare_or_adopt(self.broker, spec, strict=self.settings.task_queues_strict)
             self._ensured[spec.name] = self.broker.generation
 
     async def ensure_delays(self) -> None:

@@ -72,7 +72,8 @@ def request_retry(
     """Raise :class:`Retry` for the worker to act on, or the final error once retries are used up."""
     request = task.request
     limit = max_retries if max_retries is not None else task.max_retries
-    if request.is_eager:
+    if request.is_eager and request.id is None:
+        # Called directly (no message): there is nothing to send again. Eager runs have an id and retry.
         raise exc if exc is not None else Retry("retry requested outside a worker")
     if limit is not None and request.retries >= limit:
         if exc is not None:

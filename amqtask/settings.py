@@ -172,6 +172,8 @@ def _keys(name: str, value: Any) -> tuple[str, ...] | None:
 
 
 _CPUS = os.cpu_count() or 1
+#: ``rpc``: only the sender gets a result (its reply queue). ``amqp``: also a RabbitMQ stream any process reads by id.
+RESULT_BACKENDS = ("rpc", "amqp")
 
 SPECS: dict[str, Spec] = {
     "broker_url": Spec(("amqp://guest:guest@localhost:5672//",), _broker_urls,
@@ -196,6 +198,10 @@ SPECS: dict[str, Spec] = {
     "task_track_started": Spec(False, _bool, "report STARTED when a worker begins a task"),
     "task_create_missing_queues": Spec(True, _bool, "declare a task's queue on first send when it is missing"),
     "task_queues": Spec(None, _anything, "queue definitions (see the routing section)"),
+    "imports": Spec((), _str_list, "modules a worker imports to register their tasks (Celery's imports)"),
+    "include": Spec((), _str_list, "more modules a worker imports, after imports (Celery's include)"),
+    "task_queues_strict": Spec(False, _bool, "refuse a queue that exists with other arguments instead of "
+                               "using it as it is (see the migration guide)"),
     "task_routes": Spec(None, _anything, "task name -> route: dict, list of dicts/functions, or a function"),
     "task_time_limit": Spec(None, _number(0, allow_none=True), "hard time limit per task, seconds"),
     "task_default_rate_limit": Spec(None, _rate, "tasks of one name started per worker process at most, "
@@ -205,8 +211,24 @@ SPECS: dict[str, Spec] = {
     "task_max_retries": Spec(3, _number(0, integer=True, allow_none=True), "default max_retries"),
     "task_requeue_limit": Spec(20, _number(0, integer=True), "how often Reject(requeue=True) may send one "
                                "message back to its queue; once more and it is dead-lettered (requeue-limit)"),
-    "result_expires_s": Spec(86400, _number(1, integer=True), "reply queues vanish after being unused this long"),
+    "result_expires_s": Spec(86400, _number(1, integer=True),
+                             "results are kept this long; reply queues vanish after being unused this long"),
+    "result_backend": Spec("rpc", _choice(*RESULT_BACKENDS),
+                           "rpc: results reach the sender only; amqp: readable by id anywhere"),
+    "result_stream": Spec("amqtask.results", _str, "the stream amqp results are written to (one per app or vhost)"),
+    "result_stream_max_bytes": Spec(2 * 1024**3, _number(1024 * 1024, integer=True),
+                                    "disk the result stream may use before its oldest segments go"),
+    "result_legacy_queues": Spec(False, _bool, "amqp results also go to Celery's per-task queues "
+                                 "(for celery-node and gocelery clients)"),
+    "result_store_max_bytes": Spec(256 * 1024 * 1024, _number(1, integer=True),
+                                   "memory a process keeps results in (oldest dropped first)"),
     "result_persistent": Spec(True, _bool, "replies survive a broker restart"),
+    "gateway_tokens": Spec((), _str_list, "bearer tokens the HTTP gateway accepts (none: no authentication)"),
+    "gateway_tokens_file": Spec(None, _opt_str, "file with one gateway bearer token per line, read at start"),
+    "gateway_allow": Spec(None, _keys, "task names the gateway may send (default: the tasks registered in the app)"),
+    "gateway_max_body_bytes": Spec(1024 * 1024, _number(2, integer=True), "largest request body the gateway reads"),
+    "gateway_max_json_depth": Spec(32, _number(1, integer=True), "deepest JSON nesting the gateway accepts"),
+    "gateway_max_wait_s": Spec(60.0, _number(0), "longest GET /tasks/{id}?wait= long poll"),
     "worker_concurrency": Spec(_CPUS, _number(1, integer=True), "tasks run at once per worker process"),
     "worker_prefetch_multiplier": Spec(4, _number(1, integer=True), "prefetch = concurrency x this"),
     "worker_shutdown_grace_s": Spec(30.0, _number(0), "time running tasks get to finish on SIGTERM"),

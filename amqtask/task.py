@@ -14,12 +14,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, MisuseError
 from .ratelimit import parse_rate
+from .settings import RESULT_BACKENDS
 
 if TYPE_CHECKING:
     from .app import App
     from .canvas import Signature
+    from .protocol import ResultMessage
     from .results import AsyncResult
 
 P = ParamSpec("P")
@@ -48,6 +50,8 @@ TASK_OPTIONS: dict[str, type | tuple[type, ...] | None] = {
     "expires": (int, float, dt.timedelta, dt.datetime),
     "track_started": bool,
     "rate_limit": (str, int, float),
+    "result_backend": str,
+    "result_expires": (int, float),
 }
 
 #: Options ``apply_async`` accepts.
@@ -70,6 +74,8 @@ def check_task_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigurationError(f"task {name!r}: option {key!r} has the wrong type ({value!r})")
     if "priority" in options and not 0 <= options["priority"] <= 255:
         raise ConfigurationError(f"task {name!r}: priority must be 0..255")
+    if options.get("result_backend", "rpc") not in RESULT_BACKENDS:
+        raise ConfigurationError(f"task {name!r}: result_backend must be one of {', '.join(RESULT_BACKENDS)}")
     try:
         parse_rate(options.get("rate_limit"))
     except ConfigurationError as exc:
@@ -191,6 +197,42 @@ class Task(Generic[P, R]):
         from .canvas import Signature
 
         return Signature(self.name, args or (), kwargs or {}, options=options, app=self.app)
+
+    # ------------------------------------------------------------------------------------------ state
+    def update_state(self, task_id: str | None = None, state: str | None = None, meta: Any = None) -> None:
+        """Report a state (e.g. ``"PROGRESS"`` with ``meta={"done": 3}``) for the run in progress, or ``task_id``.
+
+        The caller sees it as ``result.state`` / ``result.info``; with ``result_backend="amqp"`` every process
+        does. From an ``async def`` task use :meth:`aupdate_state`.
+        """
+        report = self._state_report(task_id, state, meta)
+        if self.request.is_eager:
+            self.app.result_store.put(report)  # eager mode runs on the portal's loop: no round trip through it
+            return
+        self.app.portal.run(self._send_state(report))
+
+    async def aupdate_state(self, task_id: str | None = None, state: str | None = None, meta: Any = None) -> None:
+        """:meth:`update_state` for async tasks."""
+        report = self._state_report(task_id, state, meta)
+        if self.request.is_eager:
+            self.app.result_store.put(report)
+            return
+        await self._send_state(report)
+
+    def _state_report(self, task_id: str | None, state: str | None, meta: Any) -> ResultMessage:
+        from .protocol import ResultMessage
+
+        request = self.request
+        report = ResultMessage(task_id or request.id or "", state or "PENDING", meta, parent_id=request.parent_id)
+        if not report.task_id:
+            raise MisuseError(f"task {self.name!r}: update_state needs a task_id outside a running task")
+        return report
+
+    async def _send_state(self, report: ResultMessage) -> None:
+        from .results import reporting
+
+        await reporting.report(self.app, self.app.runtime(), report, task=self.name,
+                               reply_to=self.request.reply_to, content_type=None)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ retries
     def retry(

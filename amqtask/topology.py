@@ -41,9 +41,11 @@ class QueueSpec:
     layout for its queues). ``<name>.dlq`` is always declared next to the queue: the worker moves the
     tasks it gives up on there itself. ``dead_letter`` also points the queue's own dead-letter arguments
     (``x-dead-letter-exchange``/``-routing-key``) at it, so messages the *broker* drops (delivery limit,
-    TTL, a consumer's reject) land there too. Set ``dead_letter=False`` for a queue shared with Celery,
-    which declares its queues without those arguments: the broker refuses (406) a second declaration
-    of a queue with other arguments, whoever comes second.
+    TTL, a consumer's reject) land there too. By default (``None``) a quorum queue gets those arguments
+    (the broker drops what exceeds its delivery limit unless told where to put it, and RabbitMQ 4 sets
+    a limit of 20 even when none is given); a classic queue is declared exactly as Celery, kombu and
+    celery-node declare theirs, so any of them can declare it too, before or after amqtask (the broker
+    refuses, 406, a second declaration with other arguments, whoever comes second).
     """
 
     name: str
@@ -55,7 +57,7 @@ class QueueSpec:
     max_priority: int | None = None
     queue_type: str = "classic"
     delivery_limit: int | None = None
-    dead_letter: bool = True
+    dead_letter: bool | None = None
     arguments: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -104,6 +106,11 @@ class QueueSpec:
         return (self.routing_key if self.routing_key is not None else self.name,)
 
     @property
+    def broker_dead_letter(self) -> bool:
+        """Whether the queue is declared with dead-letter arguments pointing at its ``.dlq``."""
+        return self.dead_letter if self.dead_letter is not None else self.queue_type == "quorum"
+
+    @property
     def dlq_name(self) -> str:
         """Name of this queue's dead-letter queue."""
         return self.name + DLQ_SUFFIX
@@ -117,7 +124,7 @@ class QueueSpec:
                 args["x-delivery-limit"] = self.delivery_limit
         if self.max_priority is not None:
             args["x-max-priority"] = self.max_priority
-        if self.dead_letter:
+        if self.broker_dead_letter:
             args["x-dead-letter-exchange"] = ""
             args["x-dead-letter-routing-key"] = self.dlq_name
         args.update(self.arguments)
@@ -131,7 +138,7 @@ class QueueSpec:
 # The broker names one differing argument per refusal. It writes a value three ways, depending on
 # version and type: ``none``, ``'5'``, or ``the value '5' of type 'byte'`` (seen on 3.10 and 4.3).
 _ARG_VALUE = r"none|'[^']*'|the value '[^']*' of type '[^']*'"
-_INEQUIVALENT = re.compile(
+INEQUIVALENT = re.compile(
     rf"inequivalent arg '(?P<arg>[^']+)' for (?P<kind>queue|exchange) '(?P<name>[^']+)'.*?"
     rf"received (?P<received>{_ARG_VALUE}) but current is (?P<current>{_ARG_VALUE})"
 )
@@ -148,7 +155,7 @@ def translate(exc: Exception, kind: str, name: str, wanted: Any) -> Exception:
     """Turn an aiormq channel error from a declaration into amqtask's exception for it."""
     text = str(exc.args[0] if exc.args else exc)
     if isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed):
-        match = _INEQUIVALENT.search(text)
+        match = INEQUIVALENT.search(text)
         if match:
             existing = {match["arg"]: _arg_value(match["current"])}
             return TopologyMismatchError(kind, name, existing, wanted, text)
@@ -158,9 +165,10 @@ def translate(exc: Exception, kind: str, name: str, wanted: Any) -> Exception:
     return TopologyError(f"broker refused {kind} {name!r}: {text}")
 
 
-async def _on_fresh_channel(
+async def run_declaration(
     broker: Broker, kind: str, name: str, wanted: Any, action: Any, timeout: float | None = None
 ) -> Any:
+    """Run ``action`` on a channel of its own, its refusal translated by :func:`translate`."""
     try:
         return await broker.run(action, timeout=timeout)
     except aiormq.exceptions.AMQPChannelError as exc:
@@ -173,15 +181,33 @@ async def declare_exchange(broker: Broker, name: str, exchange_type: str = "dire
     async def action(channel: AbstractChannel) -> None:
         await channel.declare_exchange(name, ExchangeType(exchange_type), durable=True)
 
-    await _on_fresh_channel(broker, "exchange", name, {"type": exchange_type, "durable": True}, action)
+    await run_declaration(broker, "exchange", name, {"type": exchange_type, "durable": True}, action)
 
 
 async def declare_queue(broker: Broker, spec: QueueSpec) -> None:
     """Declare ``spec``'s exchange, dead-letter queue, queue and bindings (idempotent).
 
     A queue that exists with other arguments raises :class:`TopologyMismatchError` with a hint on how to
-    make the two declarations agree (for a queue Celery declared: ``dead_letter=False``).
+    make the two declarations agree. Workers and producers call :func:`amqtask.adoption.declare_or_adopt`,
+    which takes such a queue as it is unless ``task_queues_strict`` is set.
     """
+    await declare_dead_letter_queue(broker, spec)
+    wanted = spec.queue_arguments()
+
+    async def declare(channel: AbstractChannel) -> None:
+        await channel.declare_queue(spec.name, durable=True, arguments=wanted)
+
+    try:
+        await run_declaration(broker, "queue", spec.name, {"durable": True, **wanted}, declare)
+    except TopologyMismatchError as exc:
+        raise TopologyMismatchError(
+            exc.kind, exc.name, exc.existing, exc.wanted, exc.detail, hint=mismatch_hint(spec, exc.existing)
+        ) from None
+    await bind_queue(broker, spec)
+
+
+async def declare_dead_letter_queue(broker: Broker, spec: QueueSpec) -> None:
+    """Declare ``spec``'s exchange (if named) and its ``<queue>.dlq``."""
     if spec.exchange:
         await declare_exchange(broker, spec.exchange, spec.exchange_type)
     dlq_args = spec.dlq_arguments()
@@ -189,20 +215,20 @@ async def declare_queue(broker: Broker, spec: QueueSpec) -> None:
     async def declare_dlq(channel: AbstractChannel) -> None:
         await channel.declare_queue(spec.dlq_name, durable=True, arguments=dlq_args)
 
-    await _on_fresh_channel(broker, "queue", spec.dlq_name, {"durable": True, **dlq_args}, declare_dlq)
-    wanted = spec.queue_arguments()
+    await run_declaration(broker, "queue", spec.dlq_name, {"durable": True, **dlq_args}, declare_dlq)
 
-    async def declare(channel: AbstractChannel) -> None:
-        queue = await channel.declare_queue(spec.name, durable=True, arguments=wanted)
+
+async def bind_queue(broker: Broker, spec: QueueSpec) -> None:
+    """Bind an existing queue to ``spec``'s exchange with its binding keys (idempotent)."""
+    if not spec.bindings:
+        return
+
+    async def bind(channel: AbstractChannel) -> None:
+        queue = await channel.declare_queue(spec.name, passive=True)
         for key in spec.bindings:
             await queue.bind(spec.exchange, key, arguments=dict(spec.binding_arguments) or None)
 
-    try:
-        await _on_fresh_channel(broker, "queue", spec.name, {"durable": True, **wanted}, declare)
-    except TopologyMismatchError as exc:
-        raise TopologyMismatchError(
-            exc.kind, exc.name, exc.existing, exc.wanted, exc.detail, hint=mismatch_hint(spec, exc.existing)
-        ) from None
+    await run_declaration(broker, "queue", spec.name, None, bind)
 
 
 _DEAD_LETTER_ARGS = ("x-dead-letter-exchange", "x-dead-letter-routing-key")
@@ -213,23 +239,27 @@ def mismatch_hint(spec: QueueSpec, existing: Any) -> str:
     """What to change so that ``spec`` agrees with a queue the broker holds with other arguments."""
     differing = next(iter(existing), "") if isinstance(existing, Mapping) else ""
     where = f"task_queues={{{spec.name!r}: {{...}}}}"
-    if differing in _DEAD_LETTER_ARGS and existing[differing] is None and spec.dead_letter:
+    adopt = "; or leave task_queues_strict off, and amqtask uses the queue as it is"
+    if differing in _DEAD_LETTER_ARGS and existing[differing] is None and spec.broker_dead_letter:
         return (
             f"the queue was declared without dead-letter arguments, as Celery declares its queues; to share "
             f"it, set dead_letter=False for it: task_queues={{{spec.name!r}: {{'dead_letter': False}}}} "
-            f"(amqtask still moves failed tasks to {spec.dlq_name!r} itself)"
+            f"(amqtask still moves failed tasks to {spec.dlq_name!r} itself){adopt}"
         )
-    if differing in _DEAD_LETTER_ARGS and not spec.dead_letter:
+    if differing in _DEAD_LETTER_ARGS and not spec.broker_dead_letter:
         return (
-            f"the queue has dead-letter arguments (declared by amqtask with dead_letter=True?): drop "
-            f"dead_letter=False from {where}, or delete the queue so it can be declared anew"
+            f"the queue has dead-letter arguments (declared by amqtask with dead_letter=True?): set "
+            f"dead_letter=True in {where}, or delete the queue so it can be declared anew{adopt}"
         )
     option = _OPTION_OF_ARG.get(differing)
     if option is not None:
-        return f"set {option} in {where} to match the existing queue, or delete the queue so it can be declared anew"
+        return (
+            f"set {option} in {where} to match the existing queue, or delete the queue so it can be "
+            f"declared anew{adopt}"
+        )
     return (
         f"make the options in {where} match the existing queue (arguments=... for others), or delete the "
-        "queue so it can be declared anew"
+        f"queue so it can be declared anew{adopt}"
     )
 
 
@@ -241,7 +271,7 @@ async def queue_exists(broker: Broker, name: str) -> bool:
         return True
 
     try:
-        return bool(await _on_fresh_channel(broker, "queue", name, None, passive))
+        return bool(await run_declaration(broker, "queue", name, None, passive))
     except TopologyNotFoundError:
         return False
 
@@ -252,7 +282,7 @@ async def require_exchange(broker: Broker, name: str, timeout: float | None = No
     async def passive(channel: AbstractChannel) -> None:
         await channel.get_exchange(name, ensure=True)
 
-    await _on_fresh_channel(broker, "exchange", name, None, passive, timeout)
+    await run_declaration(broker, "exchange", name, None, passive, timeout)
 
 
 async def queue_depth(broker: Broker, name: str) -> int:
@@ -262,7 +292,7 @@ async def queue_depth(broker: Broker, name: str) -> int:
         queue = await channel.declare_queue(name, passive=True)
         return int(queue.declaration_result.message_count or 0)
 
-    return int(await _on_fresh_channel(broker, "queue", name, None, passive))
+    return int(await run_declaration(broker, "queue", name, None, passive))
 
 
 async def purge_queue(broker: Broker, name: str) -> int:
@@ -276,7 +306,7 @@ async def purge_queue(broker: Broker, name: str) -> int:
         queue = await channel.declare_queue(name, passive=True)
         return int((await queue.purge()).message_count or 0)
 
-    return int(await _on_fresh_channel(broker, "queue", name, None, action))
+    return int(await run_declaration(broker, "queue", name, None, action))
 
 
 async def delete_queue(broker: Broker, name: str) -> None:
@@ -285,7 +315,7 @@ async def delete_queue(broker: Broker, name: str) -> None:
     async def action(channel: AbstractChannel) -> None:
         await channel.queue_delete(name)
 
-    await _on_fresh_channel(broker, "queue", name, None, action)
+    await run_declaration(broker, "queue", name, None, action)
 
 
 async def delete_exchange(broker: Broker, name: str) -> None:
@@ -294,7 +324,7 @@ async def delete_exchange(broker: Broker, name: str) -> None:
     async def action(channel: AbstractChannel) -> None:
         await channel.exchange_delete(name)
 
-    await _on_fresh_channel(broker, "exchange", name, None, action)
+    await run_declaration(broker, "exchange", name, None, action)
 
 
 async def server_version(broker: Broker) -> str:
@@ -314,7 +344,8 @@ async def server_version(broker: Broker) -> str:
 
 @dataclass(frozen=True)
 class Check:
-    """What :func:`verify` found for one exchange or queue: ``problem`` is None, "missing" or "mismatch"."""
+    """What :func:`verify` found for one exchange or queue: ``problem`` is None, "missing" or "mismatch",
+    or "adopted": a task queue held with other arguments, which workers use as it is (see amqtask.adoption)."""
 
     kind: str
     name: str
@@ -323,17 +354,17 @@ class Check:
 
     @property
     def ok(self) -> bool:
-        """Whether the object exists as the app wants it."""
-        return self.problem is None
+        """Whether the app can use the object: it exists as wanted, or is adopted as it is."""
+        return self.problem in (None, "adopted")
 
 
 async def _check(broker: Broker, kind: str, name: str, wanted: Any, passive: Any, active: Any) -> Check:
     try:
-        await _on_fresh_channel(broker, kind, name, wanted, passive)
+        await run_declaration(broker, kind, name, wanted, passive)
     except TopologyNotFoundError:
         return Check(kind, name, "missing")
     try:
-        await _on_fresh_channel(broker, kind, name, wanted, active)
+        await run_declaration(broker, kind, name, wanted, active)
     except TopologyMismatchError as exc:
         return Check(kind, name, "mismatch", f"existing {exc.existing}, wanted {exc.wanted}")
     return Check(kind, name)

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import pytest
 from support.broker import TestBroker
 
+pytest_plugins = ("pytester",)
+
 BROKER_FIXTURES = frozenset({"rabbitmq", "rabbitmq_version_info", "broker_vhost", "broker_url", "private_rabbitmq"})
 
 

@@ -6,8 +6,8 @@ in their own process with :func:`create_app` (clients, in-process workers). The 
 is configured from the same environment variables as the Celery module (``INTEROP_BROKER_URL``,
 ``INTEROP_QUEUE``, ``INTEROP_SERIALIZER``).
 
-The queues are shared with Celery, which declares them without dead-letter arguments, so they are
-configured with ``dead_letter=False`` (see docs/migration.md).
+The queues are shared with Celery and need no configuration but the priority queue's ``max_priority``
+(amqtask declares a queue as Celery does; see docs/migrating.md).
 """
 
 from __future__ import annotations
@@ -31,12 +31,8 @@ def priority_queue(queue: str) -> str:
 
 
 def shared_queues(queue: str, *extra: str) -> dict[str, dict[str, Any]]:
-    """``task_queues`` declaring the queues exactly as ``interop_celery_app`` does."""
-    return {
-        queue: {"dead_letter": False},
-        priority_queue(queue): {"max_priority": MAX_PRIORITY, "dead_letter": False},
-        **{name: {"dead_letter": False} for name in extra},
-    }
+    """``task_queues`` declaring the queues exactly as ``interop_celery_app`` does: plain queues need no entry."""
+    return {priority_queue(queue): {"max_priority": MAX_PRIORITY}, **{name: {} for name in extra}}
 
 
 def create_app(broker_url: str, queue: str, serializer: str, *, name: str = "interop", **settings: Any) -> App:

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.broker import BrokerError, TestBroker
+from support.broker import TestBroker
+from support.broker import cluster as broker_cluster
 from support.faults import (
     assert_duplicates_bounded,
     consumer_count,
@@ -49,18 +49,8 @@ WINDOW = 200  # sends in flight (send_all's default)
 @pytest.fixture(scope="module")
 def cluster(pytestconfig: pytest.Config) -> Iterator[tuple[TestBroker, str]]:
     """A 3-node cluster of this session's own, with a vhost; deleted at the end of the module."""
-    version = pytestconfig.getoption("--rabbitmq")
-    broker = TestBroker(name=f"amqtask-cluster-{version.replace('.', '')}-{os.getpid()}", nodes=NODES)
-    try:
-        broker.start(version)
-    except BrokerError as exc:  # the machine cannot run a cluster: nothing amqtask can fix
-        pytest.skip(f"cannot start a {NODES}-node RabbitMQ {version} cluster here: {exc}")
-    try:
-        vhost = "cluster"
-        broker.add_vhost(vhost)
-        yield broker, vhost
-    finally:
-        broker.stop()
+    with broker_cluster(pytestconfig.getoption("--rabbitmq"), "amqtask-cluster", NODES, "cluster") as broker:
+        yield broker, "cluster"
 
 
 def _leader(cluster: TestBroker, vhost: str, queue: str, ask: int = 0) -> int | None:

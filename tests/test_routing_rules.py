@@ -251,12 +251,7 @@ def test_invalid_task_queues(queues: Any, match: str) -> None:
 def test_an_unknown_queue_is_a_durable_classic_queue_on_the_default_exchange() -> None:
     spec = router(task_queues={"known": {"max_priority": 5}}).queue("high_priority")
     assert spec == QueueSpec("high_priority")
-    assert (spec.exchange, spec.queue_type, spec.max_priority, spec.dead_letter) == (
-        "",
-        "classic",
-        None,
-        True,
-    )
+    assert (spec.exchange, spec.queue_type, spec.max_priority, spec.queue_arguments()) == ("", "classic", None, {})
     assert (spec.publish_exchange, spec.publish_routing_key, spec.bindings) == ("", "high_priority", ())
 
 
@@ -299,7 +294,8 @@ def test_reserved_or_empty_queue_names_are_refused(name: str) -> None:
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        (QueueSpec("q"), {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": "q.dlq"}),
+        (QueueSpec("q", dead_letter=True), {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": "q.dlq"}),
+        (QueueSpec("q"), {}),
         (QueueSpec("q", dead_letter=False), {}),
         (QueueSpec("q", max_priority=10, dead_letter=False), {"x-max-priority": 10}),
         (
@@ -311,15 +307,37 @@ def test_reserved_or_empty_queue_names_are_refused(name: str) -> None:
                 "x-dead-letter-routing-key": "q.dlq",
             },
         ),
-        (QueueSpec("q", queue_type="quorum", dead_letter=False), {"x-queue-type": "quorum"}),
+        (
+            QueueSpec("q", queue_type="quorum", delivery_limit=5, dead_letter=False),
+            {
+                "x-queue-type": "quorum",
+                "x-delivery-limit": 5,
+            },
+        ),
+        (
+            QueueSpec("q", queue_type="quorum"),
+            {"x-queue-type": "quorum", "x-dead-letter-exchange": "", "x-dead-letter-routing-key": "q.dlq"},
+        ),
         (
             QueueSpec("q", dead_letter=False, arguments={"x-message-ttl": 60000, "x-max-priority": 4}),
             {"x-message-ttl": 60000, "x-max-priority": 4},
         ),
     ],
-    ids=["classic-dlq", "plain", "priority", "quorum-limit-dlq", "quorum", "extra-arguments"],
+    ids=[
+        "classic-dlq",
+        "plain",
+        "plain-explicit",
+        "priority",
+        "quorum-limit-dlq",
+        "quorum-limit",
+        "quorum",
+        "extra-arguments",
+    ],
 )
 def test_queue_arguments(spec: QueueSpec, expected: dict[str, Any]) -> None:
+    """By default a classic queue is declared as Celery, kombu and celery-node declare theirs (any of them
+    can come first); broker-side dead-lettering only when asked for or on quorum queues, whose delivery
+    limit (20 by default on RabbitMQ 4) would otherwise drop a message."""
     assert spec.queue_arguments() == expected
 
 

@@ -92,9 +92,10 @@ def test_a_mismatch_names_queue_existing_and_wanted_arguments(app: App, unique: 
     asyncio.run(scenario())
 
 
-def test_worker_start_and_producer_report_a_mismatch(app: App, unique: str) -> None:
+def test_with_strict_queues_worker_start_and_producer_report_a_mismatch(app: App, unique: str) -> None:
     name = f"{unique}-q"
     app.conf.task_queues = {name: {"max_priority": 10}}
+    app.conf.task_queues_strict = True
 
     @app.task(name="t.noop", queue=name)
     def noop() -> None:
@@ -159,7 +160,9 @@ def test_verify_reports_missing_and_mismatched_objects(app: App, unique: str) ->
     asyncio.run(scenario())
 
 
-def test_topology_cli_apply_then_verify(app: App, broker_url: str, unique: str) -> None:
+def test_topology_cli_apply_then_verify(
+    app: App, broker_url: str, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     names = broker_tasks.queue_names(unique)
     before = run_cli(broker_url, unique, "topology", "verify", "-A", "broker_tasks")
     assert before.returncode == 1, before.stderr
@@ -176,6 +179,14 @@ def test_topology_cli_apply_then_verify(app: App, broker_url: str, unique: str) 
         await app.aclose()
 
     asyncio.run(redeclare_prio_wrongly())
+    adopted = run_cli(broker_url, unique, "topology", "verify", "-A", "broker_tasks")
+    assert adopted.returncode == 0, adopted.stdout
+    assert (
+        f"adopted  queue    {names['prio']}: x-max-priority: wanted 10, held 2; lost: priorities above 2\n"
+        in adopted.stdout
+    )
+    assert run_cli(broker_url, unique, "topology", "apply", "-A", "broker_tasks").returncode == 0
+    monkeypatch.setenv("AMQTASK_TASK_QUEUES_STRICT", "true")
     wrong = run_cli(broker_url, unique, "topology", "verify", "-A", "broker_tasks")
     assert wrong.returncode == 1
     assert f"mismatch queue    {names['prio']}: existing {{'x-max-priority': '2'}}" in wrong.stdout

@@ -11,7 +11,7 @@ the earliest next slot, at most ``beat_max_loop_s`` (so edits to the schedule fi
 clock are noticed), and wakes at once on :meth:`Scheduler.stop` or when the lock's connection closes.
 
 **Sending.** A due entry's message is built exactly as ``delay`` builds it (``app.build_message`` and
-``app.publish_task``: same protocol, routing, middleware), with ``ignore_result`` unless the entry says
+``app.sender``: same protocol, routing, middleware), with ``ignore_result`` unless the entry says
 otherwise, and published with confirms on the lock's connection. Due entries are sent together, after
 checking the lock is still held; a send that fails is logged and retried with backoff (1 s doubling to
 60 s): the entry stays due, its slot is never dropped.
@@ -43,6 +43,7 @@ from ..app import Runtime
 from ..connection import CONNECTION_ERRORS
 from ..errors import BrokerConnectionError, ConfigurationError, TopologyNotFoundError
 from ..producer import Publisher
+from ..sending import Outgoing
 from .entries import Entry, collect
 from .leader import FencedBroker, LeaderLock, NotLeaderError, lock_name
 from .schedule_file import ScheduleFileWatcher
@@ -260,7 +261,7 @@ class Scheduler:
         if self._link is None:
             broker = FencedBroker(self.app.conf, name=f"{self.app.main}-beat-{os.getpid()}")
             broker.on_lost = self._wake.set
-            # publish_task uses only the runtime's publisher: beat's own, fenced by the lock.
+            # Sends use only the runtime's publisher: beat's own, fenced by the lock.
             runtime = dataclasses.replace(self.app.runtime(), broker=broker, publisher=Publisher(broker, self.app.conf))
             self._link = _Link(broker, LeaderLock(broker, self.lock_name), StateStore(broker, self.state_name), runtime)
         return self._link
@@ -302,7 +303,7 @@ class Scheduler:
         message, route, codec_name = self.app.build_message(
             entry.task, entry.args, dict(entry.kwargs), self.app.tasks.get(entry.task), options
         )
-        await self.app.publish_task(runtime, message, route, serializers.codec(codec_name))
+        await self.app.sender.send(self.app, Outgoing(message, route, serializers.codec(codec_name), runtime=runtime))
         return Fired(entry.name, slot, message.id)
 
     def _record(self, entry: Entry, slot: datetime, fired: Fired) -> None:

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .. import serializers
 from ..errors import ConfigurationError
 from ..results import AsyncResult
+from ..sending import Outgoing
 from ..task import CALL_OPTIONS
 
 if TYPE_CHECKING:
-    from ..app import App, Runtime
+    from ..app import App
 
 _S = TypeVar("_S", bound="Signature")
 
@@ -266,7 +267,7 @@ class Signature(Mapping[str, Any]):
     ) -> AsyncResult[Any]:
         """:meth:`apply_async` for async code."""
         sends, result = prepare(self, args, kwargs, **options)
-        await publish(self.app, self.app.runtime(), sends, from_client=True)
+        await publish(self.app, sends, from_client=True)
         return result
 
     # ------------------------------------------------------------------------------------------ planning
@@ -311,11 +312,12 @@ def prepare(
     return frozen._sends(list(args or ()), dict(kwargs or {}), {}), result
 
 
-async def publish(app: App, runtime: Runtime, sends: list[Send], *, from_client: bool) -> None:
-    """Build and publish ``sends`` concurrently (their confirms pipeline), raising the first error.
+async def publish(app: App, sends: list[Send], *, from_client: bool) -> None:
+    """Build ``sends`` and hand them to ``app.sender`` concurrently (confirms pipeline), raising the first error.
 
-    From a client an unknown option is an error and the reply queue is started first. In a worker,
-    options a foreign peer put into a signature that amqtask does not know are dropped.
+    From a client an unknown option is an error and the reply queue is consumed before the tasks can
+    answer. In a worker, options a foreign peer put into a signature that amqtask does not know are
+    dropped.
     """
     built = []
     for send in sends:
@@ -325,14 +327,13 @@ async def publish(app: App, runtime: Runtime, sends: list[Send], *, from_client:
         message, route, codec_name = app.build_message(
             send.task, send.args, send.kwargs, app.tasks.get(send.task), options
         )
-        built.append((message, route, serializers.codec(codec_name)))
-    if from_client and any(not message.ignore_result for message, _, _ in built):
-        await runtime.results.ensure_started(app.conf.publish_timeout_s)
+        codec = serializers.codec(codec_name)
+        built.append(Outgoing(message, route, codec, awaits_reply=from_client and not message.ignore_result))
     slots = asyncio.Semaphore(MAX_IN_FLIGHT)
 
-    async def publish_one(item: tuple[Any, Any, serializers.Codec]) -> None:
+    async def publish_one(item: Outgoing) -> None:
         async with slots:
-            await app.publish_task(runtime, *item)
+            await app.sender.send(app, item)
 
     outcomes = await asyncio.gather(*(publish_one(item) for item in built), return_exceptions=True)
     errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]

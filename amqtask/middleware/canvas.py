@@ -22,11 +22,12 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .. import canvas, protocol, serializers, signing
+from .. import canvas, protocol, serializers
 from ..chords import ChordKeeper, Part
 from ..errors import AmqtaskError, ConfigurationError, MessageError, SerializationError, TopologyError, UnroutableError
 from ..failures import encode_exception
 from ..protocol import ResultMessage, TaskMessage
+from ..results import reporting
 from . import Middleware
 
 if TYPE_CHECKING:
@@ -47,13 +48,13 @@ class CanvasMiddleware(Middleware):
 
     async def after_success(self, worker: Worker, message: TaskMessage, value: Any, report: ResultMessage) -> None:
         """Send the callbacks and the next chain step; record a chord part."""
-        callbacks = _follow_ups(worker.app, message, message.callbacks, [value])
+        callbacks = follow_ups(worker.app, message, message.callbacks, [value])
         if await _send(worker, message, callbacks, "link callbacks") is not None:
             callbacks = []
         steps: list[canvas.Send] = []
         if message.chain:
             rest = list(message.chain)
-            steps = _follow_ups(worker.app, message, [rest.pop()], [value], rest)
+            steps = follow_ups(worker.app, message, [rest.pop()], [value], rest)
             error = await _send(worker, message, steps, "next chain step")
             if error is not None:
                 steps = []  # the chain ends here, failed: its later steps will never run
@@ -66,7 +67,7 @@ class CanvasMiddleware(Middleware):
         self, worker: Worker, message: TaskMessage, exc: BaseException, report: ResultMessage
     ) -> None:
         """Send the errbacks; fail the rest of the chain and the chord the task belonged to."""
-        await _send(worker, message, _follow_ups(worker.app, message, message.errbacks, [message.id]), "errbacks")
+        await _send(worker, message, follow_ups(worker.app, message, message.errbacks, [message.id]), "errbacks")
         await self._unreachable(worker, message, message.chain or [], report)
         if message.chord is not None:
             await self._chord_part(worker, message, message.chord, protocol.FAILURE, report.result, report.traceback)
@@ -82,8 +83,8 @@ class CanvasMiddleware(Middleware):
         """FAILURE replies for every task in ``signatures``; chords they belong to fail too."""
         for sig in (task for value in signatures for task in canvas.task_signatures(value)):
             options = sig.options
-            if options.get("task_id") and options.get("reply_to"):
-                await _report_failure(worker, message, options["task_id"], options["reply_to"], report)
+            if options.get("task_id"):
+                await _report_failure(worker, message, sig.task, options["task_id"], options.get("reply_to"), report)
             if isinstance(options.get("chord"), Mapping):
                 member = TaskMessage(task=sig.task, id=str(options.get("task_id")), group=options.get("group_id"),
                                      group_index=options.get("group_index"), root_id=message.root_id,
@@ -129,7 +130,7 @@ class CanvasMiddleware(Middleware):
         failed = next((part for part in parts if part.status != protocol.SUCCESS), None)
         if failed is None:
             values = [part.result for part in parts]
-            sends = _follow_ups(app, member, [body], [values])
+            sends = follow_ups(app, member, [body], [values])
             error = await _send(worker, member, sends, "chord body")
             if error is not None:
                 await self._unreachable(worker, member, [body], _failure(error))
@@ -139,15 +140,18 @@ class CanvasMiddleware(Middleware):
         if first is not None and first.id is not None:
             failed_body = TaskMessage(task=first.task, id=first.id, root_id=member.root_id, reply_to=member.reply_to,
                                       serializer=member.serializer)  # fmt: skip
-            errbacks = _follow_ups(app, failed_body, first.options.get("link_error"), [first.id])
+            errbacks = follow_ups(app, failed_body, first.options.get("link_error"), [first.id])
             await _send(worker, failed_body, errbacks, "errbacks")
 
 
-def _follow_ups(
+def follow_ups(
     app: App, message: TaskMessage, signatures: Iterable[Mapping[str, Any]] | None, args: list[Any],
     rest: list[dict[str, Any]] | None = None,
 ) -> list[canvas.Send]:  # fmt: skip
-    """The messages applying ``signatures`` as follow-ups of ``message`` (a malformed one is logged, skipped)."""
+    """The messages applying ``signatures`` as follow-ups of ``message`` (a malformed one is logged, skipped).
+
+    Used by the worker's canvas middleware and by eager mode alike.
+    """
     sends: list[canvas.Send] = []
     for value in signatures or ():
         try:
@@ -166,7 +170,7 @@ async def _send(worker: Worker, message: TaskMessage, sends: list[canvas.Send], 
     acked, and the task runs again once the broker is back.
     """
     try:
-        await canvas.publish(worker.app, worker.runtime, sends, from_client=False)
+        await canvas.publish(worker.app, sends, from_client=False)
     except _UNSENDABLE as exc:
         log.error("task %s[%s]: cannot send its %s: %s", message.task, message.id, what, exc)
         return exc
@@ -182,18 +186,17 @@ def _report(part: Part) -> ResultMessage:
 
 
 async def _report_failure(
-    worker: Worker, message: TaskMessage, task_id: str, reply_to: str, report: ResultMessage
+    worker: Worker, message: TaskMessage, task: str, task_id: str, reply_to: str | None, report: ResultMessage
 ) -> None:
-    """A FAILURE reply for a task that will never run, carrying the error that stopped it.
+    """A FAILURE report for a task that will never run, carrying the error that stopped it.
 
-    Encoded like the replies to ``message``, the task that failed: in the caller's own encoding.
+    Encoded like the replies to ``message``, the task that failed: in the caller's own encoding. It goes where
+    the task's own reports would (its ``reply_to``, the result stream for ``amqp`` results).
     """
-    app = worker.app
     failure = ResultMessage(task_id, protocol.FAILURE, report.result, report.traceback, date_done=protocol.now_iso())
-    codec = serializers.codec(app.conf.result_serializer or message.serializer or "json")
-    wire = protocol.encode_result(failure, codec, persistent=app.conf.result_persistent)
-    signing.seal(app.conf.signing_keys, wire, signing.Kind.RESULT)
-    await worker.runtime.publisher.publish(wire, "", reply_to, mandatory=False)
+    content_type = serializers.codec(message.serializer or "json").content_type
+    await reporting.report(worker.app, worker.runtime, failure, task=task, reply_to=reply_to,
+                           content_type=content_type)  # fmt: skip
 
 
 __all__ = ["CanvasMiddleware"]

@@ -12,6 +12,7 @@ from .. import protocol
 from ..errors import AmqtaskError, TaskRevokedError
 from ..failures import decode_exception
 from ..protocol import READY_STATES, ResultMessage
+from . import reporting, stream
 
 if TYPE_CHECKING:
     from ..app import App
@@ -20,18 +21,28 @@ R = TypeVar("R")
 
 
 class AsyncResult(Generic[R]):
-    """A handle on one task's outcome: ``get()`` / ``await aget()`` / ``await result``."""
+    """A handle on one task's outcome: ``get()`` / ``await aget()`` / ``await result``.
 
-    def __init__(self, id: str, app: App | None = None, *, task_name: str | None = None) -> None:
+    The process that sent a task learns its states from its reply queue. Any other process reads the
+    states of an ``amqp`` task (``result_backend="amqp"``, on the app or the task) from the result stream:
+    the first read in a process follows the stream, later reads are memory lookups.
+    """
+
+    def __init__(
+        self, id: str, app: App | None = None, *, task_name: str | None = None, sent_here: bool = False
+    ) -> None:
         from ..app import current_app
 
         self.id = id
         self.app = app if app is not None else current_app()
         self.task_name = task_name
         self.parent: AsyncResult[Any] | None = None
+        # The sender's replies come on its reply queue, as fast as over rpc: no need to follow the stream.
+        self._by_stream = not sent_here and reporting.backend_of(self.app, task_name) == "amqp"
 
     def __repr__(self) -> str:
-        return f"<AsyncResult {self.id} {self.state}>"
+        known = self.app.result_store.get(self.id)
+        return f"<AsyncResult {self.id} {known.status if known is not None else protocol.PENDING}>"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, AsyncResult) and other.id == self.id
@@ -40,7 +51,28 @@ class AsyncResult(Generic[R]):
         return hash(self.id)
 
     def _latest(self) -> ResultMessage | None:
+        if self._by_stream:
+            self.app.portal.run(self.arefresh())
         return self.app.result_store.get(self.id)
+
+    async def arefresh(self, timeout: float | None = None) -> None:
+        """Make what this process knows current; then ``state``, ``result`` and ``info`` read memory only.
+
+        Needed only in async code reading an ``amqp`` result it did not send (sync reads do it by themselves).
+        """
+        if self._by_stream:
+            await self.app.runtime().stream.follow(timeout if timeout is not None else self.app.conf.publish_timeout_s)
+
+    def forget(self) -> None:
+        """Delete the result: this process forgets it and, for ``amqp`` results, so does every reader."""
+        self.app.portal.run(self.aforget())
+
+    async def aforget(self) -> None:
+        """:meth:`forget` for async code."""
+        self.app.result_store.forget(self.id)
+        if reporting.backend_of(self.app, self.task_name) == "amqp":
+            tombstone = ResultMessage(self.id, protocol.PENDING)
+            await stream.append_record(self.app.runtime().publisher, self.app.conf, tombstone, stream.FORGET)
 
     @property
     def state(self) -> str:
@@ -64,13 +96,15 @@ class AsyncResult(Generic[R]):
 
     @property
     def result(self) -> Any:
-        """The return value, the exception of a failure, or None while not ready."""
+        """The return value, the exception of a failure, the ``meta`` of a custom state (PROGRESS), else None."""
         latest = self._latest()
         if latest is None:
             return None
         if latest.status == protocol.FAILURE:
             return decode_exception(latest.result, latest.traceback)
         return latest.result
+
+    info = result
 
     @property
     def traceback(self) -> str | None:
@@ -92,8 +126,9 @@ class AsyncResult(Generic[R]):
 
     async def aget(self, timeout: float | None = None, propagate: bool = True) -> R:
         """Wait for the outcome: the return value, or raise the task's failure (see :class:`RemoteTaskError`)."""
-        latest = self._latest()
-        if latest is None or latest.status not in READY_STATES:
+        await self.arefresh(timeout)
+        latest = self.app.result_store.get(self.id)
+        if not self._by_stream and (latest is None or latest.status not in READY_STATES):
             # The reply may still be on its way into this process's reply queue: make sure this loop consumes it
             # (a runtime closed since the task was sent, e.g. by a stopped worker, would otherwise never see it).
             await self.app.runtime().results.ensure_started(timeout)

@@ -13,6 +13,8 @@ from collections.abc import Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .. import protocol
+from ..protocol import ResultMessage
+from . import stream
 from .async_result import AsyncResult
 
 if TYPE_CHECKING:
@@ -101,6 +103,32 @@ class GroupResult(AsyncResult[list[Any]]):
         return self.app.portal.run(self.aget(timeout, propagate))
 
     join = get
+
+    def save(self) -> None:
+        """Store the group's member ids in the result stream, so :meth:`restore` finds it by id in any process."""
+        self.app.portal.run(self.asave())
+
+    async def asave(self) -> None:
+        """:meth:`save` for async code."""
+        record = ResultMessage(self.id, protocol.SUCCESS, children=[result.id for result in self.results])
+        await stream.append_record(self.app.runtime().publisher, self.app.conf, record, stream.GROUP)
+
+    @classmethod
+    def restore(cls, id: str, app: App | None = None) -> GroupResult | None:
+        """The group saved under ``id`` (its members' results read by id), or None if none was saved."""
+        from ..app import current_app
+
+        application = app if app is not None else current_app()
+        return application.portal.run(cls.arestore(id, application))
+
+    @classmethod
+    async def arestore(cls, id: str, app: App) -> GroupResult | None:
+        """:meth:`restore` for async code."""
+        await app.runtime().stream.follow(app.conf.publish_timeout_s)
+        saved = app.result_store.get(stream.GROUP_KEY + id)
+        if saved is None:
+            return None
+        return cls(id, [AsyncResult(member, app) for member in saved.children], app)
 
     def __await__(self) -> Generator[Any, None, list[Any]]:
         return self.aget().__await__()

@@ -14,12 +14,15 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from .. import protocol, signing
 from ..connection import CONNECTION_ERRORS, SETTLE_ERRORS, Broker, raise_if_cancelled
@@ -34,42 +37,103 @@ _LOST_OR_STUCK: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncio.C
 log = logging.getLogger("amqtask.result")
 _RESUME_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, AmqtaskError)
 _ORDER = {protocol.PENDING: 0, protocol.STARTED: 1, protocol.RETRY: 2}
+EXPIRES_HEADER = "x-amqtask-expires"
+#: A custom state from ``update_state`` (PROGRESS) ranks with STARTED: it follows it and is followed by RETRY.
+_CUSTOM = 1
+
+
+@dataclass
+class _Entry:
+    report: ResultMessage
+    size: int
+    deadline: float
 
 
 class ResultStore:
-    """Thread-safe latest state per task id, with waiters on any event loop; bounded in size."""
+    """Thread-safe latest state per task id, with waiters on any event loop.
 
-    def __init__(self, max_entries: int = 100_000) -> None:
+    Bounded three ways, so a process that sends tasks and never asks for their results cannot grow
+    without end: by entries, by bytes (each report counts its encoded size), and by age (a report
+    older than ``ttl_s`` is dropped, as the broker drops an unused result). The oldest reports go first;
+    a waiter is resolved when its report arrives, so eviction only forgets what nobody waits for.
+    """
+
+    def __init__(
+        self,
+        max_entries: int = 100_000,
+        max_bytes: int = 256 * 1024 * 1024,
+        ttl_s: float = 86400.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._lock = threading.Lock()
-        self._results: OrderedDict[str, ResultMessage] = OrderedDict()
+        self._results: OrderedDict[str, _Entry] = OrderedDict()
         self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[ResultMessage]]]] = {}
         self._max = max_entries
+        self._max_bytes = max_bytes
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._bytes = 0
 
-    def put(self, result: ResultMessage) -> None:
-        """Record a state report; the first ready state wins, earlier states never overwrite later ones."""
+    @property
+    def size_bytes(self) -> int:
+        """The encoded size of the reports held now."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def put(self, result: ResultMessage, size: int = 0, ttl_s: float | None = None) -> None:
+        """Record a report of ``size`` bytes, kept ``ttl_s`` (default: the store's); the first ready state wins,
+        earlier states never overwrite later ones."""
         with self._lock:
             current = self._results.get(result.task_id)
-            if current is not None and not _newer(result, current):
+            if current is not None and not _newer(result, current.report):
                 return
-            self._results[result.task_id] = result
+            if current is not None:
+                self._bytes -= current.size
+            deadline = self._clock() + (self._ttl_s if ttl_s is None else ttl_s)
+            self._results[result.task_id] = _Entry(result, size, deadline)
             self._results.move_to_end(result.task_id)
-            while len(self._results) > self._max:
-                self._results.popitem(last=False)
+            self._bytes += size
+            self._evict()
             waiters = self._waiters.pop(result.task_id, []) if result.status in READY_STATES else []
         for loop, future in waiters:
             loop.call_soon_threadsafe(_resolve, future, result)
 
-    def get(self, task_id: str) -> ResultMessage | None:
-        """The latest report for ``task_id``, if any arrived."""
+    def forget(self, task_id: str) -> None:
+        """Drop what is known about ``task_id``."""
         with self._lock:
-            return self._results.get(task_id)
+            entry = self._results.pop(task_id, None)
+            if entry is not None:
+                self._bytes -= entry.size
+
+    def _evict(self) -> None:
+        now = self._clock()
+        while self._results:
+            entry = next(iter(self._results.values()))
+            if len(self._results) <= self._max and self._bytes <= self._max_bytes and entry.deadline > now:
+                return
+            self._results.popitem(last=False)
+            self._bytes -= entry.size
+
+    def get(self, task_id: str) -> ResultMessage | None:
+        """The latest report for ``task_id``, if any arrived and has not expired."""
+        with self._lock:
+            entry = self._results.get(task_id)
+            if entry is None:
+                return None
+            if entry.deadline <= self._clock():
+                del self._results[task_id]
+                self._bytes -= entry.size
+                return None
+            return entry.report
 
     async def wait(self, task_id: str, timeout: float | None) -> ResultMessage:
         """Wait until ``task_id`` is ready (SUCCESS, FAILURE or REVOKED)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ResultMessage] = loop.create_future()
+        current = self.get(task_id)
         with self._lock:
-            current = self._results.get(task_id)
             if current is not None and current.status in READY_STATES:
                 return current
             self._waiters.setdefault(task_id, []).append((loop, future))
@@ -89,7 +153,7 @@ class ResultStore:
 def _newer(new: ResultMessage, old: ResultMessage) -> bool:
     if old.status in READY_STATES:
         return False
-    return new.status in READY_STATES or _ORDER.get(new.status, 0) >= _ORDER.get(old.status, 0)
+    return new.status in READY_STATES or _ORDER.get(new.status, _CUSTOM) >= _ORDER.get(old.status, _CUSTOM)
 
 
 def _resolve(future: asyncio.Future[ResultMessage], result: ResultMessage) -> None:
@@ -144,12 +208,18 @@ class ResultConsumer:
         channel = await self.broker.channel(confirms=False, timeout=timeout)
         generation = self.broker.generation  # the channel's, even if a reconnect comes during the awaits below
         await channel.set_qos(prefetch_count=1000)
-        arguments = reply_queue_arguments(self.settings)
-        queue = await channel.declare_queue(self.queue_name, durable=True, arguments=arguments)
+        queue = await self._declare(channel)
         channel.close_callbacks.add(lambda *_: self._channel_closed())
-        await queue.consume(self._on_message)
+        await queue.consume(self._on_message, arguments=self._consume_arguments())
         self._channel = channel
         self._started_generation = generation
+
+    async def _declare(self, channel: AbstractChannel) -> AbstractQueue:
+        arguments = reply_queue_arguments(self.settings)
+        return await channel.declare_queue(self.queue_name, durable=True, arguments=arguments)
+
+    def _consume_arguments(self) -> dict[str, Any] | None:
+        return None
 
     def _channel_closed(self) -> None:
         self._started_generation = 0
@@ -171,7 +241,8 @@ class ResultConsumer:
         try:
             if unverified is not None:
                 raise MessageError(unverified)
-            self.store.put(protocol.decode_result(wire, self._accept, self._limits))
+            report = protocol.decode_result(wire, self._accept, self._limits)
+            self.store.put(report, len(message.body), remaining_s(wire.headers))
         except (MessageError, AmqtaskError) as exc:
             log.error("dropping a result (correlation_id=%.100s): %s", message.correlation_id, exc)
         with contextlib.suppress(*SETTLE_ERRORS):
@@ -182,6 +253,17 @@ class ResultConsumer:
         if self._channel is not None and not self._channel.is_closed:
             with contextlib.suppress(Exception):
                 await self._channel.close()
+
+
+def expiry_header(expires_s: float) -> dict[str, Any]:
+    """The header saying until when a report counts (epoch milliseconds), for a task's own ``result_expires``."""
+    return {EXPIRES_HEADER: int((time.time() + expires_s) * 1000)}
+
+
+def remaining_s(headers: dict[str, Any]) -> float | None:
+    """How long a report with these headers still counts (None: as long as the store keeps anything)."""
+    expires = headers.get(EXPIRES_HEADER)
+    return (expires / 1000 - time.time()) if isinstance(expires, int | float) else None
 
 
 def reply_queue_arguments(settings: Settings) -> dict[str, Any]:

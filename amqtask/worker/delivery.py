@@ -34,6 +34,7 @@ from ..failures import encode_exception, format_traceback
 from ..middleware import current_queue
 from ..producer import HeadersTooLargeError, Publisher, wire_of
 from ..protocol import ResultMessage, TaskMessage, WireMessage
+from ..results import reporting
 from ..retry import autoretry_delay
 from ..task import Request, Task
 from ..topology import QueueSpec
@@ -292,27 +293,12 @@ class DeliveryHandler:
 
     # ------------------------------------------------------------------------------------------ settling
     async def reply(self, msg: TaskMessage, wire: WireMessage, report: ResultMessage) -> None:
-        """Send a state report to the caller's reply queue, unless it asked for none."""
-        if not msg.reply_to or msg.ignore_result:
+        """Report a state to the caller's reply queue and, for amqp results, the result stream (see results/)."""
+        if msg.ignore_result:
             return
-        codec = self._result_codec(wire.content_type)
-        try:
-            out = protocol.encode_result(report, codec, persistent=self.app.conf.result_persistent)
-        except SerializationError as exc:
-            fallback = self.failure(msg, exc, None)
-            out = protocol.encode_result(fallback, codec, persistent=self.app.conf.result_persistent)
-        signing.seal(
-            signing.replying_keys(self.app.conf.signing_keys, wire, signing.Kind.TASK), out, signing.Kind.RESULT
-        )
-        # Not mandatory: a caller that went away (its reply queue expired) is nobody to tell.
-        await self.publisher.publish(out, "", msg.reply_to, mandatory=False)
-
-    def _result_codec(self, content_type: str | None) -> serializers.Codec:
-        name = self.app.conf.result_serializer
-        if name is None:
-            # Answer in the caller's own encoding: a Celery client that sent JSON may accept only JSON.
-            name = "msgpack" if content_type == serializers.MSGPACK_CONTENT_TYPE else "json"
-        return serializers.codec(name)
+        keys = signing.replying_keys(self.app.conf.signing_keys, wire, signing.Kind.TASK)
+        await reporting.report(self.app, self.worker.runtime, report, task=msg.task, reply_to=msg.reply_to,
+                               content_type=wire.content_type, keys=keys)  # fmt: skip
 
     async def reply_to_unreadable(self, wire: WireMessage, exc: Exception) -> None:
         """Tell a caller whose message could not be read why, when its properties say where to answer."""

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from .. import delays, topology
+from .. import adoption, delays, topology
 from ..errors import ConfigurationError
 from ..protocol import TaskMessage
 from ..ratelimit import RateLimits
@@ -68,6 +68,7 @@ class Worker:
         max_memory_kib: int | None = None,
     ) -> None:
         self.app = app
+        app.import_task_modules()
         conf = app.conf
         names = list(queues) if queues else [conf.task_default_queue, *app.router.queues]
         names = [n for n in dict.fromkeys(names) if n not in set(exclude_queues or ())]
@@ -116,7 +117,7 @@ class Worker:
 
     async def _declare_queue(self, spec: QueueSpec) -> None:
         publisher = self.runtime.publisher
-        await topology.declare_queue(self.runtime.broker, spec)
+        await adoption.declare_or_adopt(self.runtime.broker, spec, strict=self.app.conf.task_queues_strict)
         bind = functools.partial(delays.bind_destination, topology=publisher.delay_topology, queue=spec.name)
         await self.runtime.broker.run(bind)
 
@@ -167,6 +168,10 @@ class Worker:
         if self.burst and not self._stopping:
             await self._drain()
             await self.stop()
+        await self.wait_stopped()
+
+    async def wait_stopped(self) -> None:
+        """Return once the worker has stopped (after :meth:`stop`, or a burst run's end)."""
         await self._stopped.wait()
 
     async def _drain(self) -> None:

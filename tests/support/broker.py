@@ -8,10 +8,13 @@ with a vhost each (``add_vhost``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -112,3 +115,20 @@ class TestBroker:
         if proc.returncode != 0:
             raise BrokerError(f"deploy/rabbitmq.sh {' '.join(args)} exited with {proc.returncode}:\n{proc.stderr}")
         return proc.stdout
+
+
+@contextlib.contextmanager
+def cluster(version: str, name: str, nodes: int, vhost: str) -> Iterator[TestBroker]:
+    """A cluster of its own with ``vhost``, stopped and deleted on exit; skips if the machine cannot run one."""
+    import pytest
+
+    broker = TestBroker(name=f"{name}-{version.replace('.', '')}-{os.getpid()}", nodes=nodes)
+    try:
+        broker.start(version)
+    except BrokerError as exc:  # the machine cannot run a cluster: nothing amqtask can fix
+        pytest.skip(f"cannot start a {nodes}-node RabbitMQ {version} cluster here: {exc}")
+    try:
+        broker.add_vhost(vhost)
+        yield broker
+    finally:
+        broker.stop()

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import aio_pika
 
 from amqtask import App, Worker
+from amqtask.testing import background_worker
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 REPO_DIR = TESTS_DIR.parent
@@ -36,33 +36,8 @@ async def running_worker(app: App, **options: Any) -> AsyncIterator[Worker]:
 @contextlib.contextmanager
 def worker_thread(app: App, **options: Any) -> Iterator[Worker]:
     """A worker on its own event loop in a thread, so a test can use the synchronous API against it."""
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder: dict[str, Any] = {}
-
-    async def serve() -> None:
-        try:
-            worker = Worker(app, **options)
-            await worker.start()
-            holder["worker"] = worker
-        except BaseException as exc:
-            holder["error"] = exc
-            raise
-        finally:
-            ready.set()
-        await worker._stopped.wait()
-
-    thread = threading.Thread(target=lambda: loop.run_until_complete(serve()), daemon=True)
-    thread.start()
-    ready.wait(60)
-    if "error" in holder:
-        raise holder["error"]
-    try:
-        yield holder["worker"]
-    finally:
-        asyncio.run_coroutine_threadsafe(holder["worker"].stop(grace=10), loop).result(60)
-        thread.join(30)
-        loop.close()
+    with background_worker(app, stop_grace=10, **options) as worker:
+        yield worker
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:

@@ -1,0 +1,240 @@
+"""The amqp result store's layout, measured: one queue per task (Celery's old amqp backend) against one stream.
+
+    python benchmarks/results_store.py [--version 3.10] [--counts 10000,100000] [--tasks 2000]
+
+Runs in one go on one private broker (deploy/rabbitmq.sh, name ``amqtask-bench-results-<version>``,
+stopped at the end) so the figures compare like with like:
+
+- broker memory (Erlang total and queue processes), queues and Erlang processes with N outstanding
+  results held each way, and how fast they were written;
+- publish-to-readable latency (median and p95 of sequential writes): a per-task queue is readable once
+  declared and the message confirmed (a ``basic.get`` then finds it); a stream record once a follower
+  received it;
+- how long a new reader takes to catch up with N stream records (what a process pays on its first read);
+- amqtask end to end: tasks per second with ``rpc`` results against ``amqp`` results (a worker in
+  this process, the sender waiting for every result), and one task's round trip each way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+
+from amqtask import App, AsyncResult, Worker, topology
+from amqtask.results.legacy import legacy_queue_name
+from amqtask.results.stream import stream_arguments
+from amqtask.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "deploy" / "rabbitmq.sh"
+BODY = json.dumps({"status": "SUCCESS", "result": 42, "traceback": None, "children": [],
+                   "date_done": "2026-01-01T00:00:00+00:00", "task_id": str(uuid.uuid4())}).encode()  # fmt: skip
+WINDOW = 500
+
+
+class Broker:
+    """A private broker and its rabbitmqctl."""
+
+    def __init__(self, version: str) -> None:
+        self.name = f"amqtask-bench-results-{version.replace('.', '')}"
+        out = subprocess.run(["bash", str(SCRIPT), "start", "--version", version, "--name", self.name],
+                             check=True, capture_output=True, text=True).stdout  # fmt: skip
+        self.url = out.strip().splitlines()[-1].rstrip("/")
+
+    def ctl(self, *args: str) -> str:
+        return subprocess.run(["bash", str(SCRIPT), "ctl", "--name", self.name, "--", *args],
+                              check=True, capture_output=True, text=True).stdout  # fmt: skip
+
+    def vhost(self, name: str) -> str:
+        self.ctl("add_vhost", name)
+        self.ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        return f"{self.url}/{name}"
+
+    def usage(self, vhost: str) -> dict[str, float]:
+        self.ctl("eval", "[garbage_collect(P) || P <- erlang:processes()], ok.")
+        memory = json.loads(self.ctl("status", "--formatter", "json"))["memory"]
+        queues = int(self.ctl("eval", f'length(rabbit_amqqueue:list(<<"{vhost}">>)).').strip())
+        processes = int(self.ctl("eval", "erlang:system_info(process_count).").strip())
+        return {"memory_mib": memory["total"]["erlang"] / 2**20, "queue_procs_mib": memory["queue_procs"] / 2**20,
+                "queues": queues, "processes": processes}  # fmt: skip
+
+    def stop(self) -> None:
+        subprocess.run(["bash", str(SCRIPT), "stop", "--name", self.name], check=False, capture_output=True)
+
+
+async def windows(count: int, one: Callable[[int], Awaitable[Any]]) -> float:
+    start = time.perf_counter()
+    for offset in range(0, count, WINDOW):
+        await asyncio.gather(*(one(i) for i in range(offset, min(count, offset + WINDOW))))
+    return count / (time.perf_counter() - start)
+
+
+async def per_task_queues(url: str, count: int, settings: Settings) -> float:
+    """Celery's legacy layout, as celery-node reads it: declare the task's queue, publish its result."""
+    connection = await aio_pika.connect(url)
+    channels = [await connection.channel(publisher_confirms=True) for _ in range(8)]
+    arguments = {"x-expires": settings.result_expires_s * 1000}
+
+    async def one(i: int) -> None:
+        channel = channels[i % len(channels)]
+        name = legacy_queue_name(str(uuid.uuid4()))
+        await channel.declare_queue(name, durable=True, auto_delete=True, arguments=arguments)
+        await channel.default_exchange.publish(aio_pika.Message(BODY, delivery_mode=2), name)
+
+    rate = await windows(count, one)
+    await connection.close()
+    return rate
+
+
+async def stream_records(url: str, count: int, settings: Settings) -> float:
+    connection = await aio_pika.connect(url)
+    channel = await connection.channel(publisher_confirms=True)
+    await channel.declare_queue(settings.result_stream, durable=True, arguments=stream_arguments(settings))
+
+    def one(i: int) -> Awaitable[Any]:
+        record = aio_pika.Message(BODY, content_type="application/json", delivery_mode=2, correlation_id=str(i))
+        return channel.default_exchange.publish(record, settings.result_stream)
+
+    rate = await windows(count, one)
+    await connection.close()
+    return rate
+
+
+async def catch_up_s(url: str, settings: Settings) -> float:
+    """A new process's first read: follow the stream until everything written before is in its store."""
+    app = App("bench-reader", broker=url, result_backend="amqp", result_stream=settings.result_stream)
+    start = time.perf_counter()
+    await AsyncResult(str(uuid.uuid4()), app).arefresh(timeout=600)
+    elapsed = time.perf_counter() - start
+    await app.aclose()
+    return elapsed
+
+
+def quantiles(samples: list[float]) -> str:
+    ordered = sorted(samples)
+    return f"median {statistics.median(ordered) * 1000:.2f} ms, p95 {ordered[int(len(ordered) * 0.95)] * 1000:.2f} ms"
+
+
+async def latency_queue(url: str, samples: int) -> str:
+    connection = await aio_pika.connect(url)
+    channel = await connection.channel(publisher_confirms=True)
+    times = []
+    for _ in range(samples):
+        name = legacy_queue_name(str(uuid.uuid4()))
+        start = time.perf_counter()
+        queue = await channel.declare_queue(name, durable=True, auto_delete=True, arguments={"x-expires": 60_000})
+        await channel.default_exchange.publish(aio_pika.Message(BODY), name)
+        message = await queue.get(no_ack=False)
+        times.append(time.perf_counter() - start)
+        await message.reject(requeue=True)  # read without consuming, as the legacy readers do
+        await queue.delete(if_unused=False, if_empty=False)
+    await connection.close()
+    return quantiles(times)
+
+
+async def latency_stream(url: str, settings: Settings, samples: int) -> str:
+    connection = await aio_pika.connect(url)
+    writer = await connection.channel(publisher_confirms=True)
+    follower = await connection.channel()
+    await follower.set_qos(prefetch_count=100)
+    queue = await follower.declare_queue(settings.result_stream, passive=True)
+    arrived: dict[str, asyncio.Future[float]] = {}
+
+    async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        future = arrived.get(message.correlation_id or "")
+        if future is not None and not future.done():
+            future.set_result(time.perf_counter())
+        await message.ack()
+
+    await queue.consume(on_message, arguments={"x-stream-offset": "next"})
+    times = []
+    for _ in range(samples):
+        key = str(uuid.uuid4())
+        arrived[key] = asyncio.get_running_loop().create_future()
+        start = time.perf_counter()
+        await writer.default_exchange.publish(aio_pika.Message(BODY, correlation_id=key), settings.result_stream)
+        times.append(await asyncio.wait_for(arrived[key], 30) - start)
+        del arrived[key]
+    await connection.close()
+    return quantiles(times)
+
+
+async def tasks_per_second(url: str, backend: str, count: int) -> tuple[float, float]:
+    """``count`` no-op tasks sent in windows, every result awaited by the sender; and one round trip."""
+    queue = f"bench-results-{uuid.uuid4().hex[:8]}"
+    app = App(f"bench-{backend}", broker=url, task_default_queue=queue, result_backend=backend,
+              result_stream=f"bench-results-{backend}")  # fmt: skip
+
+    @app.task(name="bench.noop")
+    async def noop() -> int:
+        return 1
+
+    worker = Worker(app, concurrency=8)
+    await worker.start()
+    one = time.perf_counter()
+    await (await noop.adelay()).aget(timeout=30)
+    round_trip = time.perf_counter() - one
+
+    async def send_and_wait(i: int) -> None:
+        await (await noop.adelay()).aget(timeout=60)
+
+    rate = await windows(count, send_and_wait)
+    await worker.stop(grace=10)
+    runtime = app.runtime()
+    for name in (queue, f"{queue}.dlq"):
+        await topology.delete_queue(runtime.broker, name)
+    await app.aclose()
+    return rate, round_trip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--version", default="3.10", choices=("3.10", "4.3"))
+    parser.add_argument("--counts", default="10000,100000")
+    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--layouts", default="queues,stream", help="which layouts to fill (queues, stream)")
+    parser.add_argument("--skip-tasks", action="store_true", help="skip the end-to-end task rates")
+    args = parser.parse_args()
+    broker = Broker(args.version)
+    settings = Settings()
+    try:
+        print(f"RabbitMQ {args.version}")
+        base_url = broker.vhost("bench-e2e")
+        for backend in () if args.skip_tasks else ("rpc", "amqp"):
+            rate, round_trip = asyncio.run(tasks_per_second(base_url, backend, args.tasks))
+            print(f"tasks with {backend} results: {rate:.0f}/s; one round trip {round_trip * 1000:.1f} ms")
+        for count in (int(c) for c in args.counts.split(",")):
+            for layout in args.layouts.split(","):
+                vhost = f"bench-{layout}-{count}"
+                url = broker.vhost(vhost)
+                before = broker.usage(vhost)
+                write = per_task_queues if layout == "queues" else stream_records
+                rate = asyncio.run(write(url, count, settings))
+                after = broker.usage(vhost)
+                delta = {k: round(after[k] - before[k], 1) for k in after}
+                line = f"{count} results in {layout}: written {rate:.0f}/s; broker +{delta}"
+                if layout == "stream":
+                    line += f"; a new reader catches up in {asyncio.run(catch_up_s(url, settings)):.2f} s"
+                print(line, flush=True)
+                broker.ctl("delete_vhost", vhost)
+        url = broker.vhost("bench-latency")
+        asyncio.run(stream_records(url, 1, settings))
+        print(f"publish-to-readable, per-task queue: {asyncio.run(latency_queue(url, args.samples))}")
+        print(f"publish-to-readable, stream: {asyncio.run(latency_stream(url, settings, args.samples))}")
+    finally:
+        broker.stop()
+
+
+if __name__ == "__main__":
+    main()

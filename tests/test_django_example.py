@@ -1,0 +1,154 @@
+"""The Django example project (examples/django), run as a team would run it (issue 16).
+
+A real worker, started with ``python manage.py amqtask worker``, serves the project's tasks from two
+apps (found by ``autodiscover_tasks`` and ``CELERY_IMPORTS``, settings read with ``namespace="CELERY"``);
+the project's view, run in this process with Django's test client on sqlite, enqueues with
+``apply_async_on_commit``: sent on commit, never on rollback. The project's management command runs
+the periodic cleanup, here and in the worker. ``DjangoTask`` closes the task thread's database
+connections after each task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import aio_pika
+import pytest
+from support.interop import delete_objects, depth
+from support.workers import REPO_DIR, wait_for
+
+from amqtask import AsyncResult
+
+pytest.importorskip("django", reason="the Django tests need the django extra")
+
+pytestmark = [pytest.mark.broker, pytest.mark.ecosystem]
+
+PROJECT = REPO_DIR / "examples" / "django"
+TIMEOUT = 30.0
+
+
+@pytest.fixture(scope="module")
+def project(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The example's environment (own sqlite file, own queue), migrated, with a worker running."""
+    directory = tmp_path_factory.mktemp("django-example")
+    env = {
+        **os.environ,
+        "CELERY_BROKER_URL": broker_url,
+        "EXAMPLE_QUEUE": f"django-{directory.name}",
+        "EXAMPLE_DB": str(directory / "db.sqlite3"),
+        "DJANGO_SETTINGS_MODULE": "proj.settings",
+        "PYTHONPATH": os.pathsep.join([str(PROJECT), str(REPO_DIR), os.environ.get("PYTHONPATH", "")]),
+    }
+    _manage(env, "migrate", "--no-input")
+    log = directory / "worker.log"
+    with log.open("wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "manage.py", "amqtask", "worker", "-c", "2", "-l", "info"],
+            cwd=PROJECT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: "consuming" in log.read_text() or worker.poll() is not None, 60, "the Django worker")
+        assert worker.poll() is None, log.read_text()
+        os.environ.update({k: env[k] for k in ("CELERY_BROKER_URL", "EXAMPLE_QUEUE", "EXAMPLE_DB")})
+        yield {**env, "LOG": str(log)}
+    finally:
+        worker.terminate()
+        worker.communicate(timeout=30)
+        delete_objects(broker_url, (env["EXAMPLE_QUEUE"], env["EXAMPLE_QUEUE"] + "-idle"))
+
+
+def _manage(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=PROJECT, env=env, capture_output=True, text=True,
+        timeout=120, check=False, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def django_here(project: dict[str, str]) -> Any:
+    """Django set up in this process with the example's settings (the worker's database and queue)."""
+    sys.path[:0] = [str(PROJECT)]
+    os.environ["DJANGO_SETTINGS_MODULE"] = "proj.settings"
+    import django
+
+    django.setup()
+    import proj
+
+    yield proj.app
+    proj.app.close()
+
+
+def test_the_view_enqueues_on_commit_and_the_worker_processes_the_order(django_here: Any) -> None:
+    from django.test import Client
+    from orders.models import Order
+
+    response = Client().post("/orders/", {"item": "book"})
+    assert response.status_code == 202
+    sent = response.json()
+    assert AsyncResult(sent["task_id"], django_here).get(timeout=TIMEOUT) == sent["order"]
+    assert Order.objects.get(id=sent["order"]).status == "processed"
+
+
+def test_nothing_is_sent_when_the_transaction_rolls_back(django_here: Any, project: dict[str, str]) -> None:
+    from django.db import transaction
+    from orders.models import Order
+    from orders.tasks import process_order
+
+    idle = project["EXAMPLE_QUEUE"] + "-idle"  # no worker consumes it: what arrives stays there
+    asyncio.run(_declare(project["CELERY_BROKER_URL"], idle))
+    with pytest.raises(RuntimeError), transaction.atomic():
+        order = Order.objects.create(item="never")
+        process_order.apply_async_on_commit((order.id,), queue=idle)
+        process_order.delay_on_commit(order.id)
+        raise RuntimeError("roll back")
+    with transaction.atomic():
+        order = Order.objects.create(item="kept")
+        process_order.apply_async_on_commit((order.id,), queue=idle, ignore_result=True)
+        assert depth(project["CELERY_BROKER_URL"], idle) == 0  # not before the commit
+    assert depth(project["CELERY_BROKER_URL"], idle) == 1  # the committed one only
+
+
+async def _declare(url: str, queue: str) -> None:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        await (await connection.channel()).declare_queue(queue, durable=True)
+
+
+def test_tasks_of_both_apps_run_on_the_worker_and_the_command_runs_the_cleanup(
+    django_here: Any, project: dict[str, str]
+) -> None:
+    # An unregistered task would come back as a failure: both apps' tasks are registered in the worker.
+    assert django_here.send_task("reports.cleanup", kwargs={"days": 0}).get(timeout=TIMEOUT) >= 0
+    out = _manage(project, "cleanup_orders", "--days", "0", "--in-background")
+    assert out.startswith("deleted ") and out.endswith(" order(s)\n")
+
+
+def test_a_task_closes_its_threads_database_connection(django_here: Any) -> None:
+    from django.db import connection
+    from reports.tasks import cleanup
+
+    seen: dict[str, Any] = {}
+
+    def in_a_worker_thread() -> None:
+        cleanup(days=10_000)  # queries the database in this thread
+        seen["open"] = connection.connection is not None
+
+    thread = threading.Thread(target=in_a_worker_thread)
+    thread.start()
+    thread.join()
+    assert seen == {"open": False}
+
+
+def test_unchanged_celery_settings_are_read(django_here: Any, project: dict[str, str]) -> None:
+    conf = django_here.conf
+    assert conf.imports == ("reports.tasks",)
+    assert conf.task_default_queue == project["EXAMPLE_QUEUE"]
+    assert "cleanup-processed-orders" in conf.beat_schedule
