@@ -23,25 +23,25 @@ duplicate, never a loss.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from . import topology
+from . import deadletter, topology
+from .deadletter import header_text
 from .delays import strip_death_headers
 from .errors import TopologyNotFoundError
 from .protocol import WireMessage
 from .topology import DLQ_SUFFIX
-from .worker.delivery import REASON, wire_of
+from .worker.delivery import wire_of
 
 if TYPE_CHECKING:
     from .app import App
 
-#: Prefix of the headers a worker adds when it dead-letters a message (see ``worker/delivery.py``).
-HEADER_PREFIX = "x-amqtask-"
+#: Prefix of the headers a worker adds when it dead-letters a message (see ``deadletter.py``).
+HEADER_PREFIX = deadletter.PREFIX
 #: Counters RabbitMQ adds to quorum queue deliveries; stale once the message is published again.
 _DELIVERY_COUNTERS = ("x-delivery-count", "x-acquired-count")
 
@@ -52,8 +52,8 @@ class DeadLetter:
 
     id: str | None
     task: str | None
-    #: Why it was dead-lettered: the worker's reason (``failed``, ``rejected``, ``malformed``,
-    #: ``unknown-task``) or the broker's (``delivery_limit``, ``expired``, ``rejected``, ``maxlen``).
+    #: Why it was dead-lettered: the worker's reason (see ``deadletter.py``: ``failed``, ``rejected``,
+    #: ``malformed``, ...) or the broker's (``delivery_limit``, ``expired``, ``rejected``, ``maxlen``).
     reason: str
     #: ``Type: message`` of the task's exception, or the worker's detail; empty for broker reasons.
     exception: str
@@ -67,23 +67,15 @@ class DeadLetter:
     def from_message(cls, message: AbstractIncomingMessage, dlq: str) -> DeadLetter:
         """Read a message taken from dead-letter queue ``dlq``."""
         headers = dict(message.headers or {})
-        death = _latest_death(headers)
-        exc_type = _text(headers.get(HEADER_PREFIX + "exception-type"))
-        if exc_type:
-            exception = f"{exc_type}: {_text(headers.get(HEADER_PREFIX + 'exception-message')) or ''}"
-        else:
-            exception = _text(headers.get(HEADER_PREFIX + "detail")) or ""
-        failed_at = _text(headers.get(HEADER_PREFIX + "failed-at"))
-        if failed_at is None and isinstance(death.get("time"), dt.datetime):
-            failed_at = death["time"].isoformat()
+        record = deadletter.read(headers)
         retries = headers.get("retries")
         return cls(
-            id=_text(headers.get("id")) or message.correlation_id,
-            task=_text(headers.get("task")),
-            reason=_text(headers.get(REASON)) or _text(death.get("reason")) or "unknown",
-            exception=exception,
-            failed_at=failed_at,
-            queue=_text(headers.get(HEADER_PREFIX + "queue")) or dlq.removesuffix(DLQ_SUFFIX),
+            id=header_text(headers.get("id")) or message.correlation_id,
+            task=header_text(headers.get("task")),
+            reason=record.reason,
+            exception=record.exception,
+            failed_at=record.failed_at,
+            queue=record.queue or dlq.removesuffix(DLQ_SUFFIX),
             retries=retries if isinstance(retries, int) and not isinstance(retries, bool) else None,
             headers=headers,
         )
@@ -221,20 +213,6 @@ async def _browse(app: App, name: str) -> AsyncIterator[_Browser]:
                 await browser.give_back()
     finally:
         await channel.close()
-
-
-def _latest_death(headers: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The most recent ``x-death`` entry (RabbitMQ keeps them newest first), or an empty mapping."""
-    deaths = headers.get("x-death")
-    if isinstance(deaths, list | tuple) and deaths and isinstance(deaths[0], Mapping):
-        return deaths[0]
-    return {}
-
-
-def _text(value: Any) -> str | None:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return value if isinstance(value, str) else None
 
 
 __all__ = ["DeadLetter", "Listing", "Replayed", "dlq_name", "inspect", "purge", "replay", "replay_headers"]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from .. import delays, protocol, serializers
+from .. import deadletter, delays, protocol, serializers
 from ..connection import SETTLE_ERRORS
 from ..errors import (
     AmqtaskError,
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("amqtask.worker")
 #: A message this close to its eta runs now rather than making another trip through the delay levels.
 ETA_TOLERANCE = dt.timedelta(milliseconds=50)
-REASON = "x-amqtask-reason"
 
 
 def wire_of(message: AbstractIncomingMessage) -> WireMessage:
@@ -85,7 +84,7 @@ class DeliveryHandler:
             msg = protocol.decode_task(wire, self.accept, self.limits)
         except (MessageError, SerializationError) as exc:
             await self.reply_to_unreadable(wire, exc)
-            await self.dead_letter(message, queue, "malformed", str(exc))
+            await self.dead_letter(message, queue, deadletter.MALFORMED, str(exc))
             return
         task = self.app.tasks.get(msg.task)
         if task is None:
@@ -94,13 +93,13 @@ class DeliveryHandler:
             report = self.failure(msg, unregistered, None)
             await self.fail_follow_ups(msg, unregistered, report)
             await self.reply(msg, wire, report)
-            await self.dead_letter(message, queue, "unknown-task", error)
+            await self.dead_letter(message, queue, deadletter.UNKNOWN_TASK, error)
             return
         try:
             for middleware in self.app.middleware:
                 await middleware.before_process(self.worker, msg, wire)
         except Reject as exc:
-            await self.dead_letter(message, queue, "rejected", exc.reason)
+            await self.dead_letter(message, queue, deadletter.REJECTED, exc.reason)
             return
         except Revoked as exc:
             await self.revoked(message, msg, wire, exc.reason)
@@ -164,7 +163,7 @@ class DeliveryHandler:
             if exc.requeue:
                 await self.requeue_failed(message)
             else:
-                await self.dead_letter(message, queue, "rejected", exc.reason)
+                await self.dead_letter(message, queue, deadletter.REJECTED, exc.reason)
         except Exception as exc:
             await self.failed(message, queue, task, msg, wire, exc)
         else:
@@ -206,7 +205,7 @@ class DeliveryHandler:
         log.error("task %s[%s] failed: %s: %s", msg.task, msg.id, type(exc).__name__, exc)
         report = self.failure(msg, exc, format_traceback(exc))
         await self.fail_follow_ups(msg, exc, report)
-        await self.dead_letter(message, queue, "failed", f"{type(exc).__name__}: {exc}", exc=exc, settle=False)
+        await self.dead_letter(message, queue, deadletter.FAILED, f"{type(exc).__name__}: {exc}", exc=exc, settle=False)
         await self.reply(msg, wire, report)
         await self.ack(message)
 
@@ -282,30 +281,17 @@ class DeliveryHandler:
         exc: BaseException | None = None, *, settle: bool = True,
     ) -> None:  # fmt: skip
         """Copy the message, as received, into ``<queue>.dlq`` with the reason in headers; then ack it."""
-        headers = delays.strip_death_headers(dict(message.headers or {}))
-        headers.update({
-            REASON: reason,
-            "x-amqtask-detail": detail[:4096],
-            "x-amqtask-worker": self.worker.hostname,
-            "x-amqtask-failed-at": protocol.now_iso(),
-            "x-amqtask-queue": queue.name,
-            "x-amqtask-exchange": message.exchange or "",
-            "x-amqtask-routing-key": message.routing_key or "",
-        })  # fmt: skip
-        if exc is not None:
-            headers.update({
-                "x-amqtask-exception-type": type(exc).__name__,
-                "x-amqtask-exception-message": str(exc)[:4096],
-                "x-amqtask-traceback": format_traceback(exc)[-16384:],
-            })  # fmt: skip
+        headers = deadletter.build(
+            message.headers or {}, reason=reason, detail=detail, worker=self.worker.hostname, queue=queue.name,
+            exchange=message.exchange or "", routing_key=message.routing_key or "", exc=exc,
+        )  # fmt: skip
         copy = WireMessage(**{**wire_of(message).__dict__, "headers": headers})
         try:
             try:
                 await self.publisher.publish(copy, "", queue.dlq_name)
             except HeadersTooLargeError:
                 # The received headers plus ours exceed a frame: keep ours (the reason) and the body.
-                copy.headers = {k: v for k, v in headers.items() if k.startswith("x-amqtask-")}
-                copy.headers["x-amqtask-headers-dropped"] = f"{len(headers) - len(copy.headers)} header(s)"
+                copy.headers = deadletter.slim(headers)
                 await self.publisher.publish(copy, "", queue.dlq_name)
         except AmqtaskError as error:
             log.error("cannot dead-letter into %s (%s); rejecting so the broker's dead-lettering applies",
@@ -314,7 +300,7 @@ class DeliveryHandler:
                 await message.reject(requeue=False)
             return
         self.worker.stats["dead_lettered"] += 1
-        if reason != "failed":
+        if reason != deadletter.FAILED:
             log.error("dead-lettered a message from %s into %s: %s: %s", queue.name, queue.dlq_name, reason, detail)
         if settle:
             await self.ack(message)
