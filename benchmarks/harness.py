@@ -69,6 +69,18 @@ def rss_kib(pid: int) -> int:
     return total
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds used so far by a process and all its descendants (live ones, and reaped ones)."""
+    total = 0
+    for one in [pid, *_descendants(pid)]:
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def _descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -147,15 +159,21 @@ class Worker:
         self.first = 0.0
 
     def drain(self, count: int, until: Callable[[], float] | None = None) -> dict[str, float]:
-        """Time the drain of ``count`` queued tasks (``until`` returns the end time when it is not the empty queue)."""
+        """Time the drain of ``count`` queued tasks, and the worker's CPU per task meanwhile.
+
+        ``until`` returns the end time when it is not the queue's emptying (tasks with results).
+        """
         try:
             self.first = self.watch.wait(lambda depth: depth < count)
+            cpu_first = cpu_s(self.process.pid)
             end = until() if until is not None else self.watch.wait(lambda depth: depth == 0)
+            cpu = cpu_s(self.process.pid) - cpu_first
         except RuntimeError as exc:
             self.log.seek(0)
             raise RuntimeError(f"{exc}; worker log:\n{self.log.read()[-3000:].decode(errors='replace')}") from None
         return {"rate": round(count / (end - self.first), 1), "startup_s": round(self.first - self.spawned, 3),
-                "rss_mib": round(rss_kib(self.process.pid) / 1024, 1)}  # fmt: skip
+                "rss_mib": round(rss_kib(self.process.pid) / 1024, 1),
+                "cpu_us_per_task": round(1e6 * cpu / count, 1)}  # fmt: skip
 
     def stop(self) -> None:
         started = time.perf_counter()

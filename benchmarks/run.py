@@ -114,7 +114,7 @@ def main() -> None:
         url = broker_url().rstrip("/") + "/" + vhost
         ctl("add_vhost", vhost)
         ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    env = {**os.environ, "BENCH_URL": url, "BENCH_PREFIX": "bench", "BENCH_COUNT": str(args.count),
+    env = {**os.environ, "BENCH_URL": url, "BENCH_PREFIX": vhost or "bench", "BENCH_COUNT": str(args.count),
            "BENCH_SEQUENTIAL": str(args.sequential), "BENCH_ROUND_TRIPS": str(args.round_trips),
            "BENCH_CONCURRENCY": str(args.concurrency)}  # fmt: skip
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(HERE), env.get("PYTHONPATH", "")])

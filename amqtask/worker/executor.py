@@ -1,7 +1,7 @@
 """Running one task: ``async def`` tasks on the worker's event loop, plain ones in a thread pool.
 
 The request context (``self.request``) is a context variable, set around the call; for threads the
-context is copied into the thread explicitly, since ``run_in_executor`` does not.
+context is copied into the thread explicitly (see :mod:`.threads` for the threads themselves).
 
 Time limits, as Celery has them. The soft limit (``soft_time_limit``) raises
 :class:`~amqtask.errors.SoftTimeLimitExceeded` inside a plain task, delivered to its thread as an
@@ -22,18 +22,18 @@ import ctypes
 import functools
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import SoftTimeLimitExceeded, TimeLimitExceeded
 from ..task import Request, Task, current_request
+from .threads import TaskThreads
 
 
 class Executor:
     """Runs task functions: coroutines on the loop, sync functions in ``concurrency`` threads."""
 
     def __init__(self, concurrency: int) -> None:
-        self.threads = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="amqtask-task")
+        self.threads = TaskThreads(concurrency)
 
     async def run(
         self, task: Task[Any, Any], request: Request, time_limit: float | None, soft_time_limit: float | None = None
@@ -47,18 +47,17 @@ class Executor:
                     return await coroutine
                 return await _Limits(task, request, time_limit, soft_time_limit).run(asyncio.ensure_future(coroutine))
             fn = functools.partial(contextvars.copy_context().run, task, *request.args, **request.kwargs)
-            loop = asyncio.get_running_loop()
             if not (time_limit or soft_time_limit):
-                return await loop.run_in_executor(self.threads, fn)
+                return await self.threads.submit(fn)
             interruptible = _Interruptible(fn)
             limits = _Limits(task, request, time_limit, soft_time_limit, interruptible)
-            return await limits.run(loop.run_in_executor(self.threads, interruptible))
+            return await limits.run(self.threads.submit(interruptible))
         finally:
             current_request.reset(token)
 
     def shutdown(self) -> None:
-        """Release the thread pool without waiting for threads still running."""
-        self.threads.shutdown(wait=False, cancel_futures=True)
+        """Release the threads without waiting for those still running."""
+        self.threads.shutdown()
 
 
 class _Limits:
