@@ -20,7 +20,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
 
-from . import protocol, serializers
+from . import loops, protocol, serializers
 from .connection import Broker
 from .control import Control
 from .errors import ConfigurationError, MisuseError, TaskNotRegisteredError
@@ -103,7 +103,8 @@ class App:
             settings["broker_url"] = broker
         self.conf.update(settings)
         self.tasks: dict[str, Task[Any, Any]] = {}
-        self.portal = Portal(main)
+        # Looked up when the portal starts its loop, so that a later conf.update(event_loop=...) counts.
+        self.portal = Portal(main, lambda: loops.loop_factory(self.conf.event_loop)())
         self.result_store = ResultStore()
         self.middleware: list[Middleware] = default_middleware()
         self._runtimes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Runtime] = weakref.WeakKeyDictionary()

@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from . import loops
 from .app import App
 from .errors import AmqtaskError, BrokerConnectionError, ConfigurationError, PublishError, TopologyError
 from .urls import mask_text
@@ -127,7 +128,7 @@ def worker(
         hostname = f"{app.conf.worker_hostname or 'amqtask@' + os.uname().nodename}-{process_index}"
     options = {"queues": _split(queues), "exclude_queues": _split(exclude_queues), "concurrency": concurrency,
                "prefetch_multiplier": prefetch_multiplier, "hostname": hostname, "burst": burst}  # fmt: skip
-    sys.exit(_run(app, lambda: asyncio.run(serve(app, **options))))
+    sys.exit(_run(app, lambda: loops.run(serve(app, **options), app.conf.event_loop)))
 
 
 @main.command()

@@ -16,6 +16,8 @@ ROWS: list[tuple[str, str, str, bool, Callable[[dict[str, Any]], Any]]] = [
     ("rt_p50", "round trip p50", "ms", False, lambda f: f.get("round_trip", {}).get("p50_ms")),
     ("rt_p95", "round trip p95", "ms", False, lambda f: f.get("round_trip", {}).get("p95_ms")),
     ("rt_p99", "round trip p99", "ms", False, lambda f: f.get("round_trip", {}).get("p99_ms")),
+    ("cpu_def", "worker CPU per task, plain def", "us", False,
+     lambda f: f.get("drain_def", {}).get("cpu_us_per_task")),
     ("rss", "worker RSS after drain", "MiB", False, lambda f: f.get("drain_def", {}).get("rss_mib")),
     ("startup", "start-up to first task", "s", False, lambda f: f.get("drain_def", {}).get("startup_s")),
 ]  # fmt: skip
@@ -56,11 +58,11 @@ def ratio(run: dict[str, Any], row: str, peer: str, subject: str = SUBJECT) -> f
     return float(mine) / float(theirs)
 
 
-def targets(run: dict[str, Any]) -> list[tuple[str, str, str, float | None, bool | None]]:
+def targets(run: dict[str, Any], subject: str = SUBJECT) -> list[tuple[str, str, str, float | None, bool | None]]:
     """Each target as (figure label, peer, bound text, ratio, met)."""
     out = []
     for row, peer, kind, bound in TARGETS:
-        found = ratio(run, row, peer)
+        found = ratio(run, row, peer, subject)
         met = None if found is None else (found >= bound if kind == "min" else found <= bound)
         label = next(r[1] for r in ROWS if r[0] == row)
         out.append((label, peer, f"{'≥' if kind == 'min' else '≤'} {bound:g}x", found, met))
@@ -84,10 +86,12 @@ def _tables(run: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str],
             continue
         ratios = [ratio(run, key, p) for p in peers]
         rows.append([label, unit, *map(_cell, values), *(f"{r:.2f}" if r is not None else "-" for r in ratios)])
-    target_head = ["target", "vs", "bound", "ratio", "met"]
-    target_rows = [[label, peer, bound, f"{found:.2f}" if found is not None else "-",
-                    {True: "yes", False: "NO", None: "not measured"}[met]]
-                   for label, peer, bound, found, met in targets(run)]  # fmt: skip
+    subjects = [s for s in (SUBJECT, f"{SUBJECT}-uvloop") if s in run["systems"]]
+    target_head = ["target", "vs", "bound", *(f"{s} ratio" for s in subjects), *(f"{s} met" for s in subjects)]
+    found = [targets(run, s) for s in subjects]
+    target_rows = [[*found[0][i][:3], *(f"{f[i][3]:.2f}" if f[i][3] is not None else "-" for f in found),
+                    *({True: "yes", False: "NO", None: "not measured"}[f[i][4]] for f in found)]
+                   for i in range(len(TARGETS))]  # fmt: skip
     return head, rows, target_head, target_rows
 
 

@@ -31,6 +31,7 @@ from report import markdown, terminal
 SYSTEMS = {
     "raw": ["bench_raw.py"],
     "amqtask": ["bench_amqtask.py"],
+    "amqtask-uvloop": ["bench_amqtask.py"],
     "dramatiq": ["bench_dramatiq.py"],
     "celery-threads": ["bench_celery.py", "threads"],
     "celery-prefork": ["bench_celery.py", "prefork"],
@@ -88,7 +89,8 @@ def _broker_pid() -> int | None:
 def run_system(name: str, env: dict[str, str]) -> dict[str, Any]:
     """Run one system's benchmark process and return its figures."""
     started = time.monotonic()
-    out = subprocess.run([sys.executable, *SYSTEMS[name]], env=env, cwd=HERE, capture_output=True,
+    system_env = {**env, "AMQTASK_EVENT_LOOP": "uvloop"} if name.endswith("-uvloop") else env
+    out = subprocess.run([sys.executable, *SYSTEMS[name]], env=system_env, cwd=HERE, capture_output=True,
                          text=True, timeout=600)  # fmt: skip
     if out.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
