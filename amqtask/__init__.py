@@ -26,9 +26,8 @@ from .errors import (
     TopologyNotFoundError,
     UnroutableError,
 )
-from .group_result import GroupResult
 from .middleware import Middleware
-from .result import AsyncResult
+from .results import AsyncResult, GroupResult
 from .task import Request, Task
 from .topology import QueueSpec
 from .worker import Worker

@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol
 
 from . import loops, protocol, serializers
 from .connection import Broker
-from .control import Control
 from .errors import ConfigurationError, MisuseError, TaskNotRegisteredError
 from .middleware import Middleware
 from .middleware.defaults import default_middleware
 from .portal import Portal, register_exit
 from .producer import Publisher
-from .result import AsyncResult, ResultConsumer, ResultStore, new_reply_queue_name
+from .remote import Control
+from .results import AsyncResult, ResultConsumer, ResultStore, new_reply_queue_name
 from .routing import Router
 from .settings import Settings
 from .task import CALL_OPTIONS, Task, check_task_options

@@ -261,5 +261,5 @@ def _register_command_groups() -> None:
 
 
 #: Modules under ``amqtask/commands`` that each define one click ``command`` (a command or a group).
-COMMAND_MODULES: tuple[str, ...] = ("control", "remote", "dlq", "beat")
+COMMAND_MODULES: tuple[str, ...] = ("inspect", "control", "dlq", "beat")
 _register_command_groups()

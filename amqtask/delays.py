@@ -47,7 +47,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, ExchangeType
 
 from .connection import CONNECTION_REFUSALS
-from .errors import ConfigurationError
+from .errors import ConfigurationError, DelayRangeError
 from .topology import translate
 
 log = logging.getLogger("amqtask.delays")
@@ -131,6 +131,21 @@ class DelayTopology:
         """The longest delay the levels can hold, in seconds."""
         return (1 << self.levels) - 1
 
+    def whole_seconds(self, delay_s: float) -> int:
+        """``delay_s`` rounded up to whole seconds (so nothing arrives early), if the levels can hold it.
+
+        Raises :class:`~amqtask.errors.DelayRangeError` for a delay beyond :meth:`max_delay_s` or not finite.
+        """
+        if not math.isfinite(delay_s):
+            raise DelayRangeError(f"delay must be a finite number of seconds, got {delay_s!r}")
+        seconds = max(0, math.ceil(delay_s))
+        if seconds > self.max_delay_s():
+            raise DelayRangeError(
+                f"delay of {delay_s:.12g} s is longer than the {self.max_delay_s()} s "
+                f"({self.max_delay_s() / 86400 / 365.25:.1f} years) that {self.levels} delay levels can hold"
+            )
+        return seconds
+
     def route(self, delay_s: float, queue: str) -> tuple[str, str, dict[str, Any]]:
         """``(exchange, routing_key, extra_headers)`` that bring a message to ``queue`` after ``delay_s``.
 
@@ -140,16 +155,9 @@ class DelayTopology:
         """
         if not queue:
             raise ConfigurationError("a delayed message needs a destination queue name")
-        if not math.isfinite(delay_s):
-            raise ConfigurationError(f"delay must be a finite number of seconds, got {delay_s!r}")
-        if delay_s <= 0:
+        seconds = self.whole_seconds(delay_s)
+        if not seconds:
             return "", queue, {}
-        seconds = math.ceil(delay_s)
-        if seconds > self.max_delay_s():
-            raise ConfigurationError(
-                f"delay of {delay_s:.12g} s is longer than the {self.max_delay_s()} s "
-                f"({self.max_delay_s() / 86400 / 365.25:.1f} years) that {self.levels} delay levels can hold"
-            )
         bits = format(seconds, f"0{self.levels}b")[::-1]
         routing_key = ".".join(bits) + "." + queue
         if len(routing_key.encode()) > MAX_ROUTING_KEY_BYTES:

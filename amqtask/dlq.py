@@ -33,9 +33,9 @@ from . import deadletter, topology
 from .deadletter import header_text
 from .delays import strip_death_headers
 from .errors import TopologyNotFoundError
+from .producer import wire_of
 from .protocol import WireMessage
 from .topology import DLQ_SUFFIX
-from .worker.delivery import wire_of
 
 if TYPE_CHECKING:
     from .app import App

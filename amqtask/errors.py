@@ -17,6 +17,10 @@ class ConfigurationError(AmqtaskError):
     """A setting, task option or argument is invalid; the message names it."""
 
 
+class DelayRangeError(ConfigurationError):
+    """A delay the broker's delay levels cannot hold: longer than their range, or not a finite number."""
+
+
 class MisuseError(AmqtaskError):
     """The API was called in a way it does not support (e.g. a sync call inside a running loop)."""
 
@@ -148,6 +152,11 @@ class Revoked(ControlFlow):
     def __init__(self, reason: str = "revoked") -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class RetryFailedError(AmqtaskError):
+    """A retry the task asked for cannot be sent (its delay is beyond the delay levels, its headers too
+    large for a frame): the task fails with this error instead, its cause chained."""
 
 
 class MaxRetriesExceededError(AmqtaskError):

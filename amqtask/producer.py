@@ -16,7 +16,7 @@ from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from . import delays, topology
 from .connection import CONNECTION_ERRORS, Broker, close_quietly, raise_if_cancelled
@@ -37,6 +37,13 @@ _RETRYABLE: tuple[type[BaseException], ...] = (
 _RABBITMQ_FRAME_PAYLOAD = 131072 - 8
 #: Room in a content-header frame for its fixed part and every short-string property (10 x 256 bytes).
 _PROPERTIES_ROOM = 4096
+
+
+class NotConfirmedError(PublishError):
+    """The broker did not take a message for now: unreachable, or refusing it (nack), until the deadline.
+
+    Unlike the other publish errors, nothing is wrong with the message itself: sent later, it may go.
+    """
 
 
 class HeadersTooLargeError(PublishError):
@@ -92,6 +99,24 @@ def to_amqp(wire: WireMessage) -> aio_pika.Message:
     )
 
 
+def wire_of(message: AbstractIncomingMessage) -> WireMessage:
+    """The protocol view of an incoming aio-pika message."""
+    return WireMessage(
+        body=message.body,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        headers=dict(message.headers or {}),
+        delivery_mode=2,
+        priority=message.priority,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        app_id=message.app_id,
+        type=message.type,
+    )
+
+
 class Publisher:
     """Confirmed publishing on one :class:`Broker`, with queue and delay-topology checks cached per connection."""
 
@@ -133,7 +158,7 @@ class Publisher:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise PublishError(
+                raise NotConfirmedError(
                     f"message to exchange {exchange!r} with routing key {routing_key!r} was not confirmed "
                     f"within {self.settings.publish_timeout_s:.1f}s (broker unreachable)"
                 )
@@ -157,7 +182,7 @@ class Publisher:
                 nacks += 1
                 pause = min(1.0, 0.05 * 2**nacks)
                 if time.monotonic() + pause >= deadline:
-                    raise PublishError(
+                    raise NotConfirmedError(
                         f"broker refused the message (nack) on exchange {exchange!r}, {nacks} time(s): {exc}"
                     ) from None
                 await self._retire(channel)

@@ -19,7 +19,7 @@ from .errors import ConfigurationError
 if TYPE_CHECKING:
     from .app import App
     from .canvas import Signature
-    from .result import AsyncResult
+    from .results import AsyncResult
 
 P = ParamSpec("P")
 R = TypeVar("R")

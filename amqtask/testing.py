@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from . import protocol, serializers
 from .failures import encode_exception, format_traceback
 from .protocol import ResultMessage
-from .result import AsyncResult
+from .results import AsyncResult
 from .task import Request, Task, current_request
 
 if TYPE_CHECKING:

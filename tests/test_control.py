@@ -1,4 +1,4 @@
-"""Remote control (``amqtask.control``): Celery's pidbox on the wire, the commands, revokes, the CLI.
+"""Remote control (``amqtask.remote``): Celery's pidbox on the wire, the commands, revokes, the CLI.
 
 Celery's pidbox exchange is shared by every worker on a vhost, so broker tests run in the session's
 own vhost, give their workers unique hostnames, and address them with ``destination`` or keep only
@@ -29,10 +29,12 @@ from fixtures_celery import load
 from support.broker import TestBroker
 
 from amqtask import App, TaskRevokedError, Worker
-from amqtask import control as ctl
 from amqtask.cli import main
-from amqtask.commands.control import format_reply
-from amqtask.middleware.control import RevokedIds, _matches
+from amqtask.commands.replies import format_reply
+from amqtask.remote import flatten
+from amqtask.remote import wire as ctl
+from amqtask.remote.commands import RevokedIds
+from amqtask.remote.node import _matches
 from amqtask.topology import queue_depth
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -170,7 +172,7 @@ def test_lamport_clock_moves_past_peers() -> None:
 
 
 def test_flatten_and_human_output() -> None:
-    assert ctl.flatten([{"a@h": 1}, {"b@h": 2}]) == {"a@h": 1, "b@h": 2}
+    assert flatten([{"a@h": 1}, {"b@h": 2}]) == {"a@h": 1, "b@h": 2}
     assert format_reply("a@h", {"ok": "pong"}) == "-> a@h: OK pong"
     assert format_reply("a@h", {"error": "boom"}) == "-> a@h: ERROR boom"
     assert format_reply("a@h", []) == "-> a@h: OK\n    - empty -"

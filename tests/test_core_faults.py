@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from support.faults import queue_counts, wait_until
 from support.workers import queue_depth, running_worker, stop_process, wait_for, worker_process
 
 from amqtask import App, BrokerConnectionError, topology
-from amqtask.result import reply_queue_arguments
+from amqtask.results import reply_queue_arguments
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault]
 
@@ -72,6 +73,37 @@ def test_sigterm_lets_the_running_task_finish_and_gives_the_rest_back(
         assert [r.get(timeout=30) for r in queued] == [0, 2, 4]
     finally:
         stop_process(successor)
+
+
+def test_a_task_stuck_in_its_thread_past_the_grace_period_does_not_keep_the_worker_alive(
+    client: App, broker_url: str, unique: str, tmp_path: Path
+) -> None:
+    """SIGTERM with a plain task blocked for good (a C call no limit can interrupt): the process exits once
+    ``worker_shutdown_grace_s`` is over, and the broker has the unacked message back, ready to run again."""
+    grace = 1.0
+    env = {**_env(unique, tmp_path), "AMQTASK_WORKER_SHUTDOWN_GRACE_S": str(grace)}
+    worker = worker_process("core_tasks", broker_url, "-c", "1", env=env)
+    try:
+        stuck = client.send_task("core.slow", args=("stuck", 3600.0))
+        wait_for(lambda: (tmp_path / "stuck.started").exists(), what="the task to start")
+        began = time.monotonic()
+        output = stop_process(worker, signal.SIGTERM, timeout=grace + 30)
+        exited_after = time.monotonic() - began
+        assert worker.returncode == 0, output
+        assert "still running after the grace period" in output
+        assert exited_after < grace + 10, f"exited {exited_after:.1f}s after SIGTERM"
+        assert asyncio.run(queue_depth(broker_url, f"q-{unique}")) == 1
+        assert not stuck.ready()
+    finally:
+        if worker.poll() is None:
+            stop_process(worker, signal.SIGKILL)
+        asyncio.run(_delete_queue(broker_url, f"q-{unique}"))
+
+
+async def _delete_queue(url: str, name: str) -> None:
+    async with await aio_pika.connect(url) as connection:
+        channel = await connection.channel()
+        await channel.queue_delete(name)
 
 
 def test_broker_restart_with_worker_and_client_connected_loses_nothing(

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from support.workers import running_worker
 
-from amqtask import App, RemoteTaskError, SoftTimeLimitExceeded, TimeLimitExceeded
+from amqtask import App, RemoteTaskError, SoftTimeLimitExceeded, TimeLimitExceeded, TimeoutError
 
 pytestmark = pytest.mark.broker
 
@@ -52,6 +52,10 @@ def ignores_both() -> str:
             pass
 
 
+def quick() -> str:
+    return "quick"
+
+
 def thread_name() -> str:
     return threading.current_thread().name
 
@@ -73,6 +77,7 @@ TASKS: dict[str, tuple[Callable[[], object], dict[str, float]]] = {
     "limits.overruns": (overruns, {"soft_time_limit": SOFT}),
     "limits.ignores_soft": (ignores_soft, {"soft_time_limit": SOFT, "time_limit": 2 * SOFT}),
     "limits.ignores_both": (ignores_both, {"soft_time_limit": SOFT, "time_limit": 2 * SOFT}),
+    "limits.quick": (quick, {"soft_time_limit": SOFT, "time_limit": 2 * SOFT}),
     "limits.thread_name": (thread_name, {}),
     "limits.async_cleans_up": (async_cleans_up, {"soft_time_limit": SOFT}),
     "limits.async_overruns": (async_overruns, {"soft_time_limit": SOFT}),
@@ -143,6 +148,25 @@ def test_a_task_that_catches_both_limits_keeps_its_thread(app: App) -> None:
             assert not after.ready()  # the one thread is still taken
             released.set()
             assert (await after.aget(timeout=30)).startswith("amqtask-task")
+
+    asyncio.run(scenario())
+
+
+def test_limits_start_when_the_task_starts_not_while_it_waits_for_a_thread(app: App) -> None:
+    """A task handed to the pool while its only thread is kept (by a task that ignores both limits)
+    waits longer than its own limits, then runs in no time: it succeeds."""
+
+    async def scenario() -> None:
+        async with running_worker(app, concurrency=1):
+            stubborn = await app.asend_task("limits.ignores_both")
+            waiting = await app.asend_task("limits.quick")
+            with pytest.raises(RemoteTaskError, match="exceeded its time limit"):
+                await stubborn.aget(timeout=30)
+            # The thread is still kept: the waiting task cannot start, and must not fail meanwhile.
+            with pytest.raises(TimeoutError):
+                await waiting.aget(timeout=5 * SOFT)
+            released.set()
+            assert await waiting.aget(timeout=30) == "quick"
 
     asyncio.run(scenario())
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import serializers
 from ..errors import ConfigurationError
-from ..result import AsyncResult
+from ..results import AsyncResult
 from ..task import CALL_OPTIONS
 
 if TYPE_CHECKING:

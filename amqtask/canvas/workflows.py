@@ -8,8 +8,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MessageError, MisuseError
-from ..group_result import GroupResult
-from ..result import AsyncResult
+from ..results import AsyncResult, GroupResult
 from .signature import (
     _CALLBACKS,
     _DELAYS,

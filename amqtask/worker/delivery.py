@@ -25,16 +25,18 @@ from ..errors import (
     NotRegistered,
     Reject,
     Retry,
+    RetryFailedError,
     Revoked,
     SerializationError,
     TaskRevokedError,
 )
 from ..failures import encode_exception, format_traceback
-from ..producer import HeadersTooLargeError
+from ..producer import HeadersTooLargeError, wire_of
 from ..protocol import ResultMessage, TaskMessage, WireMessage
 from ..retry import autoretry_delay
 from ..task import Request, Task
 from ..topology import QueueSpec
+from .triage import TRANSIENT_ERRORS, Triage
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -42,24 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("amqtask.worker")
 #: A message this close to its eta runs now rather than making another trip through the delay levels.
 ETA_TOLERANCE = dt.timedelta(milliseconds=50)
-
-
-def wire_of(message: AbstractIncomingMessage) -> WireMessage:
-    """The protocol view of an incoming aio-pika message."""
-    return WireMessage(
-        body=message.body,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        headers=dict(message.headers or {}),
-        delivery_mode=2,
-        priority=message.priority,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        app_id=message.app_id,
-        type=message.type,
-    )
 
 
 class DeliveryHandler:
@@ -71,12 +55,33 @@ class DeliveryHandler:
         conf = worker.app.conf
         self.accept = serializers.normalize_accept(conf.accept_content)
         self.limits = serializers.DecodeLimits(conf.message_max_bytes, conf.message_max_depth)
+        self.triage = Triage(self)
 
     @property
     def publisher(self) -> Any:
         return self.worker.runtime.publisher
 
     # ------------------------------------------------------------------------------------------ entry
+    async def process(self, message: AbstractIncomingMessage, queue: QueueSpec) -> None:
+        """Handle one delivery and settle it, whatever goes wrong: never an immediate redelivery loop.
+
+        An error while handling it is either *transient* (the connection or channel went, the broker
+        would not take a send for now), and the delivery is requeued after a pause that grows while
+        such errors go on; or it is about *this message* (any other error), and the message is
+        dead-lettered with a reason and the exception, its caller told, and acked (see ``triage.py``).
+        """
+        try:
+            try:
+                await self.handle(message, queue)
+            except TRANSIENT_ERRORS:
+                raise
+            except Exception as exc:
+                await self.triage.dead_letter(message, queue, exc)
+        except TRANSIENT_ERRORS as exc:
+            await self.triage.requeue_later(message, exc)
+        else:
+            self.triage.settled()
+
     async def handle(self, message: AbstractIncomingMessage, queue: QueueSpec) -> None:
         """Decode, check and run one delivery, then settle it."""
         wire = wire_of(message)
@@ -201,13 +206,20 @@ class DeliveryHandler:
         if when is not None:
             await self.retry(message, queue, msg, wire, Retry(f"Retry in {when:g}s: {exc!r}", exc=exc, when=when))
             return
+        await self.give_up(message, queue, msg, wire, exc)
+
+    async def give_up(
+        self, message: AbstractIncomingMessage, queue: QueueSpec, msg: TaskMessage, wire: WireMessage, exc: Exception
+    ) -> None:
+        """The task failed for good: fail its follow-ups, dead-letter it, report FAILURE, then ack."""
         self.worker.stats["failed"] += 1
         log.error("task %s[%s] failed: %s: %s", msg.task, msg.id, type(exc).__name__, exc)
         report = self.failure(msg, exc, format_traceback(exc))
         await self.fail_follow_ups(msg, exc, report)
-        await self.dead_letter(message, queue, deadletter.FAILED, f"{type(exc).__name__}: {exc}", exc=exc, settle=False)
+        detail = f"{type(exc).__name__}: {exc}"
+        copied = await self.dead_letter(message, queue, deadletter.FAILED, detail, exc=exc, settle=False)
         await self.reply(msg, wire, report)
-        await self.ack(message)
+        await self.settle_dead_lettered(message, copied)
 
     async def fail_follow_ups(self, msg: TaskMessage, exc: BaseException, report: ResultMessage) -> None:
         """Tell the middleware a task will never succeed: a chain's later steps, its chord and errbacks fail too.
@@ -231,8 +243,31 @@ class DeliveryHandler:
         wire: WireMessage,
         exc: Retry,
     ) -> None:
-        """Republish the message (retries + 1) through the delay levels; ack only after the broker confirmed it."""
+        """Republish the message (retries + 1) through the delay levels; ack only after the broker confirmed it.
+
+        A retry that cannot be sent (a delay beyond the delay levels, headers too large for a frame)
+        fails the task with :class:`~amqtask.errors.RetryFailedError` instead.
+        """
         delay = exc.when or 0.0
+        try:
+            await self._republish(queue, msg, wire, delay)
+        except TRANSIENT_ERRORS:
+            raise
+        except AmqtaskError as error:
+            failure = RetryFailedError(f"task {msg.task}[{msg.id}] could not be retried in {delay:g}s: {error}")
+            failure.__cause__ = error
+            await self.give_up(message, queue, msg, wire, failure)
+            return
+        self.worker.stats["retried"] += 1
+        log.info("task %s[%s] retry %d in %.1fs: %s", msg.task, msg.id, msg.retries + 1, delay, exc.exc or exc)
+        cause = exc.exc if exc.exc is not None else exc
+        report = ResultMessage(msg.id, protocol.RETRY, encode_exception(cause), traceback=str(exc),
+                               parent_id=msg.parent_id)  # fmt: skip
+        await self.reply(msg, wire, report)
+        await self.ack(message)
+
+    async def _republish(self, queue: QueueSpec, msg: TaskMessage, wire: WireMessage, delay: float) -> None:
+        self.publisher.delay_topology.whole_seconds(delay)  # a delay beyond the levels is no date either
         eta = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=delay)
         headers = dict(_stripped(wire).headers)
         headers.update(retries=msg.retries + 1, eta=eta.isoformat())
@@ -241,13 +276,6 @@ class DeliveryHandler:
             await self.publisher.publish_delayed(again, queue, delay)
         else:
             await self.publisher.publish(again, "", queue.name)
-        self.worker.stats["retried"] += 1
-        log.info("task %s[%s] retry %d in %.1fs: %s", msg.task, msg.id, msg.retries + 1, delay, exc.exc or exc)
-        cause = exc.exc if exc.exc is not None else exc
-        report = ResultMessage(msg.id, protocol.RETRY, encode_exception(cause), traceback=str(exc),
-                               parent_id=msg.parent_id)  # fmt: skip
-        await self.reply(msg, wire, report)
-        await self.ack(message)
 
     # ------------------------------------------------------------------------------------------ settling
     async def reply(self, msg: TaskMessage, wire: WireMessage, report: ResultMessage) -> None:
@@ -279,8 +307,12 @@ class DeliveryHandler:
     async def dead_letter(
         self, message: AbstractIncomingMessage, queue: QueueSpec, reason: str, detail: str,
         exc: BaseException | None = None, *, settle: bool = True,
-    ) -> None:  # fmt: skip
-        """Copy the message, as received, into ``<queue>.dlq`` with the reason in headers; then ack it."""
+    ) -> bool:  # fmt: skip
+        """Copy the message, as received, into ``<queue>.dlq`` with the reason in headers; then ack it.
+
+        Returns whether the copy is in the DLQ. With ``settle=False`` the caller settles the delivery
+        (:meth:`settle_dead_lettered`) once it has sent what else the message calls for.
+        """
         headers = deadletter.build(
             message.headers or {}, reason=reason, detail=detail, worker=self.worker.hostname, queue=queue.name,
             exchange=message.exchange or "", routing_key=message.routing_key or "", exc=exc,
@@ -293,17 +325,28 @@ class DeliveryHandler:
                 # The received headers plus ours exceed a frame: keep ours (the reason) and the body.
                 copy.headers = deadletter.slim(headers)
                 await self.publisher.publish(copy, "", queue.dlq_name)
-        except AmqtaskError as error:
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception as error:  # a refusal, or a received header that cannot be sent again
             log.error("cannot dead-letter into %s (%s); rejecting so the broker's dead-lettering applies",
                       queue.dlq_name, error)  # fmt: skip
-            with contextlib.suppress(*SETTLE_ERRORS):
-                await message.reject(requeue=False)
-            return
-        self.worker.stats["dead_lettered"] += 1
-        if reason != deadletter.FAILED:
-            log.error("dead-lettered a message from %s into %s: %s: %s", queue.name, queue.dlq_name, reason, detail)
+            copied = False
+        else:
+            copied = True
+            self.worker.stats["dead_lettered"] += 1
+            if reason != deadletter.FAILED:
+                log.error("dead-lettered a message from %s into %s: %s: %s", queue.name, queue.dlq_name, reason, detail)
         if settle:
+            await self.settle_dead_lettered(message, copied)
+        return copied
+
+    async def settle_dead_lettered(self, message: AbstractIncomingMessage, copied: bool) -> None:
+        """Ack a delivery whose copy is in the DLQ; else reject it, so the queue's own dead-lettering applies."""
+        if copied:
             await self.ack(message)
+            return
+        with contextlib.suppress(*SETTLE_ERRORS):
+            await message.reject(requeue=False)
 
     async def ack(self, message: AbstractIncomingMessage) -> None:
         """Ack on the delivery's own channel; if that channel is gone, the broker redelivers instead."""

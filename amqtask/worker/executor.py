@@ -1,17 +1,19 @@
 """Running one task: ``async def`` tasks on the worker's event loop, plain ones in a thread pool.
 
 The request context (``self.request``) is a context variable, set around the call; for threads the
-context is copied into the thread explicitly (see :mod:`.threads` for the threads themselves).
+context is copied into the thread explicitly (the pool, ``threads.py``, runs plain callables).
 
-Time limits, as Celery has them. The soft limit (``soft_time_limit``) raises
-:class:`~amqtask.errors.SoftTimeLimitExceeded` inside a plain task, delivered to its thread as an
-asynchronous exception (so at the thread's next Python instruction: a blocking C call, such as a long
-``time.sleep`` or socket read, ends first); an ``async def`` task is cancelled instead, and if the
-cancellation ends it, it fails with ``SoftTimeLimitExceeded``. Either can catch it and clean up. The
-hard limit (``time_limit``) stops waiting for the task and fails it with
-:class:`~amqtask.errors.TimeLimitExceeded`: an async task is cancelled, and a plain task's thread gets
-``TimeLimitExceeded`` raised the same way. A thread cannot be killed in Python, so a plain task that
-catches that too, or is stuck in a C call, keeps its thread until it returns (documented).
+Time limits, as Celery has them, counted from the moment the task starts running (on the loop, or in
+its thread: not while it waits for a free thread behind one a stubborn task keeps). The soft limit
+(``soft_time_limit``) raises :class:`~amqtask.errors.SoftTimeLimitExceeded` inside a plain task,
+delivered to its thread as an asynchronous exception (so at the thread's next Python instruction: a
+blocking C call, such as a long ``time.sleep`` or socket read, ends first); an ``async def`` task is
+cancelled instead, and if the cancellation ends it, it fails with ``SoftTimeLimitExceeded``. Either
+can catch it and clean up. The hard limit (``time_limit``) stops waiting for the task and fails it
+with :class:`~amqtask.errors.TimeLimitExceeded`: an async task is cancelled, and a plain task's
+thread gets ``TimeLimitExceeded`` raised the same way. A thread cannot be killed in Python, so a
+plain task that catches that too, or is stuck in a C call, keeps its thread until it returns
+(documented); a stopping worker does not wait for it past its grace period (``threads.py``).
 """
 
 from __future__ import annotations
@@ -21,19 +23,19 @@ import contextvars
 import ctypes
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from ..errors import SoftTimeLimitExceeded, TimeLimitExceeded
 from ..task import Request, Task, current_request
-from .threads import TaskThreads
+from .threads import DaemonThreadPool
 
 
 class Executor:
     """Runs task functions: coroutines on the loop, sync functions in ``concurrency`` threads."""
 
     def __init__(self, concurrency: int) -> None:
-        self.threads = TaskThreads(concurrency)
+        self.threads = DaemonThreadPool(concurrency, "amqtask-task")
 
     async def run(
         self, task: Task[Any, Any], request: Request, time_limit: float | None, soft_time_limit: float | None = None
@@ -49,14 +51,14 @@ class Executor:
             fn = functools.partial(contextvars.copy_context().run, task, *request.args, **request.kwargs)
             if not (time_limit or soft_time_limit):
                 return await self.threads.submit(fn)
-            interruptible = _Interruptible(fn)
+            interruptible = _Interruptible(fn, asyncio.get_running_loop())
             limits = _Limits(task, request, time_limit, soft_time_limit, interruptible)
-            return await limits.run(self.threads.submit(interruptible))
+            return await limits.run(self.threads.submit(interruptible), interruptible.started)
         finally:
             current_request.reset(token)
 
     def shutdown(self) -> None:
-        """Release the threads without waiting for those still running."""
+        """Release the thread pool without waiting for threads still running (nor, at exit, for stuck ones)."""
         self.threads.shutdown()
 
 
@@ -73,8 +75,14 @@ class _Limits:
         self.interruptible = interruptible
         self.soft_expired = False
 
-    async def run(self, call: asyncio.Future[Any]) -> Any:
-        """The call's result, or the limit it ran past (the soft one only if the task let it end it)."""
+    async def run(self, call: asyncio.Future[Any], started: asyncio.Event | None = None) -> Any:
+        """The call's result, or the limit it ran past (the soft one only if the task let it end it).
+
+        With ``started`` (a call handed to the thread pool), the limits run from the moment the call
+        starts in its thread: time spent waiting for a free thread is not the task's.
+        """
+        if started is not None:
+            await _first(started.wait(), call)
         timer = None
         if self.soft_time_limit:
             timer = asyncio.get_running_loop().call_later(self.soft_time_limit, self._soft_expiry, call)
@@ -120,8 +128,11 @@ class _Interruptible:
     withdrawn, so it can never land in the pool's own code or in the thread's next task.
     """
 
-    def __init__(self, fn: Callable[[], Any]) -> None:
+    def __init__(self, fn: Callable[[], Any], loop: asyncio.AbstractEventLoop) -> None:
         self._fn = fn
+        self._loop = loop
+        #: Set (on the loop) once the function starts in its thread.
+        self.started = asyncio.Event()
         self._lock = threading.Lock()
         self._thread: int | None = None
         self._interrupted = False
@@ -129,6 +140,7 @@ class _Interruptible:
     def __call__(self) -> Any:
         with self._lock:
             self._thread = threading.get_ident()
+        self._loop.call_soon_threadsafe(self.started.set)
         try:
             return self._fn()
         finally:
@@ -143,6 +155,15 @@ class _Interruptible:
             if self._thread is not None:
                 self._interrupted = True
                 _async_exception(self._thread, exc_type)
+
+
+async def _first(waiting: Coroutine[Any, Any, Any], call: asyncio.Future[Any]) -> None:
+    """Wait for ``waiting`` or for ``call`` to end (a call cancelled before it started), whichever comes first."""
+    waiter = asyncio.ensure_future(waiting)
+    try:
+        await asyncio.wait({waiter, call}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
 
 
 def _async_exception(thread: int | None, exc_type: type[BaseException] | None) -> None:

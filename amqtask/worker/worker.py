@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from .. import delays, topology
@@ -29,6 +28,7 @@ from ..topology import QueueSpec
 from .consumer import Consumer
 from .delivery import DeliveryHandler, default_hostname
 from .executor import Executor
+from .triage import channel_gone
 
 if TYPE_CHECKING:
     from ..app import App, Runtime
@@ -161,19 +161,12 @@ class Worker:
         try:
             async with self._slots:
                 self._waiting.pop(message, None)
-                if _channel_gone(message):
+                if channel_gone(message):
                     # The broker requeued this delivery when its channel went, and may already have
                     # handed it to another consumer: starting it now would only run the task twice.
                     log.debug("skipping delivery %s of a closed channel", message.delivery_tag)
                     return
-                try:
-                    await self.handler.handle(message, queue)
-                except Exception:
-                    # Settling failed (say, the broker refused the reply): an unsettled delivery would
-                    # hold a prefetch slot until the channel closes, and enough of them stall the worker.
-                    # Requeue it with basic.reject, which counts against a quorum queue's delivery limit.
-                    log.exception("handling delivery %s failed; requeueing it", message.delivery_tag)
-                    await self.handler.requeue_failed(message)
+                await self.handler.process(message, queue)
         finally:
             self._waiting.pop(message, None)
 
@@ -236,11 +229,3 @@ class Worker:
             "total": dict(self.stats),
             "active": len(self.active),
         }
-
-
-def _channel_gone(message: AbstractIncomingMessage) -> bool:
-    """Whether the channel a delivery arrived on is closed (its delivery tag means nothing any more)."""
-    try:
-        return bool(message.channel.is_closed)
-    except aiormq.exceptions.ChannelInvalidStateError:  # aio-pika's way of saying "closed"
-        return True

@@ -2,7 +2,7 @@
 
 A group has no message and no reply of its own: its id is the ``group`` header its members carry, and
 everything a :class:`GroupResult` knows comes from its members' replies in the process's result store.
-It is an :class:`~amqtask.result.AsyncResult` whose value is the list of the members' values, so a
+It is an :class:`~amqtask.results.AsyncResult` whose value is the list of the members' values, so a
 chain that ends in a group, or ``await`` on a group, reads like any other result.
 """
 
@@ -12,11 +12,11 @@ import asyncio
 from collections.abc import Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import protocol
-from .result import AsyncResult
+from .. import protocol
+from .async_result import AsyncResult
 
 if TYPE_CHECKING:
-    from .app import App
+    from ..app import App
 
 
 class GroupResult(AsyncResult[list[Any]]):

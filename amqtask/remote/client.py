@@ -1,16 +1,6 @@
-"""Remote control of workers over RabbitMQ, wire-compatible with Celery's pidbox.
+"""The remote-control client: ``app.control`` sends requests to the workers and collects their replies.
 
-A client publishes a request to the fanout exchange ``celery.pidbox``. Every worker consumes an
-exclusive queue ``<hostname>.celery.pidbox`` bound to it, runs the command when the request is meant
-for it (``destination``), and, when the request names a ``reply_to``, publishes ``{hostname: reply}``
-to ``reply.celery.pidbox`` with the request's ticket in its headers. The client collects replies on a
-private queue ``<oid>.reply.celery.pidbox`` bound with routing key ``oid``, until the timeout or the
-reply limit. Exchanges, queue arguments, bodies and headers are Celery 5.7's
-(``shared/fixtures/celery-v2/control_*.json``), so ``celery inspect ping`` reaches amqtask workers and
-``amqtask inspect ping`` reaches Celery workers on the same vhost.
-
-This module holds the wire format and the client (:class:`Control`, ``app.control``); the worker's
-side is :class:`amqtask.middleware.control.ControlMiddleware`.
+The wire format is :mod:`amqtask.remote.wire`; the worker's side is :mod:`amqtask.remote.node`.
 """
 
 from __future__ import annotations
@@ -24,91 +14,20 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import aiormq
 from aio_pika import ExchangeType
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from . import serializers
-from .connection import close_quietly
-from .errors import ConfigurationError, SerializationError
-from .protocol import PERSISTENT, TRANSIENT, WireMessage
-from .serializers import DecodeLimits
-from .topology import translate
+from .. import serializers
+from ..connection import close_quietly
+from ..errors import ConfigurationError
+from ..serializers import DecodeLimits
+from . import wire
+from .wire import EXCHANGE, QUEUE_ARGUMENTS, REPLY_EXCHANGE, LamportClock, declare_exchange, encode_message
 
 if TYPE_CHECKING:
-    from .app import App
+    from ..app import App
 
 log = logging.getLogger("amqtask.control")
-
-#: Celery derives the mailbox names from its ``control_exchange`` setting, "celery" by default. amqtask
-#: uses that default (a constant, not a setting) so that Celery and amqtask clients and workers on one
-#: vhost answer each other.
-NAMESPACE = "celery"
-EXCHANGE = f"{NAMESPACE}.pidbox"
-REPLY_EXCHANGE = f"reply.{NAMESPACE}.pidbox"
-#: kombu's arguments for both mailbox queues: a queue outlives its consumer by 10 s, and a request or
-#: reply nobody read within 5 minutes is dropped.
-QUEUE_ARGUMENTS: dict[str, Any] = {"x-expires": 10_000, "x-message-ttl": 300_000}
-
-
-def worker_queue_name(hostname: str) -> str:
-    """The queue a worker with this node name receives requests on."""
-    return f"{hostname}.{EXCHANGE}"
-
-
-def reply_queue_name(oid: str) -> str:
-    """The queue a client collects the replies to one call on."""
-    return f"{oid}.{REPLY_EXCHANGE}"
-
-
-async def declare_exchange(channel: AbstractChannel, name: str, kind: ExchangeType) -> None:
-    """Declare a mailbox exchange as kombu does (transient); a mismatch raises a TopologyError."""
-    try:
-        await channel.declare_exchange(name, kind, durable=False)
-    except aiormq.exceptions.AMQPChannelError as exc:
-        raise translate(exc, "exchange", name, {"type": kind.value, "durable": False}) from None
-
-
-class LamportClock:
-    """The logical clock kombu sends in the ``clock`` header (nobody orders by it; peers expect it)."""
-
-    def __init__(self) -> None:
-        self.value = 0
-
-    def forward(self) -> int:
-        """Advance for an event of our own and return the new value."""
-        self.value += 1
-        return self.value
-
-    def adjust(self, other: Any) -> None:
-        """Move past a clock value received from a peer (non-numbers are ignored)."""
-        if isinstance(other, int) and not isinstance(other, bool):
-            self.value = max(self.value, other) + 1
-
-
-def header_text(value: Any) -> str | None:
-    """A string header as text (AMQP long strings may arrive as bytes)."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return value if isinstance(value, str) else None
-
-
-def expired(headers: dict[str, Any]) -> bool:
-    """Whether the ``expires`` header (epoch seconds; 0 or absent: never) lies in the past."""
-    expires = headers.get("expires")
-    return isinstance(expires, int | float) and not isinstance(expires, bool) and 0 < expires < time.time()
-
-
-def encode_message(body: Any, headers: dict[str, Any], codec: serializers.Codec, *, reply: bool) -> WireMessage:
-    """A request (persistent) or reply (transient) with the properties kombu gives them."""
-    return WireMessage(
-        body=serializers.encode(body, codec),
-        content_type=codec.content_type,
-        content_encoding=codec.content_encoding,
-        headers=headers,
-        delivery_mode=TRANSIENT if reply else PERSISTENT,
-        priority=0,
-    )
 
 
 def flatten(replies: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -180,10 +99,10 @@ class Control:
             # Celery sends a double; pamqp writes every Python float as a 32-bit float, which at epoch
             # magnitudes is 128 s coarse. Whole seconds, rounded up, keep the request alive long enough.
             headers = {"clock": self.clock.forward(), "expires": math.ceil(time.time() + timeout)}
-            wire = encode_message(body, headers, serializers.codec(self.app.conf.control_serializer), reply=False)
+            request = encode_message(body, headers, serializers.codec(self.app.conf.control_serializer), reply=False)
             # Not mandatory: with no worker on the vhost the request reaches no queue, and that is an
             # empty answer, not an error.
-            await runtime.publisher.publish(wire, EXCHANGE, "", mandatory=False)
+            await runtime.publisher.publish(request, EXCHANGE, "", mandatory=False)
             return await collector.collect(timeout, limit) if collector is not None else []
         finally:
             await close_quietly(channel)
@@ -349,14 +268,18 @@ class _Collector:
         self.replies: list[dict[str, Any]] = []
         self._enough = asyncio.Event()
         self._limit: int | None = None
-        self._accept = serializers.normalize_accept(conf.result_accept_content)
-        self._limits = DecodeLimits(conf.message_max_bytes, conf.message_max_depth)
+        self._reader = wire.Reader(
+            self.clock,
+            serializers.normalize_accept(conf.result_accept_content),
+            DecodeLimits(conf.message_max_bytes, conf.message_max_depth),
+            "control reply",
+        )
 
     async def listen(self) -> None:
         """Declare and consume the reply queue; done before the request goes out, so no reply is missed."""
         await declare_exchange(self.channel, REPLY_EXCHANGE, ExchangeType.DIRECT)
         queue = await self.channel.declare_queue(
-            reply_queue_name(self.oid), exclusive=True, auto_delete=True, arguments=QUEUE_ARGUMENTS
+            wire.reply_queue_name(self.oid), exclusive=True, auto_delete=True, arguments=QUEUE_ARGUMENTS
         )
         await queue.bind(REPLY_EXCHANGE, self.oid)
         await queue.consume(self._on_reply, no_ack=True)
@@ -374,31 +297,11 @@ class _Collector:
             self._enough.set()
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        headers = dict(message.headers or {})
-        self.clock.adjust(headers.get("clock"))
-        if expired(headers) or header_text(headers.get("ticket")) != self.ticket:
+        envelope = wire.read(self._reader, message)
+        if envelope is None or wire.header_text(envelope.headers.get("ticket")) != self.ticket:
             return
-        try:
-            body = serializers.decode(message.body, message.content_type, self._accept, self._limits)
-        except SerializationError as exc:
-            log.warning("dropping an unreadable control reply: %s", exc)
-            return
-        if not isinstance(body, dict):
-            log.warning("dropping a control reply that is not {node: reply}: %r", body)
-            return
-        self.replies.append(body)
+        self.replies.append(envelope.body)
         self._check_limit()
 
 
-__all__ = [
-    "EXCHANGE",
-    "NAMESPACE",
-    "QUEUE_ARGUMENTS",
-    "REPLY_EXCHANGE",
-    "Control",
-    "Inspect",
-    "LamportClock",
-    "flatten",
-    "reply_queue_name",
-    "worker_queue_name",
-]
+__all__ = ["Control", "Inspect", "flatten"]

@@ -1,4 +1,4 @@
-"""Results over RPC: the process's reply-to queue, the results that arrived on it, and :class:`AsyncResult`.
+"""Results over RPC: the process's reply-to queue and the store of the results that arrived on it.
 
 Each process has one reply queue (``amqtask.reply.<uuid>``). It is durable and not auto-delete, with
 ``x-expires``, so replies wait in it while the client's connection is down and the queue goes away
@@ -16,31 +16,18 @@ import logging
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Generator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from . import protocol
-from .connection import CONNECTION_ERRORS, SETTLE_ERRORS, Broker, raise_if_cancelled
-from .errors import (
-    AmqtaskError,
-    BrokerConnectionError,
-    MessageError,
-    RemoteTaskError,
-    TaskRevokedError,
-    TimeoutError,
-)
-from .failures import decode_exception
-from .protocol import READY_STATES, ResultMessage, WireMessage
-from .serializers import DecodeLimits, normalize_accept
-from .settings import Settings
+from .. import protocol
+from ..connection import CONNECTION_ERRORS, SETTLE_ERRORS, Broker, raise_if_cancelled
+from ..errors import AmqtaskError, BrokerConnectionError, MessageError, TimeoutError
+from ..protocol import READY_STATES, ResultMessage, WireMessage
+from ..serializers import DecodeLimits, normalize_accept
+from ..settings import Settings
 
-if TYPE_CHECKING:
-    from .app import App
-
-R = TypeVar("R")
 #: A lost connection, or the CancelledError aiormq fails a stuck connection's calls with.
 _LOST_OR_STUCK: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncio.CancelledError)
 log = logging.getLogger("amqtask.result")
@@ -225,102 +212,7 @@ def new_reply_queue_name() -> str:
     return f"amqtask.reply.{uuid.uuid4()}"
 
 
-class AsyncResult(Generic[R]):
-    """A handle on one task's outcome: ``get()`` / ``await aget()`` / ``await result``."""
-
-    def __init__(self, id: str, app: App | None = None, *, task_name: str | None = None) -> None:
-        from .app import current_app
-
-        self.id = id
-        self.app = app if app is not None else current_app()
-        self.task_name = task_name
-        self.parent: AsyncResult[Any] | None = None
-
-    def __repr__(self) -> str:
-        return f"<AsyncResult {self.id} {self.state}>"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, AsyncResult) and other.id == self.id
-
-    def __hash__(self) -> int:
-        return hash(self.id)
-
-    def _latest(self) -> ResultMessage | None:
-        return self.app.result_store.get(self.id)
-
-    @property
-    def state(self) -> str:
-        """PENDING, STARTED, RETRY, SUCCESS, FAILURE or REVOKED: the latest state that arrived."""
-        latest = self._latest()
-        return latest.status if latest is not None else protocol.PENDING
-
-    status = state
-
-    def ready(self) -> bool:
-        """Whether the task finished (successfully or not)."""
-        return self.state in READY_STATES
-
-    def successful(self) -> bool:
-        """Whether the task finished successfully."""
-        return self.state == protocol.SUCCESS
-
-    def failed(self) -> bool:
-        """Whether the task failed (or was revoked)."""
-        return self.state in (protocol.FAILURE, protocol.REVOKED)
-
-    @property
-    def result(self) -> Any:
-        """The return value, the exception of a failure, or None while not ready."""
-        latest = self._latest()
-        if latest is None:
-            return None
-        if latest.status == protocol.FAILURE:
-            return decode_exception(latest.result, latest.traceback)
-        return latest.result
-
-    @property
-    def traceback(self) -> str | None:
-        """The remote traceback of a failure."""
-        latest = self._latest()
-        return latest.traceback if latest is not None else None
-
-    def _outcome(self, report: ResultMessage, propagate: bool) -> Any:
-        if report.status == protocol.SUCCESS:
-            return report.result
-        error: AmqtaskError
-        if report.status == protocol.REVOKED:
-            error = TaskRevokedError(f"task {self.id} was revoked: {report.result}")
-        else:
-            error = decode_exception(report.result, report.traceback)
-        if propagate:
-            raise error
-        return error
-
-    async def aget(self, timeout: float | None = None, propagate: bool = True) -> R:
-        """Wait for the outcome: the return value, or raise the task's failure (see :class:`RemoteTaskError`)."""
-        latest = self._latest()
-        if latest is None or latest.status not in READY_STATES:
-            # The reply may still be on its way into this process's reply queue: make sure this loop consumes it
-            # (a runtime closed since the task was sent, e.g. by a stopped worker, would otherwise never see it).
-            await self.app.runtime().results.ensure_started(timeout)
-        report = await self.app.result_store.wait(self.id, timeout)
-        return self._outcome(report, propagate)  # type: ignore[no-any-return]
-
-    def get(self, timeout: float | None = None, propagate: bool = True) -> R:
-        """Block until the outcome is known; like :meth:`aget` for synchronous code."""
-        return self.app.portal.run(self.aget(timeout, propagate))
-
-    def wait(self, timeout: float | None = None, propagate: bool = True) -> R:
-        """Alias of :meth:`get` (Celery has both)."""
-        return self.get(timeout, propagate)
-
-    def __await__(self) -> Generator[Any, None, R]:
-        return self.aget().__await__()
-
-
 __all__ = [
-    "AsyncResult",
-    "RemoteTaskError",
     "ResultConsumer",
     "ResultStore",
     "new_reply_queue_name",

@@ -1,0 +1,224 @@
+"""What a worker answers to remote control: the commands, and the revoked ids they keep.
+
+Commands: ``ping``, ``registered``, ``active``, ``stats``, ``revoke``, ``revoked`` and ``hello`` (Celery
+workers send it at startup to share revoked ids). A new command is a method here and a line in
+:attr:`Commands.table`.
+
+Revoked ids live in the worker's memory, bounded and expiring like Celery's: a worker started after a
+revoke does not know it, and a restart forgets it. A delivery whose id was revoked is acked and
+answered REVOKED without running (:meth:`Commands.check` raises :class:`~amqtask.errors.Revoked`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+from ..errors import Revoked
+from ..urls import mask_url
+from .wire import LamportClock
+
+if TYPE_CHECKING:
+    from ..protocol import TaskMessage
+    from ..worker.worker import Worker
+
+log = logging.getLogger("amqtask.control")
+
+#: Celery's limits for its in-memory revoke set (``REVOKES_MAX``, ``REVOKE_EXPIRES``).
+REVOKES_MAX = 50_000
+REVOKE_EXPIRES_S = 3 * 3600.0
+#: What ``registered`` shows per task when the request names no options (Celery's default).
+DEFAULT_TASK_INFO_ITEMS = ("exchange", "routing_key", "rate_limit")
+
+
+class RevokedIds:
+    """Task ids not to run: at most ``max_size`` (oldest dropped first), each kept ``expires_s`` seconds."""
+
+    def __init__(self, max_size: int = REVOKES_MAX, expires_s: float = REVOKE_EXPIRES_S) -> None:
+        self.max_size = max_size
+        self.expires_s = expires_s
+        self._ids: OrderedDict[str, float] = OrderedDict()
+
+    def add(self, ids: Iterable[str]) -> None:
+        """Remember ``ids`` as revoked now."""
+        now = time.monotonic()
+        for task_id in ids:
+            self._ids[task_id] = now
+            self._ids.move_to_end(task_id)
+        self._purge(now)
+
+    def __contains__(self, task_id: object) -> bool:
+        self._purge(time.monotonic())
+        return task_id in self._ids
+
+    def ids(self) -> list[str]:
+        """The revoked ids, oldest first."""
+        self._purge(time.monotonic())
+        return list(self._ids)
+
+    def _purge(self, now: float) -> None:
+        while self._ids and (len(self._ids) > self.max_size or next(iter(self._ids.values())) < now - self.expires_s):
+            self._ids.popitem(last=False)
+
+
+def broker_info(url: str, others: Iterable[str], heartbeat: float, connect_timeout: float) -> dict[str, Any]:
+    """The ``broker`` section of ``stats`` in Celery's shape; credentials masked."""
+    parts = urlsplit(url)
+    return {
+        "hostname": parts.hostname,
+        "port": parts.port or (5671 if parts.scheme == "amqps" else 5672),
+        "userid": unquote(parts.username or "guest"),
+        "virtual_host": unquote(parts.path[1:]) if len(parts.path) > 1 else "/",
+        "ssl": parts.scheme == "amqps",
+        "transport": "amqp",
+        "heartbeat": heartbeat,
+        "connect_timeout": connect_timeout,
+        "uri": mask_url(url),
+        "alternates": [mask_url(other) for other in others],
+    }
+
+
+def _rusage() -> dict[str, float]:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return {}
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    fields = ("utime", "stime", "maxrss", "minflt", "majflt", "inblock", "oublock", "nvcsw", "nivcsw")
+    return {name: getattr(usage, f"ru_{name}") for name in fields}
+
+
+class Commands:
+    """One worker's commands, and the state they share (revoked ids, start times, the node's clock)."""
+
+    def __init__(self, worker: Worker, clock: LamportClock) -> None:
+        self.worker = worker
+        self.hostname = worker.hostname
+        self.clock = clock
+        self.revoked = RevokedIds()
+        #: When each recent task started (for ``active``); bounded, since nothing says when to forget.
+        self.started: OrderedDict[str, float] = OrderedDict()
+        self._max_started = max(1024, 4 * worker.prefetch)
+        self.table: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "ping": lambda _: {"ok": "pong"},
+            "registered": self.registered,
+            "active": self.active,
+            "stats": self.stats,
+            "revoke": self.revoke,
+            "revoked": lambda _: self.revoked.ids(),
+            "hello": self.hello,
+        }
+
+    def dispatch(self, method: str, arguments: Any) -> Any:
+        """Run one command; failures become ``{"error": ...}`` replies, as kombu sends them."""
+        command = self.table.get(method)
+        if command is None:
+            log.error("unknown control command %r", method)
+            return {"error": f"unknown control command {method!r}"}
+        if arguments is not None and not isinstance(arguments, dict):
+            return {"error": f"arguments must be an object, got {type(arguments).__name__}"}
+        try:
+            return command(arguments or {})
+        except Exception as exc:
+            log.exception("control command %r failed", method)
+            return {"error": repr(exc)}
+
+    def registered(self, arguments: dict[str, Any]) -> list[str]:
+        """Sorted task names, with ``name [option=value ...]`` for the requested options that are set."""
+        items = [
+            item
+            for item in (arguments.get("taskinfoitems") or DEFAULT_TASK_INFO_ITEMS)
+            if isinstance(item, str) and not item.startswith("_")
+        ]
+        names = []
+        for name, task in sorted(self.worker.app.tasks.items()):
+            fields = [f"{item}={task.options[item]}" for item in items if task.options.get(item) is not None]
+            names.append(f"{name} [{' '.join(fields)}]" if fields else name)
+        return names
+
+    def active(self, arguments: dict[str, Any]) -> list[dict[str, Any]]:
+        """The running tasks, in Celery's ``Request.info()`` shape."""
+        safe = bool(arguments.get("safe"))
+        return [self._task_info(msg, safe) for msg in list(self.worker.active.values())]
+
+    def _task_info(self, msg: TaskMessage, safe: bool) -> dict[str, Any]:
+        return {
+            "id": msg.id,
+            "name": msg.task,
+            "args": msg.argsrepr if safe else msg.args,
+            "kwargs": msg.kwargsrepr if safe else msg.kwargs,
+            "type": msg.task,
+            "hostname": self.hostname,
+            "time_start": self.started.get(msg.id),
+            # amqtask acks a delivery only once its task has finished.
+            "acknowledged": False,
+            # The worker does not keep where a running task's delivery came from, only its priority.
+            "delivery_info": {
+                "exchange": None,
+                "routing_key": None,
+                "priority": msg.priority,
+                "redelivered": None,
+            },
+            "worker_pid": self.worker.pid,
+        }
+
+    def stats(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """``Worker.info()`` plus the keys of Celery's ``stats`` (pid, total, pool, broker, clock, rusage)."""
+        conf = self.worker.app.conf
+        info = self.worker.info()
+        urls = list(conf.broker_url)
+        info.update(
+            {
+                "clock": str(self.clock.value),
+                "uptime": round(time.time() - self.worker.started_at),
+                "prefetch_count": self.worker.prefetch,
+                "pool": {
+                    "implementation": "amqtask",
+                    "max-concurrency": self.worker.concurrency,
+                    "processes": [self.worker.pid],
+                },
+                "broker": broker_info(urls[0], urls[1:], conf.broker_heartbeat_s, conf.broker_connect_timeout_s),
+                "rusage": _rusage(),
+            }
+        )
+        return info
+
+    def revoke(self, arguments: dict[str, Any]) -> dict[str, str]:
+        """Remember task ids as revoked; Celery's reply text."""
+        task_id = arguments.get("task_id")
+        ids = [task_id] if isinstance(task_id, str) else [i for i in task_id or () if isinstance(i, str)]
+        self.revoked.add(ids)
+        listed = "{" + ", ".join(repr(i) for i in ids) + "}" if ids else "set()"
+        log.info("tasks flagged as revoked: %s", ", ".join(ids))
+        running = [i for i in ids if i in self.worker.active]
+        if arguments.get("terminate") and running:
+            return {
+                "ok": f"tasks {listed} flagged as revoked; amqtask cannot terminate running tasks, "
+                f"{', '.join(running)} will finish"
+            }
+        return {"ok": f"tasks {listed} flagged as revoked"}
+
+    def hello(self, arguments: dict[str, Any]) -> dict[str, Any] | None:
+        """Celery's startup sync ("mingle"): take the peer's revoked ids, give ours and our clock."""
+        if arguments.get("from_node") == self.hostname:
+            return None
+        theirs = arguments.get("revoked")
+        # Celery 5.7 sends a list of ids; older versions a dict of id -> time.
+        self.revoked.add(i for i in (theirs or ()) if isinstance(i, str))
+        return {"revoked": self.revoked.ids(), "clock": self.clock.forward()}
+
+    def check(self, msg: TaskMessage) -> None:
+        """Before a task runs: note its start time, and raise :class:`Revoked` if it was revoked."""
+        if msg.id in self.revoked:
+            raise Revoked("revoked")
+        self.started[msg.id] = time.time()
+        self.started.move_to_end(msg.id)
+        while len(self.started) > self._max_started:
+            self.started.popitem(last=False)
+
+
+__all__ = ["DEFAULT_TASK_INFO_ITEMS", "REVOKES_MAX", "REVOKE_EXPIRES_S", "Commands", "RevokedIds", "broker_info"]
