@@ -91,7 +91,7 @@ def run_system(name: str, env: dict[str, str]) -> dict[str, Any]:
     started = time.monotonic()
     system_env = {**env, "AMQTASK_EVENT_LOOP": "uvloop"} if name.endswith("-uvloop") else env
     out = subprocess.run([sys.executable, *SYSTEMS[name]], env=system_env, cwd=HERE, capture_output=True,
-                         text=True, timeout=600)  # fmt: skip
+                         text=True, timeout=1800)  # fmt: skip
     if out.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
     figures: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
