@@ -243,7 +243,7 @@ class _Held:
 def _complete_set(messages: list[AbstractIncomingMessage], size: int, settings: Settings) -> list[Part] | None:
     """One part per index 0..size-1 (a failure wins over a success), or None when an index is missing."""
     accept = serializers.normalize_accept(settings.accept_content)
-    limits = serializers.DecodeLimits(settings.message_max_bytes, settings.message_max_depth)
+    limits = serializers.limits_of(settings)
     found: dict[int, Part] = {}
     for message in messages:
         try:

@@ -61,12 +61,12 @@ def _run(app: App, action: Callable[[], Any]) -> Any:
 
 
 app_option = click.option("-A", "--app", "app_spec", required=True, help="module[:attribute] holding the App")
-loglevel_option = click.option(
-    "-l",
-    "--loglevel",
-    default="info",
-    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-)
+
+
+def loglevel_option(default: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The ``-l/--loglevel`` option, defaulting to ``default``."""
+    choices = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
+    return click.option("-l", "--loglevel", default=default, show_default=True, type=choices)
 
 
 @click.group()
@@ -89,7 +89,7 @@ def _split(value: str | None) -> list[str] | None:
 @click.option("-P", "--processes", type=click.IntRange(1), default=1, show_default=True, help="worker processes")
 @click.option("--process-index", type=int, hidden=True)
 @click.option("--burst", is_flag=True, help="exit once the queues are empty")
-@loglevel_option
+@loglevel_option("info")
 def worker(
     app_spec: str, queues: str | None, exclude_queues: str | None, concurrency: int | None,
     prefetch_multiplier: int | None, hostname: str | None, processes: int, process_index: int | None,
@@ -143,11 +143,13 @@ def worker(
 @click.option("--priority", type=click.IntRange(0, 255))
 @click.option("--wait/--no-wait", default=False, help="wait for the result and print it")
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="seconds to wait with --wait")
+@loglevel_option("warning")
 def call(
     app_spec: str | None, name: str, args_json: str, kwargs_json: str, queue: str | None, countdown: float | None,
-    priority: int | None, wait: bool, timeout: float,
+    priority: int | None, wait: bool, timeout: float, loglevel: str,
 ) -> None:  # fmt: skip
     """Send task NAME (by name) and print its id, or with --wait its result as JSON."""
+    _setup_logging(loglevel)
     app = load_app(app_spec) if app_spec else App("amqtask-cli")
     try:
         args, kwargs = json.loads(args_json), json.loads(kwargs_json)

@@ -27,7 +27,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, w
 
 from .errors import BrokerConnectionError
 from .settings import Settings
-from .urls import mask_url
+from .urls import encode_credentials, mask_url
 
 log = logging.getLogger("amqtask.connection")
 
@@ -182,7 +182,7 @@ class Broker:
         try:
             connection = await aio_pika.connect(
                 # In the URL, not as a keyword: aio-pika 9 (the newest for Python 3.10) ignores the keyword.
-                str(yarl.URL(url).update_query(heartbeat=self.settings.broker_heartbeat_s)),
+                str(yarl.URL(encode_credentials(url)).update_query(heartbeat=self.settings.broker_heartbeat_s)),
                 timeout=self.settings.broker_connect_timeout_s,
                 ssl_context=ssl_context(self.settings),
                 client_properties={"connection_name": self.name},

@@ -14,10 +14,13 @@ a closed channel counts against a quorum queue's delivery limit (20 by default),
 queue with no dead-letter target of its own drops a message that used its limit up; a nack does not
 count there. Classic queues put requeued messages back where they were.
 
-Replay publishes a copy to the original queue through the default exchange, with ``retries`` reset
-to 0 and the dead-lettering headers (``x-amqtask-*``, ``x-death``, delivery counters) removed, waits
-for the broker's confirm, and only then acks the dead-lettered message: a crash in between leaves a
-duplicate, never a loss.
+Replay publishes a copy through the default exchange to the queue whose dead-letter queue it is in
+(or to the queue the operator names), never to a queue named by the message's own headers, which
+its sender wrote. The copy has ``retries`` reset to 0 and the dead-lettering headers (``x-amqtask-*``,
+``x-death``, delivery counters) removed; replay waits for the broker's confirm, and only then acks
+the dead-lettered message: a crash in between leaves a duplicate, never a loss. With
+``signing_keys`` set, replay checks the message's original signature and signs the copy with the
+first key; a message that does not verify (the reason it was dead-lettered, often) stays where it is.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from . import deadletter, topology
+from . import deadletter, signing, topology
 from .deadletter import header_text
 from .delays import strip_death_headers
 from .errors import TopologyNotFoundError
@@ -58,7 +61,7 @@ class DeadLetter:
     #: ``Type: message`` of the task's exception, or the worker's detail; empty for broker reasons.
     exception: str
     failed_at: str | None
-    #: The queue it came from, where a replay sends it.
+    #: The queue it came from, as the worker that dead-lettered it wrote (a replay does not trust it).
     queue: str
     retries: int | None
     headers: Mapping[str, Any] = field(repr=False)
@@ -92,10 +95,12 @@ class Listing:
 
 @dataclass(frozen=True)
 class Replayed:
-    """The outcome of a replay: ids sent back to their queues, and asked-for ids that were not found."""
+    """The outcome of a replay: ids sent back, asked-for ids not found, and ids left because unverified."""
 
     replayed: list[str | None]
     missing: list[str]
+    #: Messages that stay in the dead-letter queue: signing is on and their signature does not verify.
+    refused: list[str | None] = field(default_factory=list)
 
 
 def dlq_name(app: App, queue: str) -> str:
@@ -122,15 +127,19 @@ async def inspect(app: App, queue: str, limit: int = 100) -> Listing:
     return Listing(name, browser.count, messages)
 
 
-async def replay(app: App, queue: str, ids: Collection[str] | None = None) -> Replayed:
-    """Send dead-lettered messages back to their queues: those with ``ids``, or all when ``ids`` is None.
+async def replay(app: App, queue: str, ids: Collection[str] | None = None, *, to: str | None = None) -> Replayed:
+    """Send dead-lettered messages back: those with ``ids``, or all when ``ids`` is None.
 
-    Only messages present when the replay starts are considered, so a message that fails again
-    and comes back during a replay is not replayed twice.
+    They go to ``to`` when given, else to the queue whose dead-letter queue they are in. Only
+    messages present when the replay starts are considered, so a message that fails again and
+    comes back during a replay is not replayed twice.
     """
     name = dlq_name(app, queue)
+    target = to or name.removesuffix(DLQ_SUFFIX)
+    keys = app.conf.signing_keys
     wanted = None if ids is None else set(ids)
     replayed: list[str | None] = []
+    refused: list[str | None] = []
     publisher = app.runtime().publisher
     async with _browse(app, name) as browser:
         async for message in browser.take(browser.count):
@@ -138,15 +147,19 @@ async def replay(app: App, queue: str, ids: Collection[str] | None = None) -> Re
             if wanted is not None and entry.id not in wanted:
                 continue
             wire = wire_of(message)
-            copy = WireMessage(**{**wire.__dict__, "headers": replay_headers(wire.headers)})
-            await publisher.publish(copy, "", entry.queue)
-            await browser.ack(message)
-            replayed.append(entry.id)
+            if signing.problem(keys, wire, signing.Kind.TASK) is not None:
+                refused.append(entry.id)
+            else:
+                copy = WireMessage(**{**wire.__dict__, "headers": replay_headers(wire.headers)})
+                signing.seal(keys, copy, signing.Kind.TASK)
+                await publisher.publish(copy, "", target)
+                await browser.ack(message)
+                replayed.append(entry.id)
             if wanted is not None:
                 wanted.discard(entry.id or "")
                 if not wanted:
                     break
-    return Replayed(replayed, sorted(wanted or ()))
+    return Replayed(replayed, sorted(wanted or ()), refused)
 
 
 async def purge(app: App, queue: str) -> int:

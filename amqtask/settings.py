@@ -167,6 +167,8 @@ SPECS: dict[str, Spec] = {
     "worker_hostname": Spec(None, _opt_str, "worker node name (default amqtask@<host>)"),
     "message_max_bytes": Spec(16 * 1024 * 1024, _number(1, integer=True), "largest body a worker decodes"),
     "message_max_depth": Spec(64, _number(1, integer=True), "deepest nesting a worker decodes"),
+    "message_max_items": Spec(1024 * 1024, _number(1, integer=True), "most values (containers and scalars) a "
+                              "worker decodes from one body: this, not the size, bounds a decode's memory"),
     "delay_levels": Spec(28, _number(1, integer=True), "number of binary delay levels (2^n s max delay)"),
     "timezone": Spec("UTC", _str, "timezone of crontab schedules and naive datetimes in beat"),
     "beat_schedule": Spec(None, _json_value(dict, "a dict of entries"), "periodic tasks"),

@@ -60,3 +60,9 @@ async def crash() -> None:
 def echo(value: Any) -> Any:
     """Return the argument (a plain task in the thread pool, for memory runs)."""
     return value
+
+
+@app.task(name="fault.retry_in", bind=True, max_retries=3)
+def retry_in(self: Any, countdown: float) -> None:
+    """Ask to run again ``countdown`` seconds later (each time, up to 3 retries): retries under test."""
+    raise self.retry(countdown=countdown)

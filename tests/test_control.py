@@ -434,7 +434,7 @@ def test_client_request_and_topology_match_celery(
             assert body["reply_to"]["exchange"] == ctl.REPLY_EXCHANGE
 
             # The client's reply queue exists only during a call: look while one waits for nobody.
-            waiting = asyncio.create_task(client.control.aping(timeout=10, destination=[f"{unique}-x@ctl"]))
+            waiting = asyncio.create_task(client.control.aping(timeout=60, destination=[f"{unique}-x@ctl"]))
             reply_queues: list[dict[str, Any]] = []
             while not reply_queues and not waiting.done():
                 queues = await asyncio.to_thread(listing, "queues", "durable", "auto_delete", "exclusive", "arguments")

@@ -1,262 +1,273 @@
-"""Bad input: a worker fed 10,000 hostile messages among real tasks (issue 7, fault test 4).
+"""Bad input: two worker processes fed 10,000 hostile messages among real tasks (issue 7 fault test 4, issue 11).
 
 Hostile messages are published raw with aio-pika, interleaved with 1,000 real task messages, into
-the queue one in-process worker consumes (``message_max_bytes`` set low, 64 KiB). Promised: the
-worker never crashes or stalls (its consumer never had to start again and it keeps serving), every
-real task completes, and every hostile message ends in ``<queue>.dlq`` with an ``x-amqtask-reason``
-header. The decoder's own property tests (hypothesis) live in tests/test_serializers.py.
+the queue two ``amqtask worker -A fault_tasks`` processes consume (``message_max_bytes`` 64 KiB and
+``message_max_items`` 4,096, so bombs fit in small bodies), while a flood of hostile remote-control
+requests (regex patterns that backtrack for minutes, huge patterns, garbage) reaches the same workers.
+Promised: no worker restarts or stalls (both processes live and consume to the end, their consumers
+never had to start again, and a real task sent after the flood completes within seconds), every real
+task completes, every hostile message ends in ``<queue>.dlq`` with the ``x-amqtask-reason`` its kind
+calls for, and each worker's peak RSS stays bounded. The decoder's own property tests (hypothesis)
+live in tests/test_serializers.py.
+
+Under signing (:func:`test_under_signing_unverified_messages_cause_nothing`) every message that does
+not verify is dead-lettered (``rejected``) and causes nothing: no errback, callback or chord step
+runs, no reply reaches the address it names, tampered copies of a signed message do not run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import json
-import logging
 import random
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aio_pika
-import msgpack
 import pamqp.encode
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from support.broker import TestBroker
-from support.faults import queue_counts, wait_until
-from support.workers import running_worker, wait_for
+from support.faults import (
+    consumer_count,
+    declare_sink,
+    message_count,
+    queue_counts,
+    read_sink,
+    wait_until,
+    worker_processes,
+)
+from support.hostile import MAX_BYTES, MAX_ITEMS, REAL_TASK, Hostile, Unverified, control_flood
+from support.workers import wait_for
+from test_faults_decoder_memory import peak_rss_mib
 
 from amqtask import App, AsyncResult, protocol, serializers
 from amqtask.producer import header_table_size, to_amqp
 
-pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.timeout(300)]
 
 HOSTILE = 10_000
 REAL = 1_000
-MAX_BYTES = 64 * 1024
+CONTROL = 1_000
+#: Unverified messages (and a tenth as many real tasks) in the signing test.
+UNVERIFIED = 1_000
+CONCURRENCY = 8
 SEED = 20261121
-#: A hostile message's kind -> the reason the worker must give when it dead-letters it.
-Kind = tuple[str, str]
+#: A real task sent after the flood must be done within this (it waits behind nothing).
+AFTER_FLOOD_S = 5.0
+#: Peak RSS a worker may reach: ~40 MiB of interpreter and libraries (38 measured), its prefetch (32
+#: bodies of at most 64 KiB, a few copies each) and one decode at a time bounded by message_max_items
+#: (4,096 values, well under 1 MiB). Far above, a message cost more than its bounded share.
+RSS_BOUND_MIB = 80
+#: Lines a worker logs (at warning) when its consumer had to start again or a delivery's handling escaped it.
+TROUBLE = ("consumer interrupted", "cancelled the consumer", "delivery handling crashed")
 
 
-_ids = itertools.count()
-
-
-def _valid(task: str = "fuzz.real", args: list[Any] | None = None, codec: str = "msgpack") -> protocol.WireMessage:
-    message = protocol.TaskMessage(task=task, id=f"fuzz-{next(_ids)}", args=args if args is not None else [1])
-    return protocol.encode_task(message, serializers.codec(codec))
-
-
-def _random_body(rng: random.Random, size: int) -> bytes:
-    # Never a msgpack fixarray of 3 or a JSON array: random bytes must not happen to be a real task.
-    body = bytes(rng.getrandbits(8) for _ in range(size))
-    return body if body[:1] not in (b"\x93", b"[", b" ") else b"\xc1" + body
-
-
-def _nested(depth: int) -> Any:
-    value: Any = 1
-    for _ in range(depth):
-        value = [value]
-    return value
-
-
-class Hostile:
-    """Generators of hostile messages; each returns the wire message and the reason expected for it."""
-
-    def __init__(self, rng: random.Random) -> None:
-        self.rng = rng
-
-    def kinds(self) -> list[Callable[[], tuple[protocol.WireMessage, str]]]:
-        return [
-            self.random_msgpack, self.random_json, self.truncated_msgpack, self.truncated_json,
-            self.wrong_header_type, self.missing_headers, self.unknown_task, self.bad_dates,
-            self.too_deep, self.too_big, self.wrong_content_type, self.wrong_body_shape,
-            self.bad_time_limit, self.wrong_arity, self.undecodable_task_name, self.bad_reply_to,
-            self.huge_headers,
-        ]  # fmt: skip
-
-    def random_msgpack(self) -> tuple[protocol.WireMessage, str]:
-        wire = _valid()
-        wire.body = _random_body(self.rng, self.rng.randint(0, 300))
-        return wire, "malformed"
-
-    def random_json(self) -> tuple[protocol.WireMessage, str]:
-        wire = _valid(codec="json")
-        wire.body = _random_body(self.rng, self.rng.randint(0, 300))
-        return wire, "malformed"
-
-    def truncated_msgpack(self) -> tuple[protocol.WireMessage, str]:
-        wire = _valid(args=["x" * self.rng.randint(1, 100), {"k": [1, 2, 3]}])
-        wire.body = wire.body[: self.rng.randint(0, len(wire.body) - 1)]
-        return wire, "malformed"
-
-    def truncated_json(self) -> tuple[protocol.WireMessage, str]:
-        wire = _valid(args=["x" * self.rng.randint(1, 100), {"k": [1, 2, 3]}], codec="json")
-        wire.body = wire.body[: self.rng.randint(0, len(wire.body) - 1)]
-        return wire, "malformed"
-
-    def wrong_header_type(self) -> tuple[protocol.WireMessage, str]:
-        wire = _valid()
-        header, value = self.rng.choice([
-            ("task", 123), ("task", ["fuzz.real"]), ("id", 7), ("id", {"a": 1}), ("retries", "3"),
-            ("retries", 1.5), ("group_index", "x"), ("root_id", 5), ("parent_id", [1]), ("argsrepr", 1),
-            ("origin", {"x": 1}), ("shadow", 2), ("replaced_task_nesting", "deep"), ("eta", 1700000000),
-            ("expires", [2026]), ("group", 3.5),
-        ])  # fmt: skip
-        wire.headers[header] = value
-        return wire, "malformed"
-
-    def missing_headers(self) -> tuple[protocol.WireMessage, str]:
-        wire = _valid()
-        choice = self.rng.randrange(3)
-        if choice == 0:
-            wire.headers = {}
-        else:
-            del wire.headers["task" if choice == 1 else "id"]
-        return wire, "malformed"
-
-    def unknown_task(self) -> tuple[protocol.WireMessage, str]:
-        return _valid(task=f"fuzz.nope.{self.rng.randrange(10**6)}"), "unknown-task"
-
-    def bad_dates(self) -> tuple[protocol.WireMessage, str]:
-        wire = _valid()
-        value = self.rng.choice(["not a date", "2026-13-45T00:00:00", "", "tomorrow", "2026-02-30", "1e9", "Z"])
-        wire.headers[self.rng.choice(["eta", "expires"])] = value
-        return wire, "malformed"
-
-    def too_deep(self) -> tuple[protocol.WireMessage, str]:
-        codec = self.rng.choice(["msgpack", "json"])
-        if self.rng.random() < 0.5:
-            return _valid(args=[_nested(self.rng.randint(70, 500))], codec=codec), "malformed"
-        # Deeper than Python's recursion limit, in few bytes: each level is one byte.
-        wire = _valid(codec=codec)
-        depth = self.rng.randint(2_000, 20_000)
-        wire.body = b"\x91" * depth + b"\x01" if codec == "msgpack" else b"[" * depth + b"1" + b"]" * depth
-        return wire, "malformed"
-
-    def too_big(self) -> tuple[protocol.WireMessage, str]:
-        return _valid(args=["x" * (MAX_BYTES + self.rng.randint(1, 4096))]), "malformed"
-
-    def wrong_content_type(self) -> tuple[protocol.WireMessage, str]:
-        wire = _valid()
-        wire.content_type = self.rng.choice(
-            ["application/x-python-serialize", "text/plain", None, "", "application/x-yaml", "application/data"]
-        )
-        return wire, "malformed"
-
-    def wrong_body_shape(self) -> tuple[protocol.WireMessage, str]:
-        wire = _valid()
-        body = self.rng.choice([
-            {"task": "fuzz.real", "id": "v1", "args": [1]}, [[1], {}], [[1], {}, {}, {}], "text", 42, None,
-            [1, {}, {}], [[1], [], {}], [[1], {1: 2}, {}], [[1], {}, []], [[1], {}, {"callbacks": "x"}],
-            [[1], {}, {"chord": [1]}], [[1], {}, {"chain": [1, 2]}],
-        ])  # fmt: skip
-        wire.body = msgpack.packb(body, use_bin_type=True, strict_types=False)
-        return wire, "malformed"
-
-    def bad_time_limit(self) -> tuple[protocol.WireMessage, str]:
-        wire = _valid()
-        wire.headers["timelimit"] = self.rng.choice([[1, 2, 3], ["a", None], [True, None], "10", 5, [None]])
-        return wire, "malformed"
-
-    def wrong_arity(self) -> tuple[protocol.WireMessage, str]:
-        # A well-formed message for a real task with arguments it cannot take: the task fails.
-        return _valid(args=self.rng.choice([[], [1, 2, 3], ["x", "y"]])), "failed"
-
-    def undecodable_task_name(self) -> tuple[protocol.WireMessage, str]:
-        # A byte-array header ('x' in AMQP tables; not UTF-8 either) where a string belongs.
-        wire = _valid()
-        wire.headers["task"] = bytearray(b"\xff\xfe\x00fuzz")
-        return wire, "malformed"
-
-    def bad_reply_to(self) -> tuple[protocol.WireMessage, str]:
-        # An unreadable message whose caller asks for the error to be sent to nonsense addresses. (A bare
-        # "amq.rabbitmq.reply-to" cannot be sent at all: the broker refuses it from a non-consumer.)
-        wire = _valid()
-        wire.body = b"\xc1"
-        wire.reply_to = self.rng.choice(
-            ["no-such-queue", "amq.rabbitmq.reply-to.bogus", "amq.rabbitmq.reply-to.g1h2AA==", " ", "x" * 255]
-        )
-        return wire, "malformed"
-
-    def huge_headers(self) -> tuple[protocol.WireMessage, str]:
-        # Headers of a few KiB, and one time in eight as close to RabbitMQ's frame limit (128 KiB) as a
-        # publisher can send: the worker's dead-letter copy, which adds its reason, cannot keep them all.
-        self.calls = getattr(self, "calls", 0) + 1
-        wire = _valid()
-        wire.body = b"\xc1"
-        size = self.rng.randint(120_000, 130_400) if self.calls % 8 == 0 else self.rng.randint(1_000, 16_000)
-        wire.headers["x-padding"] = "p" * size
-        return wire, "malformed"
+def _env(queue: str, **extra: str) -> dict[str, str]:
+    return {"AMQTASK_TASK_DEFAULT_QUEUE": queue, "AMQTASK_MESSAGE_MAX_BYTES": str(MAX_BYTES),
+            "AMQTASK_MESSAGE_MAX_ITEMS": str(MAX_ITEMS), **extra}  # fmt: skip
 
 
 def _to_amqp(wire: protocol.WireMessage, tag: str) -> aio_pika.Message:
-    wire.correlation_id = tag  # how each hostile message is found again in the DLQ
-    return to_amqp(wire)
+    if not wire.correlation_id:
+        wire.correlation_id = tag  # how each hostile message is found again in the DLQ
+    message = to_amqp(wire)
+    message.message_id = tag
+    return message
 
 
 @pytest.fixture
-def app(broker_url: str, unique: str) -> Iterator[App]:
-    app = App(f"fuzz-{unique}", broker=broker_url, task_default_queue=f"q-{unique}", message_max_bytes=MAX_BYTES)
+def client(broker_url: str, unique: str) -> Iterator[App]:
+    app = App(f"fuzz-{unique}", broker=broker_url, task_default_queue=f"q-{unique}")
     yield app
     app.close()
 
 
-def test_hostile_messages_go_to_the_dlq_and_real_tasks_complete(
-    app: App, rabbitmq: TestBroker, broker_url: str, broker_vhost: str, unique: str
-) -> None:
-    queue = f"q-{unique}"
-    rng = random.Random(SEED)
-
-    @app.task(name="fuzz.real")
-    async def real(n: int) -> int:
-        return n
-
-    hostile = Hostile(rng)
-    kinds = hostile.kinds()
-    expected: dict[str, tuple[str, str]] = {}  # correlation id -> (kind, reason)
+def _batch(hostile: list[Any], count: int) -> tuple[dict[str, str], list[aio_pika.Message | int]]:
+    """``count`` hostile messages, the kinds in turn, and the reason each must be dead-lettered with, by tag."""
+    expected: dict[str, str] = {}
     batch: list[aio_pika.Message | int] = []
-    for i in range(HOSTILE):
-        make = kinds[i % len(kinds)]
+    for i in range(count):
+        make = hostile[i % len(hostile)]
         wire, reason = make()
         tag = f"hostile-{i}"
-        expected[tag] = (make.__name__, reason)
+        expected[tag] = reason
         batch.append(_to_amqp(wire, tag))
-    batch.extend(range(REAL))  # real tasks, built once the app's reply queue is known
+    return expected, batch
+
+
+#: Kinds whose fix another branch of issue 11 owns, kept out of the main flood until it lands; each
+#: has an xfail(strict=True) test of its own below, which starts failing (XPASS) once the fix is in.
+PENDING_DELIVERY = ("far_future_eta", "retry_with_huge_countdown")
+
+
+def test_hostile_messages_go_to_the_dlq_and_real_tasks_complete(
+    client: App, rabbitmq: TestBroker, broker_url: str, broker_vhost: str, unique: str, tmp_path: Path
+) -> None:
+    rng = random.Random(SEED)
+    kinds = [kind for kind in Hostile(rng).kinds() if kind.__name__ not in PENDING_DELIVERY]
+    summary = _flood(client, rabbitmq, broker_vhost, unique, tmp_path, kinds, HOSTILE, REAL,
+                     control_flood(rng, CONTROL, regex=False))  # fmt: skip
+    print(f"\nbad input: {summary}")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="harden-delivery (issue 11 item 1): a valid far-future eta or a retry countdown beyond the delay "
+    "levels makes the worker requeue the message at once, forever, instead of dead-lettering it",
+)
+def test_far_future_etas_and_retry_countdowns_are_dead_lettered(
+    client: App, rabbitmq: TestBroker, broker_vhost: str, unique: str, tmp_path: Path
+) -> None:
+    rng = random.Random(SEED)
+    kinds = [kind for kind in Hostile(rng).kinds() if kind.__name__ in PENDING_DELIVERY]
+    print(_flood(client, rabbitmq, broker_vhost, unique, tmp_path, kinds, 200, 20, [], settle_s=15))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="trust-remote (issue 11 item 3): a control request's pcre pattern runs on the worker's event "
+    "loop, and a backtracking one freezes every worker on the vhost",
+)
+def test_control_requests_with_backtracking_patterns_stall_no_worker(
+    client: App, rabbitmq: TestBroker, broker_vhost: str, unique: str, tmp_path: Path
+) -> None:
+    rng = random.Random(SEED)
+    kinds = Hostile(rng).kinds()[:4]
+    print(_flood(client, rabbitmq, broker_vhost, unique, tmp_path, kinds, 200, 20, control_flood(rng, 50, regex=True,
+                 only_regex=True), settle_s=15))  # fmt: skip
+
+
+def _flood(
+    client: App,
+    rabbitmq: TestBroker,
+    broker_vhost: str,
+    unique: str,
+    tmp_path: Path,
+    kinds: list[Any],
+    hostile: int,
+    real: int,
+    control: list[aio_pika.Message],
+    settle_s: float = 120,
+) -> str:
+    """``hostile`` messages of ``kinds`` among ``real`` tasks into two worker processes, with ``control``
+    requests at the same time; assert every promise of this module, and say what was seen."""
+    url = client.conf.broker_url[0]
+    queue = client.conf.task_default_queue
+    rng = random.Random(SEED)
+    expected, batch = _batch(kinds, hostile)
+    batch.extend(range(real))  # real tasks, built once the client's reply queue is known
     rng.shuffle(batch)
+    logs = [tmp_path / "worker-a.log", tmp_path / "worker-b.log"]
+    # Node names of 40+ characters: a backtracking pattern run against them would take hours.
+    names = [f"fuzz-{unique}-worker-{x}@a-rather-long-host.example" for x in "ab"]
+    figures: dict[str, Any] = {}
 
-    async def scenario() -> tuple[list[AsyncResult[int]], dict[str, Any], int]:
-        async with running_worker(app, concurrency=16) as worker:
-            await app.runtime().results.ensure_started()
-            results = await _publish(app, queue, batch)
-            for n, result in results:
-                assert await result.aget(timeout=60) == n
-            await wait_until(lambda: worker.stats["dead_lettered"] >= HOSTILE, 60, "every hostile message handled")
-            # Still serving after the flood: one more real task goes through.
-            assert await (await real.adelay(-1)).aget(timeout=10) == -1
-            return [r for _, r in results], dict(worker.stats), worker.consumer.resumptions
+    async def scenario() -> None:
+        await wait_until(lambda: _consumers(url, queue, 2), 30, "both workers consuming")
+        await client.runtime().results.ensure_started()
+        started = time.monotonic()
+        results, _ = await asyncio.gather(_publish(client, queue, batch), _publish_control(url, control))
+        for n, result in results:
+            assert await result.aget(timeout=settle_s) == n
+        await wait_until(lambda: _count(url, f"{queue}.dlq", hostile), settle_s, "every hostile message handled")
+        figures["flood handled in"] = f"{time.monotonic() - started:.1f}s"
+        # No stall: a real task sent after the flood is done within seconds.
+        sent = time.monotonic()
+        assert await (await client.asend_task(REAL_TASK, (-1,))).aget(timeout=AFTER_FLOOD_S) == -1
+        figures["real task after the flood"] = f"{time.monotonic() - sent:.2f}s"
+        assert await consumer_count(url, queue) == 2
+        await client.aclose()
 
-    logging.getLogger("amqtask.worker").setLevel(logging.CRITICAL)  # 10,000 dead-letter errors: expected
+    with worker_processes(url, logs, "-c", str(CONCURRENCY), env=_env(queue), names=names) as workers:
+        asyncio.run(scenario())
+        peaks = [peak_rss_mib(w.pid) for w in workers]
+        assert all(w.poll() is None for w in workers), "a worker process exited during the flood"
+    for path in logs:
+        trouble = [line for line in path.read_text(errors="replace").splitlines() if any(t in line for t in TROUBLE)]
+        assert not trouble, f"{path.name}: {trouble[:5]}"
+    dead, slimmed = asyncio.run(_read_dlq(url, f"{queue}.dlq", hostile))
+    _assert_reasons(dead, expected)
+    if any(kind.__name__ == "huge_headers" for kind in kinds) and hostile >= 1000:
+        assert slimmed, "no dead-letter copy had to drop headers: the frame-limit case was not exercised"
+    wait_for(lambda: _settled(rabbitmq, broker_vhost, queue), 20, f"{queue} and its DLQ empty, nothing unacked")
+    assert max(peaks) < RSS_BOUND_MIB, f"worker peak RSS {peaks} MiB"
+    return (
+        f"{hostile} hostile + {real} real + {len(control)} control requests, 2 workers; DLQ by reason "
+        f"{dict(collections.Counter(dead.values()))} ({slimmed} copies without the received headers); "
+        f"worker peak RSS {', '.join(f'{p:.0f}' for p in peaks)} MiB; "
+        + ", ".join(f"{k} {v}" for k, v in figures.items())
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="trust-remote (issue 11 item 2): the worker acts on a message before verifying it (an unknown task's "
+    "follow-ups are sent, signed by the worker) and the signature leaves reply_to, eta, retries... uncovered",
+)
+def test_under_signing_unverified_messages_cause_nothing(
+    broker_url: str, rabbitmq: TestBroker, broker_vhost: str, unique: str, tmp_path: Path
+) -> None:
+    queue, sink, probe, key = f"q-{unique}", f"sink-{unique}", f"probe-{unique}", f"key-{unique}"
+    client = App(f"fuzz-signed-{unique}", broker=broker_url, task_default_queue=queue, signing_keys=[key])
+    rng = random.Random(SEED)
+    expected, batch = _batch(Unverified(rng, key, queue, probe).kinds(), UNVERIFIED)
+    batch.extend(range(UNVERIFIED // 10))
+    rng.shuffle(batch)
+    asyncio.run(declare_sink(broker_url, sink))
+    asyncio.run(declare_sink(broker_url, probe))
+    logs = [tmp_path / "worker-a.log", tmp_path / "worker-b.log"]
+    env = _env(queue, AMQTASK_SIGNING_KEYS=key, FAULT_SINK_QUEUE=sink)
+
+    async def scenario() -> None:
+        await wait_until(lambda: _consumers(broker_url, queue, 2), 30, "both workers consuming")
+        await client.runtime().results.ensure_started()
+        results = await _publish(client, queue, batch)
+        for n, result in results:
+            assert await result.aget(timeout=60) == n
+        await wait_until(lambda: _count(broker_url, f"{queue}.dlq", UNVERIFIED), 30, "every message handled")
+        await client.aclose()
+
     try:
-        results, stats, resumptions = asyncio.run(scenario())
+        with worker_processes(broker_url, logs, "-c", str(CONCURRENCY), env=env):
+            asyncio.run(scenario())
+        dead, _ = asyncio.run(_read_dlq(broker_url, f"{queue}.dlq", UNVERIFIED))
+        _assert_reasons(dead, expected)
+        # Nothing they named ran (follow-ups, tampered copies: all fault.record) and nobody was answered.
+        runs = asyncio.run(read_sink(broker_url, sink))
+        assert not runs.by_task, f"{len(runs.by_task)} task(s) ran because of unverified messages"
+        assert asyncio.run(message_count(broker_url, probe)) == 0, "a reply reached an unverified message's reply_to"
+        wait_for(lambda: _settled(rabbitmq, broker_vhost, queue), 20, f"{queue} and its DLQ empty, nothing unacked")
     finally:
-        logging.getLogger("amqtask.worker").setLevel(logging.NOTSET)
-    assert len(results) == REAL
-    assert resumptions == 1, "the consumer had to start again: a message broke its channel"
-    dead, slimmed = asyncio.run(_read_dlq(broker_url, f"{queue}.dlq", HOSTILE))
-    assert slimmed, "no dead-letter copy had to drop headers: the frame-limit case was not exercised"
-    wrong = {tag: (expected.get(tag), got) for tag, got in dead.items() if expected.get(tag, ("", ""))[1] != got}
+        asyncio.run(_delete(broker_url, probe, sink))
+        client.close()
+
+
+def _assert_reasons(dead: dict[str, str], expected: dict[str, str]) -> None:
+    """Every hostile message is in the DLQ, each with a reason its kind allows ("a|b": either)."""
+    wrong = {tag: (expected.get(tag), got) for tag, got in dead.items() if got not in expected.get(tag, "").split("|")}
     assert not wrong, f"{len(wrong)} message(s) dead-lettered with another reason, e.g. {list(wrong.items())[:5]}"
     assert set(dead) == set(expected), f"missing from the DLQ: {sorted(set(expected) - set(dead))[:10]}"
-    # The last acks may trail the last dead-letter copies by a moment.
-    wait_for(lambda: _settled(rabbitmq, broker_vhost, queue), 20, f"{queue} and its DLQ empty, nothing unacked")
-    by_reason = collections.Counter(dead.values())
-    print(
-        f"\nbad input: {HOSTILE} hostile + {REAL} real; DLQ by reason {dict(by_reason)} ({slimmed} copies "
-        f"without the received headers, too large to keep); worker stats {stats}"
-    )
+
+
+async def _consumers(url: str, queue: str, count: int) -> bool:
+    return await consumer_count(url, queue) == count
+
+
+async def _count(url: str, queue: str, count: int) -> bool:
+    return await message_count(url, queue) >= count
+
+
+async def _delete(url: str, *queues: str) -> None:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        for queue in queues:
+            await channel.queue_delete(queue)
 
 
 def _settled(rabbitmq: TestBroker, vhost: str, queue: str) -> bool:
@@ -264,9 +275,9 @@ def _settled(rabbitmq: TestBroker, vhost: str, queue: str) -> bool:
     return counts[queue] == (0, 0) and counts[f"{queue}.dlq"] == (0, 0)
 
 
-async def _publish(app: App, queue: str, batch: list[aio_pika.Message | int]) -> list[tuple[int, AsyncResult[int]]]:
-    """Publish the interleaved batch raw, confirmed, 500 at a time; real tasks get the app's reply queue."""
-    results: list[tuple[int, AsyncResult[int]]] = []
+async def _publish(app: App, queue: str, batch: list[aio_pika.Message | int]) -> list[tuple[int, AsyncResult[Any]]]:
+    """Publish the interleaved batch raw, confirmed, 500 at a time; real tasks are built (and signed) by ``app``."""
+    results: list[tuple[int, AsyncResult[Any]]] = []
     connection = await aio_pika.connect(app.conf.broker_url[0])
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
@@ -275,17 +286,30 @@ async def _publish(app: App, queue: str, batch: list[aio_pika.Message | int]) ->
             sends = []
             for item in batch[start : start + 500]:
                 if isinstance(item, int):
-                    message, _, codec = app.build_message("fuzz.real", [item], {}, None, {})
+                    message, _, codec = app.build_message(REAL_TASK, [item], {}, None, {})
                     results.append((item, AsyncResult(message.id, app)))
-                    item = to_amqp(protocol.encode_task(message, serializers.codec(codec)))
+                    wire = protocol.encode_task(message, serializers.codec(codec))
+                    for middleware in app.middleware:
+                        await middleware.before_publish(app, message, wire)  # signs, when signing is on
+                    item = to_amqp(wire)
                 sends.append(channel.default_exchange.publish(item, queue))
             await asyncio.gather(*sends)
     return results
 
 
+async def _publish_control(url: str, requests: list[aio_pika.Message]) -> None:
+    """Publish the control requests to the workers' fanout exchange, confirmed, 200 at a time."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange("celery.pidbox", ensure=True)
+        for start in range(0, len(requests), 200):
+            await asyncio.gather(*(exchange.publish(r, "") for r in requests[start : start + 200]))
+
+
 async def _read_dlq(url: str, dlq: str, expected: int) -> tuple[dict[str, str], int]:
-    """Every dead-lettered message's correlation id -> its ``x-amqtask-reason`` (taken off the queue), and
-    how many copies had to leave the received headers out (too large to copy with the reason)."""
+    """Every dead-lettered message's tag -> its ``x-amqtask-reason`` (taken off the queue), and how many
+    copies had to leave the received headers out (too large to copy with the reason)."""
     found: dict[str, str] = {}
     slimmed = 0
     connection = await aio_pika.connect(url)
@@ -298,20 +322,21 @@ async def _read_dlq(url: str, dlq: str, expected: int) -> tuple[dict[str, str], 
                 message = await asyncio.wait_for(messages.__anext__(), 30)
                 headers = message.headers or {}
                 reason = headers.get("x-amqtask-reason")
-                found[str(message.correlation_id)] = reason.decode() if isinstance(reason, bytes) else str(reason)
+                found[str(message.message_id)] = reason.decode() if isinstance(reason, bytes) else str(reason)
                 slimmed += "x-amqtask-headers-dropped" in headers
     return found, slimmed
 
 
-def test_the_hostile_generators_cover_the_issue_list() -> None:
-    """Each kind the issue names has a generator, and each generator makes what it claims."""
+def test_the_hostile_generators_cover_the_issue_lists() -> None:
+    """Each kind issues 7 and 11 name has a generator, and each generator makes what it claims."""
     hostile = Hostile(random.Random(1))
     names = {kind.__name__ for kind in hostile.kinds()}
     for wanted in ("random_msgpack", "truncated_json", "wrong_header_type", "missing_headers", "unknown_task",
-                   "bad_dates", "too_deep", "too_big", "wrong_content_type"):  # fmt: skip
+                   "bad_dates", "too_deep", "too_big", "wrong_content_type", "msgpack_bomb", "json_bomb",
+                   "far_future_eta", "huge_retries", "retry_with_huge_countdown"):  # fmt: skip
         assert wanted in names
     accept = serializers.normalize_accept(["msgpack", "json"])
-    limits = serializers.DecodeLimits(MAX_BYTES, 64)
+    limits = serializers.DecodeLimits(MAX_BYTES, 64, MAX_ITEMS)
     for kind in hostile.kinds():
         for _ in range(50):
             wire, reason = kind()
@@ -320,7 +345,12 @@ def test_the_hostile_generators_cover_the_issue_list() -> None:
                     protocol.decode_task(wire, accept, limits)
             else:
                 assert protocol.decode_task(wire, accept, limits).task != ""
-    assert json.dumps(_nested(3)) == "[[[1]]]"
+    unverified = Unverified(random.Random(1), "k", "q", "probe")
+    for kind in unverified.kinds():
+        for _ in range(20):
+            wire, reason = kind()
+            assert reason == "rejected" and wire.headers.get("task", "").startswith("fault.")
+    assert json.dumps(control_flood(random.Random(1), 7)[0].headers["expires"]).isdigit()
 
 
 _TABLE_VALUES = st.recursive(

@@ -20,6 +20,7 @@ import pytest
 from fault_tasks import record_run
 from support.broker import TestBroker
 from support.faults import (
+    assert_duplicates_bounded,
     consumer_count,
     declare_sink,
     kill,
@@ -43,6 +44,9 @@ log = logging.getLogger("faults")
 
 TASKS = 5_000
 RESTART_AT = 1_000  # results received when the broker goes down
+CONCURRENCY = 8
+WINDOW = 100  # sends in flight
+PUBLISH_TIMEOUT_S = 60
 
 
 @pytest.fixture
@@ -58,7 +62,7 @@ def test_broker_restart_under_load_loses_no_confirmed_task(
 ) -> None:
     vhost, url = vhost_url
     queue, sink = f"q-{unique}", f"sink-{unique}"
-    settings = {"task_default_queue": queue, "publish_timeout_s": 60, "broker_reconnect_max_s": 2}
+    settings = {"task_default_queue": queue, "publish_timeout_s": PUBLISH_TIMEOUT_S, "broker_reconnect_max_s": 2}
     client = App(f"restart-client-{unique}", broker=url, **settings)
     # A client that gives up quickly: its sends while the broker is down must raise, not vanish.
     impatient = App(f"restart-impatient-{unique}", broker=url, **{**settings, "publish_timeout_s": 2})
@@ -69,18 +73,20 @@ def test_broker_restart_under_load_loses_no_confirmed_task(
         await record_run(worker_app, sink)
         return n
 
-    env = {"AMQTASK_TASK_DEFAULT_QUEUE": queue, "FAULT_SINK_QUEUE": sink, "AMQTASK_PUBLISH_TIMEOUT_S": "60",
-           "AMQTASK_BROKER_RECONNECT_MAX_S": "2"}  # fmt: skip
+    env = {"AMQTASK_TASK_DEFAULT_QUEUE": queue, "FAULT_SINK_QUEUE": sink,
+           "AMQTASK_PUBLISH_TIMEOUT_S": str(PUBLISH_TIMEOUT_S), "AMQTASK_BROKER_RECONNECT_MAX_S": "2"}  # fmt: skip
     worker_log = tmp_path / "worker.log"
     asyncio.run(declare_sink(url, sink))
     figures: dict[str, float] = {}
+    outage: dict[str, float] = {}  # monotonic times the node began to stop and the client was back
+    timings: dict[int, tuple[float, float]] = {}
     ids = new_ids(TASKS)
 
     async def restart_and_measure() -> list[BaseException | AsyncResult[object]]:
         runtime = client.runtime()
         before = runtime.broker.generation
         await impatient.asend_task("fault.record", (-1,))  # connected before the broker goes away
-        t0 = time.monotonic()
+        t0 = outage["down"] = time.monotonic()
         await asyncio.to_thread(private_rabbitmq.stop_node, 0)
         figures["node stop"] = time.monotonic() - t0
         # Sent while the broker is down: each one must raise to its caller within its timeout.
@@ -91,7 +97,8 @@ def test_broker_restart_under_load_loses_no_confirmed_task(
         up = time.monotonic()
         figures["node start"] = up - t0
         await wait_until(lambda: runtime.broker.generation > before and runtime.broker.connected, 30, "client")
-        figures["client reconnected"] = time.monotonic() - up
+        outage["back"] = time.monotonic()
+        figures["client reconnected"] = outage["back"] - up
         await wait_until(lambda: thread_worker.consumer.resumptions >= 2 and thread_worker.consumer.consuming.is_set(),
                          30, "in-process worker consuming again")  # fmt: skip
         figures["in-process worker consuming"] = time.monotonic() - up
@@ -105,7 +112,9 @@ def test_broker_restart_under_load_loses_no_confirmed_task(
     async def scenario() -> tuple[list[AsyncResult[int] | BaseException], list[BaseException | AsyncResult[object]]]:
         try:
             await wait_until(lambda: _consumers_are(2), 30, "both workers consuming")
-            sending = asyncio.create_task(send_all(client, "fault.record", ids, lambda i: (i,), window=100))
+            sending = asyncio.create_task(
+                send_all(client, "fault.record", ids, lambda i: (i,), window=WINDOW, timings=timings)
+            )
             # The restart lands while sends, runs and replies are all under way.
             await wait_until(lambda: ready_count(client, ids) >= RESTART_AT, 60, f"{RESTART_AT} results")
             refused = await restart_and_measure()
@@ -119,9 +128,9 @@ def test_broker_restart_under_load_loses_no_confirmed_task(
             await client.aclose()
             await impatient.aclose()
 
-    subprocess_worker = spawn_worker(url, worker_log, "-c", "8", env=env)
+    subprocess_worker = spawn_worker(url, worker_log, "-c", str(CONCURRENCY), env=env)
     try:
-        with worker_thread(worker_app, concurrency=8) as thread_worker:
+        with worker_thread(worker_app, concurrency=CONCURRENCY) as thread_worker:
             outcomes, refused = asyncio.run(scenario())
     except BaseException:
         log.error("worker.log:\n%s", log_tail(worker_log))
@@ -132,17 +141,28 @@ def test_broker_restart_under_load_loses_no_confirmed_task(
         worker_app.close()
 
     confirmed = {o.id for o in outcomes if isinstance(o, AsyncResult)}
-    raised = [o for o in outcomes if not isinstance(o, AsyncResult)]
-    assert all(isinstance(o, PublishError | BrokerConnectionError) for o in raised), raised
-    assert refused and all(isinstance(o, PublishError | BrokerConnectionError) for o in refused), refused
+    raised = {n: o for n, o in enumerate(outcomes) if not isinstance(o, AsyncResult)}
+    assert all(isinstance(o, PublishError | BrokerConnectionError) for o in raised.values()), raised
+    # Only a send in flight while the broker was away may raise, and only once its timeout is spent:
+    # with an outage shorter than the timeout, none does.
+    away = outage["back"] - outage["down"]
+    outside = [n for n in raised if not (timings[n][0] <= outage["back"] and timings[n][1] >= outage["down"])]
+    assert not outside, f"sends {outside[:10]} raised though they were not in flight while the broker was away"
+    assert len(raised) <= WINDOW
+    if away < PUBLISH_TIMEOUT_S:
+        assert not raised, f"{len(raised)} send(s) raised after an outage of {away:.1f}s < {PUBLISH_TIMEOUT_S}s"
+    # Sent while the broker was down by a client with a 2 s timeout: every one raises, none vanishes.
+    assert len(refused) == 10 and all(isinstance(o, PublishError | BrokerConnectionError) for o in refused), refused
     runs = asyncio.run(read_sink(url, sink))
     assert confirmed <= runs.ids(), f"{len(confirmed - runs.ids())} confirmed task(s) never ran"
     counts = queue_counts(private_rabbitmq, vhost)
     assert counts[queue] == (0, 0), counts[queue]
     assert counts.get(f"{queue}.dlq", (0, 0)) == (0, 0)
+    # One fault, cutting both workers' connections and the client's.
+    seen = assert_duplicates_bounded(runs, faults=1, workers_hit=2, concurrency=CONCURRENCY, sends_in_flight=WINDOW)
     print(
         f"\nbroker restart: {len(confirmed)} confirmed, {len(raised)} raised (+{len(refused)} sends refused "
-        f"while down), {runs.summary()}; "
+        f"while down; broker away {away:.1f}s), {seen}; "
         + ", ".join(f"{k} {v:.1f}s" for k, v in figures.items())
         + " (reconnect times counted from the node accepting AMQP again)"
     )

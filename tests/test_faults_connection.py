@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from support.broker import TestBroker
 from support.faults import (
+    assert_duplicates_bounded,
     consumer_count,
     declare_sink,
     message_count,
@@ -41,6 +42,8 @@ HEARTBEAT_S = 2
 #: Two silent heartbeat intervals, plus aiormq's check period (1 s) and time to reconnect on a loaded host.
 STALL_BOUND_S = 2 * HEARTBEAT_S + 2.5
 TASKS = 5_000
+CONCURRENCY = 8
+WINDOW = 200  # sends in flight (send_all's default)
 
 
 @pytest.fixture
@@ -158,7 +161,7 @@ def test_dropped_and_stalled_connections_lose_no_task(
     async def scenario() -> list[AsyncResult[int] | BaseException]:
         try:
             await wait_until(lambda: consumers_are(2), 30, "both workers consuming")
-            sending = asyncio.create_task(send_all(client, "fault.record", ids, lambda i: (i,)))
+            sending = asyncio.create_task(send_all(client, "fault.record", ids, lambda i: (i,), window=WINDOW))
             await wait_until(lambda: ready_count(client, ids) >= 1_000, 60, "1000 results")
             accepted = proxy.accepted
             await all_links_replaced(accepted, proxy.drop(), "drop")
@@ -180,7 +183,7 @@ def test_dropped_and_stalled_connections_lose_no_task(
         finally:
             await client.aclose()
 
-    with worker_processes(url, logs, "-c", "8", env=env):
+    with worker_processes(url, logs, "-c", str(CONCURRENCY), env=env):
         asyncio.run(scenario())
 
     runs = asyncio.run(read_sink(broker_url, sink))
@@ -188,4 +191,6 @@ def test_dropped_and_stalled_connections_lose_no_task(
     counts = queue_counts(rabbitmq, broker_vhost)
     for name in (queue, f"{queue}.dlq", client.reply_queue):
         assert counts.get(name, (0, 0)) == (0, 0), f"{name}: (messages, unacked) = {counts.get(name)}"
-    print(f"\nconnection cuts: {TASKS} tasks, {runs.summary()}; " + "; ".join(figures))
+    # Three faults (drop, stall, drop), each cutting both workers' connections and the client's.
+    seen = assert_duplicates_bounded(runs, faults=3, workers_hit=2, concurrency=CONCURRENCY, sends_in_flight=WINDOW)
+    print(f"\nconnection cuts: {TASKS} tasks, {seen}; " + "; ".join(figures))

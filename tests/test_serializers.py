@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import decimal
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -148,12 +149,61 @@ def test_decode_enforces_max_bytes(codec: Codec) -> None:
 
 
 @pytest.mark.parametrize("codec", CODECS)
-def test_decode_enforces_max_depth(codec: Codec) -> None:
-    limits = DecodeLimits(max_depth=5)
-    assert _roundtrip(_nested_list(3), codec, limits) == _nested_list(3)
-    for value in (_nested_list(10), {"a": {"b": {"c": {"d": {"e": {"f": 1}}}}}}):
+@pytest.mark.parametrize("max_items", [LIMITS.max_items, 16], ids=["after-decoding", "while-counting"])
+def test_decode_enforces_max_depth(codec: Codec, max_items: int) -> None:
+    # The long leaf makes each body longer than 16 bytes: with 16 values allowed, msgpack bodies are
+    # checked while their values are counted, before anything is built.
+    limits = DecodeLimits(max_depth=5, max_items=max_items)
+    leaf = "x" * 40
+    assert _roundtrip([[[leaf]]], codec, limits) == [[[leaf]]]
+    for value in ([[[[[[leaf]]]]]], {"a": {"b": {"c": {"d": {"e": leaf}}}}}):
         with pytest.raises(SerializationError, match="deeper than the limit of 5"):
             _roundtrip(value, codec, limits)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda n: list(range(n - 1)), id="flat-list"),
+        pytest.param(lambda n: [[] for _ in range(n - 1)], id="empty-lists"),
+        pytest.param(lambda n: [{} for _ in range(n - 1)], id="empty-maps"),
+        pytest.param(lambda n: {str(i): None for i in range((n - 1) // 2)}, id="map-keys-and-values"),
+        pytest.param(lambda n: [[["ab"] for _ in range((n - 2) // 2)]], id="nested"),
+    ],
+)
+def test_decode_bounds_the_number_of_values_a_body_holds(codec: Codec, make: Callable[[int], Any]) -> None:
+    # Every container, key and scalar is a value: 1,000 of them fit, one more is refused before any is built.
+    limits = DecodeLimits(max_items=1000)
+    value = make(1000)
+    assert _roundtrip(value, codec, limits) == value
+    wrapped = [value, 1] if not isinstance(value, dict) else {**value, "extra": None}
+    with pytest.raises(SerializationError, match="more than 1000 values") as info:
+        _roundtrip(wrapped, codec, limits)
+    assert len(info.value.body) > 0
+
+
+def test_json_strings_full_of_separators_are_not_counted_as_values() -> None:
+    # The quick count over raw bytes sees 4,000 marks; blanking the strings shows 3 values.
+    value = ["a,b:c[d{" * 1000, {"k": '\\"[,]"'}]
+    assert _roundtrip(value, JSON, DecodeLimits(max_items=10)) == value
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/json", b"[" + b"[]," * 1_100_000 + b"[]]"),
+        ("application/json", b"[" + b"{}," * 1_100_000 + b"{}]"),
+        ("application/x-msgpack", b"\xdd" + (1_200_000).to_bytes(4, "big") + b"\x90" * 1_200_000),
+        ("application/x-msgpack", b"\xdd" + (1_100_000).to_bytes(4, "big") + b"\xa2ab" * 1_100_000),
+    ],
+    ids=["json-empty-lists", "json-empty-objects", "msgpack-empty-arrays", "msgpack-short-strings"],
+)
+def test_a_memory_bomb_is_refused_by_the_default_limits(content_type: str, body: bytes) -> None:
+    # Each of these values costs ~60-90 bytes of Python objects for 1-3 bytes of body.
+    with pytest.raises(SerializationError, match=f"more than {LIMITS.max_items} values") as info:
+        decode(body, content_type, BOTH, LIMITS)
+    assert info.value.body == body
 
 
 @pytest.mark.parametrize(

@@ -67,15 +67,22 @@ def list_messages(app_spec: str, queue: str, limit: int) -> None:
 @click.argument("queue")
 @click.option("--id", "ids", multiple=True, help="task id to replay (repeatable)")
 @click.option("--all", "replay_all", is_flag=True, help="replay every message")
-def replay_messages(app_spec: str, queue: str, ids: tuple[str, ...], replay_all: bool) -> None:
-    """Send dead-lettered messages back to their queue with retries reset (confirmed, then removed)."""
+@click.option("--to", "target", help="queue to send them to (default: QUEUE, whose dead-letter queue they are in)")
+def replay_messages(app_spec: str, queue: str, ids: tuple[str, ...], replay_all: bool, target: str | None) -> None:
+    """Send dead-lettered messages back to QUEUE with retries reset (confirmed, then removed).
+
+    With signing_keys set, each message's signature is checked and the copy signed again; a message
+    that does not verify stays in the dead-letter queue.
+    """
     if bool(ids) == replay_all:
         raise click.UsageError("give either --id ID (one or more) or --all")
-    outcome = _call(app_spec, lambda app: dlq.replay(app, queue, None if replay_all else ids))
+    outcome = _call(app_spec, lambda app: dlq.replay(app, queue, None if replay_all else ids, to=target))
     click.echo(f"replayed {len(outcome.replayed)} message(s)")
     for missing in outcome.missing:
         click.echo(f"not found: {missing}", err=True)
-    if outcome.missing:
+    for refused in outcome.refused:
+        click.echo(f"not replayed (its signature does not verify): {refused or '-'}", err=True)
+    if outcome.missing or outcome.refused:
         click.get_current_context().exit(1)
 
 

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .. import canvas, protocol, serializers
+from .. import canvas, protocol, serializers, signing
 from ..chords import ChordKeeper, Part
 from ..errors import AmqtaskError, ConfigurationError, MessageError, SerializationError, TopologyError, UnroutableError
 from ..failures import encode_exception
@@ -194,6 +194,7 @@ async def _report_failure(
     failure = ResultMessage(task_id, protocol.FAILURE, report.result, report.traceback, date_done=protocol.now_iso())
     codec = serializers.codec(app.conf.result_serializer or message.serializer or "json")
     wire = protocol.encode_result(failure, codec, persistent=app.conf.result_persistent)
+    signing.seal(app.conf.signing_keys, wire, signing.Kind.RESULT)
     await worker.runtime.publisher.publish(wire, "", reply_to, mandatory=False)
 
 

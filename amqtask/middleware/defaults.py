@@ -11,7 +11,8 @@ from .control import ControlMiddleware
 def default_middleware() -> list[Middleware]:
     """A fresh list of the built-in middleware, in the order their hooks run.
 
-    Signing comes first so a forged message is refused before anything acts on it; it is a no-op
-    unless ``signing_keys`` is set. Control's revoke check comes before canvas follow-ups.
+    Control's revoke check comes before canvas follow-ups. Signing (a no-op unless ``signing_keys``
+    is set) signs what is published, so it comes after anything that changes outgoing messages; it
+    verifies nothing here: a worker verifies each delivery before any middleware sees it.
     """
-    return [SigningMiddleware(), ControlMiddleware(), CanvasMiddleware()]
+    return [ControlMiddleware(), CanvasMiddleware(), SigningMiddleware()]

@@ -18,9 +18,9 @@ from aio_pika import ExchangeType
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from .. import serializers
-from ..connection import close_quietly
+from ..connection import SETTLE_ERRORS, close_quietly
 from ..errors import ConfigurationError
-from ..serializers import DecodeLimits
+from ..serializers import CONTROL_LIMITS
 from . import wire
 from .wire import EXCHANGE, QUEUE_ARGUMENTS, REPLY_EXCHANGE, LamportClock, declare_exchange, encode_message
 
@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     from ..app import App
 
 log = logging.getLogger("amqtask.control")
+#: Replies in flight to one call at once.
+REPLY_PREFETCH = 64
+#: The most replies one call keeps (one per worker; more than this many workers is not a real vhost).
+MAX_REPLIES = 10_000
 
 
 def flatten(replies: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -99,7 +103,9 @@ class Control:
             # Celery sends a double; pamqp writes every Python float as a 32-bit float, which at epoch
             # magnitudes is 128 s coarse. Whole seconds, rounded up, keep the request alive long enough.
             headers = {"clock": self.clock.forward(), "expires": math.ceil(time.time() + timeout)}
-            request = encode_message(body, headers, serializers.codec(self.app.conf.control_serializer), reply=False)
+            conf = self.app.conf
+            codec = serializers.codec(conf.control_serializer)
+            request = encode_message(body, headers, codec, reply=False, keys=conf.signing_keys)
             # Not mandatory: with no worker on the vhost the request reaches no queue, and that is an
             # empty answer, not an error.
             await runtime.publisher.publish(request, EXCHANGE, "", mandatory=False)
@@ -271,8 +277,9 @@ class _Collector:
         self._reader = wire.Reader(
             self.clock,
             serializers.normalize_accept(conf.result_accept_content),
-            DecodeLimits(conf.message_max_bytes, conf.message_max_depth),
+            CONTROL_LIMITS,
             "control reply",
+            conf.signing_keys,
         )
 
     async def listen(self) -> None:
@@ -282,7 +289,9 @@ class _Collector:
             wire.reply_queue_name(self.oid), exclusive=True, auto_delete=True, arguments=QUEUE_ARGUMENTS
         )
         await queue.bind(REPLY_EXCHANGE, self.oid)
-        await queue.consume(self._on_reply, no_ack=True)
+        # Acked, with a bounded prefetch: a flood of replies waits in the broker, not in this process.
+        await self.channel.set_qos(prefetch_count=REPLY_PREFETCH)
+        await queue.consume(self._on_reply)
 
     async def collect(self, timeout: float, limit: int | None) -> list[dict[str, Any]]:
         """The replies that arrived within ``timeout`` seconds (fewer if ``limit`` is reached first)."""
@@ -297,11 +306,19 @@ class _Collector:
             self._enough.set()
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        envelope = wire.read(self._reader, message)
-        if envelope is None or wire.header_text(envelope.headers.get("ticket")) != self.ticket:
-            return
-        self.replies.append(envelope.body)
-        self._check_limit()
+        try:
+            envelope = wire.read(self._reader, message)
+            if envelope is None or wire.header_text(envelope.headers.get("ticket")) != self.ticket:
+                return
+            if len(self.replies) >= MAX_REPLIES:
+                log.warning("more than %d replies to one control request; ignoring the rest", MAX_REPLIES)
+                self._enough.set()
+                return
+            self.replies.append(envelope.body)
+            self._check_limit()
+        finally:
+            with contextlib.suppress(*SETTLE_ERRORS):
+                await message.ack()
 
 
 __all__ = ["Control", "Inspect", "flatten"]

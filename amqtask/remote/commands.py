@@ -12,6 +12,7 @@ answered REVOKED without running (:meth:`Commands.check` raises :class:`~amqtask
 from __future__ import annotations
 
 import logging
+import reprlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from ..errors import Revoked
-from ..urls import mask_url
+from ..urls import encode_credentials, mask_url
 from .wire import LamportClock
 
 if TYPE_CHECKING:
@@ -31,6 +32,12 @@ log = logging.getLogger("amqtask.control")
 #: Celery's limits for its in-memory revoke set (``REVOKES_MAX``, ``REVOKE_EXPIRES``).
 REVOKES_MAX = 50_000
 REVOKE_EXPIRES_S = 3 * 3600.0
+#: The most characters ``active`` shows of one task's args or kwargs.
+ARGUMENT_REPR_MAX = 1024
+_repr = reprlib.Repr()
+_repr.maxlevel = 3
+_repr.maxstring = _repr.maxother = ARGUMENT_REPR_MAX
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = 64
 #: What ``registered`` shows per task when the request names no options (Celery's default).
 DEFAULT_TASK_INFO_ITEMS = ("exchange", "routing_key", "rate_limit")
 
@@ -67,7 +74,7 @@ class RevokedIds:
 
 def broker_info(url: str, others: Iterable[str], heartbeat: float, connect_timeout: float) -> dict[str, Any]:
     """The ``broker`` section of ``stats`` in Celery's shape; credentials masked."""
-    parts = urlsplit(url)
+    parts = urlsplit(encode_credentials(url))  # a raw "/" in the password must not split it
     return {
         "hostname": parts.hostname,
         "port": parts.port or (5671 if parts.scheme == "amqps" else 5672),
@@ -90,6 +97,37 @@ def _rusage() -> dict[str, float]:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     fields = ("utime", "stime", "maxrss", "minflt", "majflt", "inblock", "oublock", "nvcsw", "nivcsw")
     return {name: getattr(usage, f"ru_{name}") for name in fields}
+
+
+def _size_within(value: Any, budget: int) -> int:
+    """What is left of ``budget`` after ``value``'s size (about one unit per character); negative: too big.
+
+    Stops as soon as the budget is spent, so a huge value costs no more than a small one.
+    """
+    if isinstance(value, str | bytes):
+        return budget - len(value)
+    if isinstance(value, dict):
+        value = [item for pair in value.items() for item in pair]
+    if isinstance(value, list | tuple):
+        budget -= 2
+        for item in value:
+            if budget < 0:
+                break
+            budget = _size_within(item, budget - 1)
+        return budget
+    return budget - 8
+
+
+def _shown(value: Any, given_repr: str | None, safe: bool) -> Any:
+    """Arguments as ``active`` shows them: the values (or, when ``safe``, their repr), at most about 1 KiB.
+
+    The repr a message carries (``argsrepr``) is the sender's text, of any length; a bigger value or
+    repr is cut to :data:`ARGUMENT_REPR_MAX` characters, ending in "...".
+    """
+    if not safe and _size_within(value, ARGUMENT_REPR_MAX) >= 0:
+        return value
+    text = given_repr if safe and isinstance(given_repr, str) else _repr.repr(value)
+    return text if len(text) <= ARGUMENT_REPR_MAX else text[: ARGUMENT_REPR_MAX - 3] + "..."
 
 
 class Commands:
@@ -149,8 +187,8 @@ class Commands:
         return {
             "id": msg.id,
             "name": msg.task,
-            "args": msg.argsrepr if safe else msg.args,
-            "kwargs": msg.kwargsrepr if safe else msg.kwargs,
+            "args": _shown(msg.args, msg.argsrepr, safe),
+            "kwargs": _shown(msg.kwargs, msg.kwargsrepr, safe),
             "type": msg.task,
             "hostname": self.hostname,
             "time_start": self.started.get(msg.id),

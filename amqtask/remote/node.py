@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
+import dataclasses
 import logging
-import re
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiormq
@@ -19,7 +19,7 @@ from aio_pika import ExchangeType
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from .. import serializers
-from ..connection import RECOVERABLE_ERRORS
+from ..connection import RECOVERABLE_ERRORS, SETTLE_ERRORS
 from ..errors import AmqtaskError, SerializationError
 from ..producer import to_amqp
 from . import wire
@@ -35,24 +35,56 @@ log = logging.getLogger("amqtask.control")
 _TRANSIENT: tuple[type[BaseException], ...] = (*RECOVERABLE_ERRORS, AmqtaskError)
 #: How long a starting worker waits for its control consumer before it gets on with the tasks.
 CONTROL_READY_WAIT_S = 5.0
+#: Requests in flight at once: a flood waits in the broker, not in the worker's memory.
+CONTROL_PREFETCH = 8
+#: A request is a method and a few arguments (a revoke of ~1,500 ids fits); nothing bigger is decoded.
+MAX_REQUEST_BYTES = 64 * 1024
+#: The longest ``glob`` pattern a request may address workers with.
+MAX_PATTERN_LENGTH = 256
+#: The most a ``reply_to`` routing key may hold (an AMQP short string).
+MAX_ROUTING_KEY_BYTES = 255
 
 
-def _matches(hostname: str, body: dict[str, Any]) -> bool:
-    """Whether a request is addressed to ``hostname``: kombu's ``destination`` / ``pattern`` rules."""
+def glob_match(pattern: str, name: str) -> bool:
+    """Whether ``name`` matches ``pattern`` with ``*`` (any run) and ``?`` (one character); the rest is literal.
+
+    Two indices and the last ``*`` to fall back to: at most ``len(pattern) * len(name)`` steps, no
+    regex engine and no recursion, so no pattern can make it backtrack for long.
+    """
+    p = n = 0
+    star, mark = -1, 0
+    while n < len(name):
+        if p < len(pattern) and pattern[p] in ("?", name[n]):
+            p, n = p + 1, n + 1
+        elif p < len(pattern) and pattern[p] == "*":
+            star, mark, p = p, n, p + 1
+        elif star >= 0:
+            mark += 1
+            p, n = star + 1, mark
+        else:
+            return False
+    return all(char == "*" for char in pattern[p:])
+
+
+def _matches(hostname: str, body: dict[str, Any], complain: Callable[..., None] = log.warning) -> bool:
+    """Whether a request is addressed to ``hostname``: kombu's ``destination`` / ``pattern`` rules.
+
+    Only ``glob`` patterns are matched. ``pcre`` ones, regular expressions from the wire, are refused:
+    one backtracking pattern would hold the event loop (heartbeats, every task) for as long as it runs.
+    """
     destination = body.get("destination")
     if destination:
         return isinstance(destination, list | tuple) and hostname in destination
     pattern, matcher = body.get("pattern"), body.get("matcher")
     if pattern and matcher:
-        if matcher == "glob":
-            return fnmatch.fnmatch(hostname, str(pattern))
-        if matcher == "pcre":
-            try:
-                return re.match(str(pattern), hostname) is not None
-            except re.error as exc:
-                log.error("control request with an invalid pattern %r ignored: %s", pattern, exc)
-                return False
-        log.error("control request with unknown matcher %r ignored", matcher)
+        if matcher == "glob" and isinstance(pattern, str) and len(pattern) <= MAX_PATTERN_LENGTH:
+            return glob_match(pattern, hostname)
+        complain(
+            "control request ignored: only glob patterns of up to %d characters are matched, got %.20r %.80r",
+            MAX_PATTERN_LENGTH,
+            matcher,
+            pattern,
+        )
         return False
     return True
 
@@ -69,13 +101,15 @@ class ControlNode:
         self._reader = wire.Reader(
             self.clock,
             serializers.normalize_accept(conf.accept_content),
-            serializers.DecodeLimits(conf.message_max_bytes, conf.message_max_depth),
+            dataclasses.replace(serializers.CONTROL_LIMITS, max_bytes=MAX_REQUEST_BYTES),
             "control request",
+            conf.signing_keys,
         )
         self._ready = asyncio.Event()
         self._serving: asyncio.Task[None] | None = None
         self._replies: AbstractChannel | None = None
-        self._reply_exchanges: set[str] = set()
+        self._reply_declared = False
+        self._complained: set[str] = set()
 
     # ------------------------------------------------------------------------------------------ consuming
     async def start(self, timeout: float) -> None:
@@ -141,7 +175,9 @@ class ControlNode:
                 arguments=wire.QUEUE_ARGUMENTS,
             )
             await queue.bind(wire.EXCHANGE, "")
-            await queue.consume(self._on_request, no_ack=True)
+            # Acked, with a bounded prefetch: the broker holds a flood of requests, not this process.
+            await channel.set_qos(prefetch_count=CONTROL_PREFETCH)
+            await queue.consume(self._on_request)
         except BaseException:
             if not channel.is_closed:
                 with contextlib.suppress(*RECOVERABLE_ERRORS):
@@ -151,6 +187,14 @@ class ControlNode:
 
     # ------------------------------------------------------------------------------------------ requests
     async def _on_request(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await self._answer(message)
+        finally:
+            # Acked whatever happened: a request is never redelivered, so none can loop.
+            with contextlib.suppress(*SETTLE_ERRORS):
+                await message.ack()
+
+    async def _answer(self, message: AbstractIncomingMessage) -> None:
         request = wire.read(self._reader, message)
         if request is None:
             return
@@ -158,7 +202,7 @@ class ControlNode:
         if not isinstance(body.get("method"), str):
             log.error("dropping a control request without a method: %.200r", body)
             return
-        if not _matches(self.hostname, body):
+        if not _matches(self.hostname, body, self._complain):
             return
         reply = self.commands.dispatch(body["method"], body.get("arguments"))
         reply_to = body.get("reply_to")
@@ -166,35 +210,54 @@ class ControlNode:
             # Answer in the request's encoding: a Celery client may accept nothing else.
             msgpack = request.content_type == serializers.MSGPACK_CONTENT_TYPE
             codec = serializers.MSGPACK if msgpack else serializers.JSON
-            await self._reply(reply_to, wire.header_text(body.get("ticket")), {self.hostname: reply}, codec)
+            ticket = wire.header_text(body.get("ticket"))
+            await self._reply(reply_to, ticket, {self.hostname: reply}, codec, request.reply_keys)
 
     async def _reply(
-        self, reply_to: dict[str, Any], ticket: str | None, data: dict[str, Any], codec: serializers.Codec
+        self,
+        reply_to: dict[str, Any],
+        ticket: str | None,
+        data: dict[str, Any],
+        codec: serializers.Codec,
+        keys: Sequence[str],
     ) -> None:
         exchange, routing_key = reply_to.get("exchange"), reply_to.get("routing_key")
-        if not isinstance(exchange, str) or not isinstance(routing_key, str):
-            log.error("control request with an unusable reply_to %r", reply_to)
+        # Replies go to the mailbox reply exchange only (Celery's and amqtask's clients use nothing
+        # else): a request must not make the worker declare exchanges or publish into task queues.
+        if (
+            exchange != wire.REPLY_EXCHANGE
+            or not isinstance(routing_key, str)
+            or len(routing_key.encode("utf-8", "surrogatepass")) > MAX_ROUTING_KEY_BYTES
+        ):
+            log.warning(
+                "control request not answered: reply_to must name %s, got %.200r", wire.REPLY_EXCHANGE, reply_to
+            )
             return
         headers = {"ticket": ticket, "clock": self.clock.forward()}
         try:
-            out = wire.encode_message(data, headers, codec, reply=True)
+            out = wire.encode_message(data, headers, codec, reply=True, keys=keys)
         except SerializationError as exc:
-            out = wire.encode_message({self.hostname: {"error": str(exc)}}, headers, codec, reply=True)
+            out = wire.encode_message({self.hostname: {"error": str(exc)}}, headers, codec, reply=True, keys=keys)
         try:
             channel = await self._reply_channel()
-            if exchange and exchange not in self._reply_exchanges:
+            if not self._reply_declared:
                 # kombu declares the reply exchange before every reply; once per channel is enough.
-                await wire.declare_exchange(channel, exchange, ExchangeType.DIRECT)
-                self._reply_exchanges.add(exchange)
-            target = await channel.get_exchange(exchange, ensure=False) if exchange else channel.default_exchange
+                await wire.declare_exchange(channel, wire.REPLY_EXCHANGE, ExchangeType.DIRECT)
+                self._reply_declared = True
+            target = await channel.get_exchange(wire.REPLY_EXCHANGE, ensure=False)
             await target.publish(to_amqp(out), routing_key, mandatory=False)
         except _TRANSIENT as exc:
             log.warning("could not reply to a control request (%s)", exc)
 
+    def _complain(self, message: str, *args: Any) -> None:
+        """Log a refused request at WARNING the first time, then at DEBUG: a flood must not flood the log."""
+        log.log(logging.DEBUG if message in self._complained else logging.WARNING, message, *args)
+        self._complained.add(message)
+
     async def _reply_channel(self) -> AbstractChannel:
         if self._replies is None or self._replies.is_closed:
             self._replies = await self.worker.runtime.broker.channel(confirms=False)
-            self._reply_exchanges.clear()
+            self._reply_declared = False
         return self._replies
 
     def check(self, msg: TaskMessage) -> None:

@@ -9,14 +9,15 @@ reply limit. Exchanges, queue arguments, bodies and headers are Celery 5.7's
 (``shared/fixtures/celery-v2/control_*.json``), so ``celery inspect ping`` reaches amqtask workers and
 ``amqtask inspect ping`` reaches Celery workers on the same vhost.
 
-Requests and replies are read by one function, :func:`read`: the clock, the expiry and the decoding
-limits apply the same way on both sides.
+Requests and replies are read by one function, :func:`read`: signatures (when ``signing_keys`` is
+set), the clock, the expiry and the decoding limits apply the same way on both sides.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +25,9 @@ import aiormq
 from aio_pika import ExchangeType
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from .. import serializers
+from .. import serializers, signing
 from ..errors import SerializationError
+from ..producer import wire_of
 from ..protocol import PERSISTENT, TRANSIENT, WireMessage
 from ..topology import translate
 
@@ -90,9 +92,11 @@ def expired(headers: dict[str, Any]) -> bool:
     return isinstance(expires, int | float) and not isinstance(expires, bool) and 0 < expires < time.time()
 
 
-def encode_message(body: Any, headers: dict[str, Any], codec: serializers.Codec, *, reply: bool) -> WireMessage:
-    """A request (persistent) or reply (transient) with the properties kombu gives them."""
-    return WireMessage(
+def encode_message(
+    body: Any, headers: dict[str, Any], codec: serializers.Codec, *, reply: bool, keys: Sequence[str]
+) -> WireMessage:
+    """A request (persistent) or reply (transient) with the properties kombu gives them; signed with ``keys``."""
+    message = WireMessage(
         body=serializers.encode(body, codec),
         content_type=codec.content_type,
         content_encoding=codec.content_encoding,
@@ -100,17 +104,23 @@ def encode_message(body: Any, headers: dict[str, Any], codec: serializers.Codec,
         delivery_mode=TRANSIENT if reply else PERSISTENT,
         priority=0,
     )
+    signing.seal(keys, message, signing.Kind.CONTROL)
+    return message
 
 
-@dataclass(frozen=True)
+@dataclass
 class Reader:
-    """How one side reads mailbox messages: its clock, the content it accepts, its decoding limits."""
+    """How one side reads mailbox messages: its clock, what it accepts, its limits, its signing keys."""
 
     clock: LamportClock
     accept: frozenset[str]
     limits: serializers.DecodeLimits
     #: What is read, for the log: "control request" or "control reply".
     what: str
+    #: With keys, only messages signed with one of them are read.
+    keys: Sequence[str] = ()
+    #: Whether an unverified message was already logged at WARNING (a flood of them is not).
+    complained: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,10 +130,19 @@ class Envelope:
     headers: dict[str, Any]
     body: dict[str, Any]
     content_type: str | None
+    #: The keys to sign an answer with: the one that signed this message first.
+    reply_keys: Sequence[str] = ()
 
 
 def read(reader: Reader, message: AbstractIncomingMessage) -> Envelope | None:
-    """The request or reply in ``message``; None (logged) when it expired or is not an object we can read."""
+    """The request or reply in ``message``; None (logged) when it is unverified, expired or unreadable."""
+    received = wire_of(message)
+    unverified = signing.problem(reader.keys, received, signing.Kind.CONTROL)
+    if unverified is not None:
+        level = logging.DEBUG if reader.complained else logging.WARNING
+        log.log(level, "ignoring a %s: %s (logged once)", reader.what, unverified)
+        reader.complained = True
+        return None
     headers = dict(message.headers or {})
     reader.clock.adjust(headers.get("clock"))
     if expired(headers):
@@ -137,7 +156,8 @@ def read(reader: Reader, message: AbstractIncomingMessage) -> Envelope | None:
     if not isinstance(body, dict):
         log.warning("dropping a %s that is not an object: %.200r", reader.what, body)
         return None
-    return Envelope(headers, body, message.content_type)
+    reply_keys = signing.replying_keys(reader.keys, received, signing.Kind.CONTROL)
+    return Envelope(headers, body, message.content_type, reply_keys)
 
 
 __all__ = [

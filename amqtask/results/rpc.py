@@ -21,11 +21,11 @@ from typing import Any
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from .. import protocol
+from .. import protocol, signing
 from ..connection import CONNECTION_ERRORS, SETTLE_ERRORS, Broker, raise_if_cancelled
 from ..errors import AmqtaskError, BrokerConnectionError, MessageError, TimeoutError
 from ..protocol import READY_STATES, ResultMessage, WireMessage
-from ..serializers import DecodeLimits, normalize_accept
+from ..serializers import limits_of, normalize_accept
 from ..settings import Settings
 
 #: A lost connection, or the CancelledError aiormq fails a stuck connection's calls with.
@@ -116,7 +116,7 @@ class ResultConsumer:
         self.queue_name = queue_name
         self.store = store
         self._accept = normalize_accept(settings.result_accept_content)
-        self._limits = DecodeLimits(settings.message_max_bytes, settings.message_max_depth)
+        self._limits = limits_of(settings)
         self._channel: AbstractChannel | None = None
         self._started_generation = 0
         self._lock = asyncio.Lock()
@@ -180,12 +180,18 @@ class ResultConsumer:
             body=message.body,
             content_type=message.content_type,
             headers=dict(message.headers or {}),
+            content_encoding=message.content_encoding,
             correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            priority=message.priority,
         )
+        unverified = signing.problem(self.settings.signing_keys, wire, signing.Kind.RESULT)
         try:
+            if unverified is not None:
+                raise MessageError(unverified)
             self.store.put(protocol.decode_result(wire, self._accept, self._limits))
         except (MessageError, AmqtaskError) as exc:
-            log.error("dropping an unreadable result (correlation_id=%s): %s", message.correlation_id, exc)
+            log.error("dropping a result (correlation_id=%.100s): %s", message.correlation_id, exc)
         with contextlib.suppress(*SETTLE_ERRORS):
             await message.ack()
 

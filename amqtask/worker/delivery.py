@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from .. import deadletter, delays, protocol, serializers
+from .. import deadletter, delays, protocol, serializers, signing
 from ..connection import SETTLE_ERRORS
 from ..errors import (
     AmqtaskError,
@@ -54,7 +54,7 @@ class DeliveryHandler:
         self.app = worker.app
         conf = worker.app.conf
         self.accept = serializers.normalize_accept(conf.accept_content)
-        self.limits = serializers.DecodeLimits(conf.message_max_bytes, conf.message_max_depth)
+        self.limits = serializers.limits_of(conf)
         self.triage = Triage(self)
 
     @property
@@ -83,8 +83,13 @@ class DeliveryHandler:
             self.triage.settled()
 
     async def handle(self, message: AbstractIncomingMessage, queue: QueueSpec) -> None:
-        """Decode, check and run one delivery, then settle it."""
+        """Verify, decode, check and run one delivery, then settle it."""
         wire = wire_of(message)
+        # Before anything else: an unverified message is dead-lettered and causes nothing, not even a reply.
+        unverified = signing.problem(self.app.conf.signing_keys, wire, signing.Kind.TASK)
+        if unverified is not None:
+            await self.dead_letter(message, queue, deadletter.REJECTED, unverified)
+            return
         try:
             msg = protocol.decode_task(wire, self.accept, self.limits)
         except (MessageError, SerializationError) as exc:
@@ -272,6 +277,7 @@ class DeliveryHandler:
         headers = dict(_stripped(wire).headers)
         headers.update(retries=msg.retries + 1, eta=eta.isoformat())
         again = WireMessage(**{**wire.__dict__, "headers": headers})
+        signing.seal(self.app.conf.signing_keys, again, signing.Kind.TASK)
         if delay > 0:
             await self.publisher.publish_delayed(again, queue, delay)
         else:
@@ -288,6 +294,9 @@ class DeliveryHandler:
         except SerializationError as exc:
             fallback = self.failure(msg, exc, None)
             out = protocol.encode_result(fallback, codec, persistent=self.app.conf.result_persistent)
+        signing.seal(
+            signing.replying_keys(self.app.conf.signing_keys, wire, signing.Kind.TASK), out, signing.Kind.RESULT
+        )
         # Not mandatory: a caller that went away (its reply queue expired) is nobody to tell.
         await self.publisher.publish(out, "", msg.reply_to, mandatory=False)
 

@@ -30,6 +30,7 @@ import aiormq
 
 from amqtask import App, AsyncResult
 from amqtask.protocol import READY_STATES
+from amqtask.settings import SPECS
 
 from .broker import TestBroker
 from .workers import TESTS_DIR
@@ -58,11 +59,16 @@ def spawn_worker(broker_url: str, log: Path, *args: str, env: dict[str, str] | N
 
 @contextlib.contextmanager
 def worker_processes(
-    broker_url: str, logs: Sequence[Path], *args: str, env: dict[str, str] | None = None
+    broker_url: str,
+    logs: Sequence[Path],
+    *args: str,
+    env: dict[str, str] | None = None,
+    names: Sequence[str] | None = None,
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """One worker subprocess per log file for the block: their log tails are logged if the block fails,
-    and they are stopped (SIGTERM, then SIGKILL) after it."""
-    workers = [spawn_worker(broker_url, path, *args, env=env) for path in logs]
+    """One worker subprocess per log file for the block (node names from ``names`` when given): their log
+    tails are logged if the block fails, and they are stopped (SIGTERM, then SIGKILL) after it."""
+    named = [("-n", name) for name in names] if names else [() for _ in logs]
+    workers = [spawn_worker(broker_url, path, *args, *name, env=env) for path, name in zip(logs, named, strict=True)]
     try:
         yield workers
     except BaseException:
@@ -99,22 +105,33 @@ def new_ids(count: int) -> list[str]:
 
 
 async def send_all(
-    app: App, name: str, ids: Sequence[str], args: Callable[[int], tuple[Any, ...]], *, window: int = 200
+    app: App,
+    name: str,
+    ids: Sequence[str],
+    args: Callable[[int], tuple[Any, ...]],
+    *,
+    window: int = 200,
+    timings: dict[int, tuple[float, float]] | None = None,
 ) -> list[AsyncResult[Any] | BaseException]:
     """Send task ``name`` once per id (call ``i`` with ``args(i)``), up to ``window`` sends in flight.
 
     Concurrent sends share one confirm channel, so their confirms pipeline. Each entry of the result
     is the confirmed :class:`AsyncResult`, or the exception its send raised: a send that fails is
-    reported to its caller, which is one of the promises under test.
+    reported to its caller, which is one of the promises under test. ``timings`` receives each
+    send's (start, end) on the monotonic clock.
     """
     semaphore = asyncio.Semaphore(window)
 
     async def one(i: int) -> AsyncResult[Any] | BaseException:
         async with semaphore:
+            started = time.monotonic()
             try:
                 return await app.asend_task(name, args(i), task_id=ids[i])
             except Exception as exc:
                 return exc
+            finally:
+                if timings is not None:
+                    timings[i] = (started, time.monotonic())
 
     return list(await asyncio.gather(*(one(i) for i in range(len(ids)))))
 
@@ -185,6 +202,29 @@ class Runs:
             f"{self.extra} extra run(s) over {twice} task(s): {self.extra - copies} rerun(s) of redelivered "
             f"messages, {copies} run(s) of re-sent copies"
         )
+
+
+#: The prefetch multiplier the fault tests' workers run with (the setting's default).
+PREFETCH_MULTIPLIER = int(SPECS["worker_prefetch_multiplier"].default)
+
+
+def assert_duplicates_bounded(
+    runs: Runs, *, faults: int, workers_hit: int, concurrency: int, sends_in_flight: int
+) -> str:
+    """Assert the README's bound on duplicate runs after ``faults`` faults, and say what was seen.
+
+    A rerun needs a delivery that was unacked on a connection the fault ended: at most a worker's
+    prefetch (concurrency x multiplier) for each of the ``workers_hit`` workers the fault cut off. A
+    second copy needs a send whose confirm the fault lost: at most the client's sends in flight.
+    """
+    reruns_bound = faults * workers_hit * concurrency * PREFETCH_MULTIPLIER
+    copies_bound = faults * sends_in_flight
+    copies = runs.extra_from_copies
+    reruns = runs.extra - copies
+    seen = f"{runs.summary()} (bounds: {reruns_bound} reruns, {copies_bound} copies)"
+    assert reruns <= reruns_bound, f"more reruns than deliveries the faults could leave unacked: {seen}"
+    assert copies <= copies_bound, f"more copies than sends the faults could catch in flight: {seen}"
+    return seen
 
 
 async def read_sink(url: str, name: str, *, delete: bool = True, timeout: float = 60) -> Runs:
