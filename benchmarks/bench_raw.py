@@ -83,10 +83,11 @@ async def measure(url: str, prefix: str, count: int, sequential: int, round_trip
                 done.set()
 
         queue = await consumer.declare_queue(drain.name, passive=True)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         await queue.consume(on_message)
         await done.wait()
-        figures["drain_def"] = {"rate": round(count / (time.perf_counter() - start), 1)}
+        cpu_us = round(1e6 * (time.process_time() - cpu) / count, 1)
+        figures["drain_def"] = {"rate": round(count / (time.perf_counter() - start), 1), "cpu_us_per_task": cpu_us}
         figures["drain_async"] = figures["drain_def"]  # a raw consumer is async: one ceiling for both
         figures["round_trip"] = await rpc(url, connection, channel, f"{prefix}-raw-rpc", round_trips)
     return figures
