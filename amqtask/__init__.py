@@ -1,5 +1,8 @@
 """amqtask: a task runner built for RabbitMQ, speaking the Celery message protocol v2."""
 
+#: The release, read by the build too (pyproject.toml: ``version = {attr = "amqtask.__version__"}``).
+__version__ = "0.1.0"
+
 from .app import App, current_app
 from .beat.schedules import crontab, interval
 from .canvas import Signature, chain, chord, group, signature

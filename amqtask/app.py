@@ -29,7 +29,7 @@ from .portal import Portal, register_exit
 from .producer import Publisher
 from .remote import Control
 from .results import AsyncResult, ResultConsumer, ResultStore, new_reply_queue_name
-from .routing import Router
+from .routing import Route, Router
 from .settings import Settings
 from .task import CALL_OPTIONS, Task, check_task_options
 
@@ -286,7 +286,7 @@ class App:
         kwargs: dict[str, Any] | None,
         task: Task[Any, Any] | None,
         options: dict[str, Any],
-    ) -> tuple[protocol.TaskMessage, Any, str]:
+    ) -> tuple[protocol.TaskMessage, Route, str]:
         """The protocol message, its route and serializer for a call (options already validated)."""
         args = list(args or ())
         kwargs = dict(kwargs or {})
@@ -332,7 +332,7 @@ class App:
         return message, route, codec_name
 
     async def publish_task(
-        self, runtime: Runtime, message: protocol.TaskMessage, route: Any, codec: serializers.Codec
+        self, runtime: Runtime, message: protocol.TaskMessage, route: Route, codec: serializers.Codec
     ) -> None:
         """Encode and publish a task message on ``route``, through the delay levels when its eta is ahead."""
         wire = protocol.encode_task(message, codec)

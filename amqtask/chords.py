@@ -53,9 +53,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from . import protocol, serializers
+from . import protocol, serializers, signing
 from .connection import Broker, close_quietly
 from .errors import AmqtaskError, MessageError, TimeoutError, TopologyNotFoundError
+from .producer import wire_of
 from .protocol import WireMessage
 from .settings import Settings
 
@@ -134,6 +135,7 @@ class ChordKeeper:
         )
         wire = WireMessage(body, codec.content_type, codec.content_encoding, delivery_mode=protocol.PERSISTENT,
                            correlation_id=part.task_id)  # fmt: skip
+        signing.seal(settings.signing_keys, wire, signing.Kind.CHORD_PART)
         await runtime.publisher.publish(wire, "", name)
 
     async def complete(self, runtime: Runtime, group_id: str, size: int, finish: Finish) -> Outcome:
@@ -246,6 +248,10 @@ def _complete_set(messages: list[AbstractIncomingMessage], size: int, settings: 
     limits = serializers.limits_of(settings)
     found: dict[int, Part] = {}
     for message in messages:
+        unverified = signing.problem(settings.signing_keys, wire_of(message), signing.Kind.CHORD_PART)
+        if unverified is not None:
+            log.error("ignoring a message in a chord queue: %s", unverified)
+            continue
         try:
             part = Part.from_wire(serializers.decode(message.body, message.content_type, accept, limits))
         except AmqtaskError as exc:

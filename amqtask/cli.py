@@ -5,102 +5,134 @@ to an exit code: 0 ok, 1 task failed or timed out, 2 usage or configuration erro
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import importlib
 import json
-import logging
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import click
 
-from . import loops
-from .app import App
-from .errors import AmqtaskError, BrokerConnectionError, ConfigurationError, PublishError, TopologyError
-from .urls import mask_text
+from . import __version__, loops
+from .commands.shared import (
+    EXIT_BROKER,
+    EXIT_FAILED,
+    app_option,
+    app_spec_given,
+    load_app,
+    loglevel_option,
+    run,
+    setup_logging,
+    split,
+    timeout_option,
+)
 
-EXIT_FAILED, EXIT_USAGE, EXIT_BROKER = 1, 2, 3
-
-
-def load_app(spec: str) -> App:
-    """Import ``pkg.module`` or ``pkg.module:attr`` and return the :class:`App` found there."""
-    module_name, _, attr = spec.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise click.BadParameter(f"cannot import {module_name!r}: {exc}", param_hint="-A/--app") from None
-    if attr:
-        found = getattr(module, attr, None)
-    else:
-        found = getattr(module, "app", None)
-        if not isinstance(found, App):
-            found = next((v for v in vars(module).values() if isinstance(v, App)), None)
-    if not isinstance(found, App):
-        raise click.BadParameter(f"no amqtask App in {spec!r}", param_hint="-A/--app")
-    return found
+#: Pool names a Celery user may give to -P; amqtask's -P is a process count.
+CELERY_POOLS = ("prefork", "processes", "solo", "threads", "eventlet", "gevent", "custom")
+WORKER_EXAMPLES = """\b
+Examples:
+  amqtask worker -A proj -Q default,emails -c 8      consume two queues, 8 tasks at once
+  amqtask -A proj worker -P 4 -l warning             4 supervised processes (the app before the command)
+  AMQTASK_APP=proj amqtask worker -X bulk            every configured queue but 'bulk'
+  amqtask worker -A proj --burst                     drain the queues, then exit
+"""
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="[%(asctime)s %(levelname)s %(name)s] %(message)s")
+class ProcessCount(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
+    """``-P``: a number of worker processes; a Celery pool name gets an explanation, not a bare error."""
+
+    name = "N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        if str(value).lower() in CELERY_POOLS:
+            self.fail(
+                f"amqtask's -P is a process count, not Celery's pool name ({value!r}): async def tasks run on "
+                "the worker's event loop and plain ones in -c threads; -P N runs N supervised worker processes "
+                "(Celery's prefork with -c N is roughly -P N -c 1)",
+                param,
+                ctx,
+            )
+        try:
+            count = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a number of processes", param, ctx)
+        if count < 1:
+            self.fail(f"{count} is not a number of processes (1 or more)", param, ctx)
+        return count
 
 
-def _run(app: App, action: Callable[[], Any]) -> Any:
-    """Run ``action`` and turn amqtask errors into a clean message and exit code (credentials masked)."""
-    try:
-        return action()
-    except AmqtaskError as exc:
-        message = mask_text(f"{type(exc).__name__}: {exc}", app.conf.broker_url)
-        click.echo(f"error: {message}", err=True)
-        code = EXIT_USAGE if isinstance(exc, ConfigurationError | TopologyError) else EXIT_FAILED
-        if isinstance(exc, BrokerConnectionError | PublishError):
-            code = EXIT_BROKER
-        sys.exit(code)
+class When(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
+    """A moment: ISO 8601 date-time (naive = UTC), or with ``seconds=True`` also seconds from now."""
+
+    name = "WHEN"
+
+    def __init__(self, *, seconds: bool = False) -> None:
+        self.seconds = seconds
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> dt.datetime | float:
+        if isinstance(value, dt.datetime | float):
+            return value
+        if self.seconds:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        try:
+            return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError:
+            wanted = "seconds or an ISO 8601 date-time" if self.seconds else "an ISO 8601 date-time"
+            self.fail(f"{value!r} is not {wanted} (e.g. 2030-01-31T09:00:00+00:00)", param, ctx)
 
 
-app_option = click.option("-A", "--app", "app_spec", required=True, help="module[:attribute] holding the App")
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "-A",
+    "--app",
+    "app_spec",
+    envvar="AMQTASK_APP",
+    metavar="MODULE[:ATTR]",
+    help="module (and attribute) holding the App, for every command [env: AMQTASK_APP]",
+)
+@click.version_option(__version__, prog_name="amqtask")
+def main(app_spec: str | None) -> None:
+    """amqtask: a task runner for RabbitMQ that speaks Celery's protocol.
+
+    Exit codes: 0 ok, 1 task failed or timed out, 2 usage or configuration error, 3 broker problem.
+    Commands that need only the broker (call, purge, dlq, inspect, control) run without -A, with the
+    settings from AMQTASK_* (AMQTASK_BROKER_URL above all).
+    """
 
 
-def loglevel_option(default: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """The ``-l/--loglevel`` option, defaulting to ``default``."""
-    choices = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
-    return click.option("-l", "--loglevel", default=default, show_default=True, type=choices)
-
-
-@click.group()
-@click.version_option(package_name="amqtask")
-def main() -> None:
-    """amqtask: a task runner for RabbitMQ that speaks Celery's protocol."""
-
-
-def _split(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
-
-
-@main.command()
+@main.command(epilog=WORKER_EXAMPLES)
 @app_option
 @click.option("-Q", "--queues", help="comma-separated queues to consume (default: all configured)")
 @click.option("-X", "--exclude-queues", help="comma-separated queues not to consume")
 @click.option("-c", "--concurrency", type=click.IntRange(1), help="tasks run at once per process")
 @click.option("--prefetch-multiplier", type=click.IntRange(1), help="prefetch = concurrency x this")
 @click.option("-n", "--hostname", help="worker node name")
-@click.option("-P", "--processes", type=click.IntRange(1), default=1, show_default=True, help="worker processes")
+@click.option(
+    "-P", "--processes", type=ProcessCount(), default=1, show_default=True,
+    help="worker processes, supervised (a number, not a Celery pool name)",
+)  # fmt: skip
 @click.option("--process-index", type=int, hidden=True)
 @click.option("--burst", is_flag=True, help="exit once the queues are empty")
 @loglevel_option("info")
 def worker(
-    app_spec: str, queues: str | None, exclude_queues: str | None, concurrency: int | None,
+    app_spec: str | None, queues: str | None, exclude_queues: str | None, concurrency: int | None,
     prefetch_multiplier: int | None, hostname: str | None, processes: int, process_index: int | None,
     burst: bool, loglevel: str,
 ) -> None:  # fmt: skip
     """Consume queues and run tasks."""
     from .worker.supervisor import serve, supervise
 
-    _setup_logging(loglevel)
+    setup_logging(loglevel)
     app = load_app(app_spec)
     if processes > 1:
+        spec = app_spec_given(app_spec)
+        assert spec is not None  # load_app exits without one
 
         def child(index: int) -> list[str]:
             argv = [
@@ -109,7 +141,7 @@ def worker(
                 "amqtask",
                 "worker",
                 "-A",
-                app_spec,
+                spec,
                 "-l",
                 loglevel,
                 "--process-index",
@@ -126,38 +158,46 @@ def worker(
         sys.exit(supervise(child, processes))
     if hostname is None and process_index is not None:
         hostname = f"{app.conf.worker_hostname or 'amqtask@' + os.uname().nodename}-{process_index}"
-    options = {"queues": _split(queues), "exclude_queues": _split(exclude_queues), "concurrency": concurrency,
+    options = {"queues": split(queues), "exclude_queues": split(exclude_queues), "concurrency": concurrency,
                "prefetch_multiplier": prefetch_multiplier, "hostname": hostname, "burst": burst}  # fmt: skip
-    sys.exit(_run(app, lambda: loops.run(serve(app, **options), app.conf.event_loop)))
+    sys.exit(run(app, lambda: loops.run(serve(app, **options), app.conf.event_loop), quiet=False))
 
 
 @main.command()
-@click.option(
-    "-A", "--app", "app_spec", help="module[:attribute] holding the App (default: settings from AMQTASK_* only)"
-)
+@app_option
 @click.argument("name")
 @click.option("--args", "args_json", default="[]", help="JSON array of positional arguments")
 @click.option("--kwargs", "kwargs_json", default="{}", help="JSON object of keyword arguments")
 @click.option("--queue", help="queue to send to")
+@click.option("--exchange", help="exchange to publish to (with --routing-key)")
+@click.option("--routing-key", help="routing key to publish with")
 @click.option("--countdown", type=float, help="seconds to wait before running")
+@click.option("--eta", type=When(), help="run at this ISO 8601 date-time (naive = UTC)")
+@click.option(
+    "--expires", type=When(seconds=True), help="seconds from now, or an ISO 8601 date-time, after which not to run"
+)
 @click.option("--priority", type=click.IntRange(0, 255))
+@click.option("--serializer", type=click.Choice(["msgpack", "json"]), help="body encoding (default: task_serializer)")
 @click.option("--wait/--no-wait", default=False, help="wait for the result and print it")
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="seconds to wait with --wait")
-@loglevel_option("warning")
+@timeout_option(30.0, "seconds for the whole: connecting, sending and, with --wait, the result")
+@loglevel_option("critical")
 def call(
-    app_spec: str | None, name: str, args_json: str, kwargs_json: str, queue: str | None, countdown: float | None,
-    priority: int | None, wait: bool, timeout: float, loglevel: str,
+    app_spec: str | None, name: str, args_json: str, kwargs_json: str, queue: str | None, exchange: str | None,
+    routing_key: str | None, countdown: float | None, eta: dt.datetime | None, expires: dt.datetime | float | None,
+    priority: int | None, serializer: str | None, wait: bool, timeout: float, loglevel: str,
 ) -> None:  # fmt: skip
     """Send task NAME (by name) and print its id, or with --wait its result as JSON."""
-    _setup_logging(loglevel)
-    app = load_app(app_spec) if app_spec else App("amqtask-cli")
+    setup_logging(loglevel)
     try:
         args, kwargs = json.loads(args_json), json.loads(kwargs_json)
     except ValueError as exc:
         raise click.BadParameter(f"not JSON: {exc}") from None
     if not isinstance(args, list) or not isinstance(kwargs, dict):
         raise click.BadParameter("--args must be a JSON array and --kwargs a JSON object")
-    options = {k: v for k, v in (("queue", queue), ("countdown", countdown), ("priority", priority)) if v is not None}
+    app = load_app(app_spec, required=False)
+    given = {"queue": queue, "exchange": exchange, "routing_key": routing_key, "countdown": countdown, "eta": eta,
+             "expires": expires, "priority": priority, "serializer": serializer}  # fmt: skip
+    options = {k: v for k, v in given.items() if v is not None}
 
     def send() -> None:
         result = app.send_task(name, args, kwargs, **options)
@@ -166,7 +206,30 @@ def call(
             return
         click.echo(json.dumps(result.get(timeout=timeout)))
 
-    _run(app, send)
+    run(app, send)
+
+
+@main.command()
+@app_option
+@click.argument("queues", nargs=-1, required=True)
+@click.option("-y", "--yes", "-f", "--force", "yes", is_flag=True, help="do not ask for confirmation")
+@timeout_option(10.0)
+def purge(app_spec: str | None, queues: tuple[str, ...], yes: bool, timeout: float) -> None:
+    """Delete every waiting message of QUEUES (messages workers hold unacked are kept)."""
+    from . import topology as broker_topology
+
+    if not yes:
+        click.confirm(f"delete every waiting message of {', '.join(queues)}?", abort=True)
+    app = load_app(app_spec, required=False)
+
+    async def purge_all() -> list[int]:
+        try:
+            return [await broker_topology.purge_queue(app.runtime().broker, queue) for queue in queues]
+        finally:
+            await app.aclose()
+
+    for queue, count in zip(queues, run(app, lambda: asyncio.run(purge_all())), strict=True):
+        click.echo(f"purged {count} message(s) from {queue}")
 
 
 @main.group()
@@ -176,7 +239,8 @@ def topology() -> None:
 
 @topology.command("apply")
 @app_option
-def topology_apply(app_spec: str) -> None:
+@timeout_option(30.0)
+def topology_apply(app_spec: str | None, timeout: float) -> None:
     """Declare every queue, exchange, binding and delay level the app defines, without starting a worker."""
     from .worker.worker import Worker
 
@@ -191,14 +255,15 @@ def topology_apply(app_spec: str) -> None:
             await app.aclose()
         return [q.name for q in worker_.queues]
 
-    for name in _run(app, lambda: asyncio.run(apply())):
+    for name in run(app, lambda: asyncio.run(apply())):
         click.echo(f"declared queue {name} (+ {name}.dlq)")
 
 
 @topology.command("verify")
 @app_option
 @click.option("-v", "--verbose", is_flag=True, help="list the objects that are fine too")
-def topology_verify(app_spec: str, verbose: bool) -> None:
+@timeout_option(30.0)
+def topology_verify(app_spec: str | None, verbose: bool, timeout: float) -> None:
     """Check, changing nothing, that every queue, exchange and delay level the app defines exists as wanted.
 
     Prints what is missing or exists with other arguments, and exits 1 if anything is. Bindings are
@@ -217,7 +282,7 @@ def topology_verify(app_spec: str, verbose: bool) -> None:
         finally:
             await app.aclose()
 
-    checks: list[broker_topology.Check] = _run(app, lambda: asyncio.run(verify()))
+    checks: list[broker_topology.Check] = run(app, lambda: asyncio.run(verify()))
     for check in checks:
         if verbose or not check.ok:
             detail = f": {check.detail}" if check.detail else ""
@@ -230,8 +295,8 @@ def topology_verify(app_spec: str, verbose: bool) -> None:
 
 @main.command()
 @app_option
-@click.option("-t", "--timeout", type=float, default=5.0, show_default=True, help="seconds to wait for the broker")
-def check(app_spec: str, timeout: float) -> None:
+@timeout_option(5.0, "seconds to wait for the broker")
+def check(app_spec: str | None, timeout: float) -> None:
     """Health probe for containers: the broker answers and the app's queues exist (exit 0), else exit 3."""
     from . import topology as topology_module
 
@@ -249,7 +314,7 @@ def check(app_spec: str, timeout: float) -> None:
         finally:
             await app.aclose()
 
-    missing = _run(app, lambda: asyncio.run(probe()))
+    missing = run(app, lambda: asyncio.run(probe()))
     if missing:
         click.echo(f"error: missing queue(s): {', '.join(missing)}", err=True)
         sys.exit(EXIT_BROKER)

@@ -48,6 +48,8 @@ ETA_OUT_OF_RANGE = "eta-out-of-range"
 #: What the worker had to send because of the message (sent on to the delay levels, say) has headers
 #: too large for one AMQP frame.
 HEADERS_TOO_LARGE = "headers-too-large"
+#: The task raised ``Reject(requeue=True)`` more often than ``task_requeue_limit`` allows.
+REQUEUE_LIMIT = "requeue-limit"
 #: Any other error while handling the message; the exception headers say which.
 WORKER_ERROR = "worker-error"
 

@@ -166,13 +166,7 @@ async def purge(app: App, queue: str) -> int:
     """Delete every ready message of ``queue``'s dead-letter queue; returns how many were deleted."""
     name = dlq_name(app, queue)
     await _require(app, name)
-    channel = await app.runtime().broker.channel(confirms=False)
-    try:
-        dlq = await channel.declare_queue(name, passive=True)
-        result = await dlq.purge()
-    finally:
-        await channel.close()
-    return int(result.message_count or 0)
+    return await topology.purge_queue(app.runtime().broker, name)
 
 
 async def _require(app: App, name: str) -> None:

@@ -159,5 +159,10 @@ class RetryFailedError(AmqtaskError):
     large for a frame): the task fails with this error instead, its cause chained."""
 
 
+class RequeueLimitError(AmqtaskError):
+    """A task asked for its message to be requeued (``Reject(requeue=True)``) more often than
+    ``task_requeue_limit`` allows: the message is dead-lettered with this error instead."""
+
+
 class MaxRetriesExceededError(AmqtaskError):
     """``Task.retry()`` was called after the task used up its retries."""

@@ -81,7 +81,7 @@ def _check_header_size(wire: WireMessage, channel: aiormq.abc.AbstractChannel) -
 
 
 def to_amqp(wire: WireMessage) -> aio_pika.Message:
-    """The aio-pika message for a :class:`WireMessage`."""
+    """The aio-pika message for a :class:`WireMessage`: the inverse of :func:`wire_of`."""
     return aio_pika.Message(
         wire.body,
         headers=wire.headers,
@@ -100,7 +100,7 @@ def to_amqp(wire: WireMessage) -> aio_pika.Message:
 
 
 def wire_of(message: AbstractIncomingMessage) -> WireMessage:
-    """The protocol view of an incoming aio-pika message."""
+    """The protocol view of an incoming aio-pika message: the inverse of :func:`to_amqp`."""
     return WireMessage(
         body=message.body,
         content_type=message.content_type,

@@ -160,6 +160,8 @@ def _check_msgpack(body: bytes, limits: DecodeLimits) -> None:
             raise _LimitExceeded(f"holds more than {limits.max_items} values")
         if len(remaining) > limits.max_depth:
             raise _LimitExceeded(f"nests deeper than the limit of {limits.max_depth}")
+        if unpacker.tell() >= len(body):
+            raise ValueError("Unpack failed: incomplete input")
         head = body[unpacker.tell()]
         if head in _MSGPACK_ARRAYS:
             remaining.append(unpacker.read_array_header())

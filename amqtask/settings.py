@@ -22,6 +22,21 @@ from .urls import mask_text
 ENV_PREFIX = "AMQTASK_"
 #: Variables under this prefix belong to amqtask's own test suite, not to an app's settings.
 ENV_TEST_PREFIX = "AMQTASK_TEST_"
+#: Variables of the ``amqtask`` command line, not settings (``AMQTASK_APP`` names the app module).
+ENV_CLI_VARIABLES = frozenset({"AMQTASK_APP"})
+
+
+Check = Callable[[str, Any], Any]
+#: What each validator accepts, in words, for the generated settings reference (docs/reference/settings.md).
+_KINDS: dict[Check, str] = {}
+
+
+def _kind(text: str) -> Callable[[Check], Check]:
+    def register(check: Check) -> Check:
+        _KINDS[check] = text
+        return check
+
+    return register
 
 
 @dataclass(frozen=True)
@@ -29,20 +44,28 @@ class Spec:
     """One setting: its default, a validator that returns the normalized value, and a help line."""
 
     default: Any
-    check: Callable[[str, Any], Any]
+    check: Check
     help: str
 
+    @property
+    def kind(self) -> str:
+        """What the setting accepts, in words (``"integer >= 1"``, ``"true or false"``)."""
+        return _KINDS.get(self.check, "any value")
 
+
+@_kind("string")
 def _str(name: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigurationError(f"setting {name!r} must be a non-empty string, got {value!r}")
     return value
 
 
+@_kind("string, or none")
 def _opt_str(name: str, value: Any) -> str | None:
     return None if value is None else _str(name, value)
 
 
+@_kind("true or false")
 def _bool(name: str, value: Any) -> bool:
     if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
         return value.lower() in ("1", "true", "yes", "on")
@@ -51,7 +74,8 @@ def _bool(name: str, value: Any) -> bool:
     return value
 
 
-def _number(minimum: float, *, integer: bool = False, allow_none: bool = False) -> Callable[[str, Any], Any]:
+def _number(minimum: float, *, integer: bool = False, allow_none: bool = False) -> Check:
+    @_kind(f"{'integer' if integer else 'number'} >= {minimum:g}{', or none' if allow_none else ''}")
     def check(name: str, value: Any) -> Any:
         if value is None and allow_none:
             return None
@@ -70,6 +94,7 @@ def _number(minimum: float, *, integer: bool = False, allow_none: bool = False) 
     return check
 
 
+@_kind("amqp:// or amqps:// URL, or a list of them (comma-separated in the environment)")
 def _broker_urls(name: str, value: Any) -> tuple[str, ...]:
     urls = [u.strip() for u in value.split(",")] if isinstance(value, str) else value
     if not isinstance(urls, list | tuple) or not urls or not all(isinstance(u, str) and u for u in urls):
@@ -82,6 +107,7 @@ def _broker_urls(name: str, value: Any) -> tuple[str, ...]:
     return tuple(urls)
 
 
+@_kind("list of strings (comma-separated in the environment)")
 def _str_list(name: str, value: Any) -> tuple[str, ...]:
     items = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
     if not isinstance(items, list | tuple | set | frozenset) or not all(isinstance(v, str) for v in items):
@@ -89,23 +115,27 @@ def _str_list(name: str, value: Any) -> tuple[str, ...]:
     return tuple(items)
 
 
+@_kind("'msgpack' or 'json'")
 def _serializer(name: str, value: Any) -> str:
     if value not in ("json", "msgpack"):
         raise ConfigurationError(f"setting {name!r} must be 'json' or 'msgpack', got {value!r}")
     return str(value)
 
 
+@_kind("'asyncio' or 'uvloop'")
 def _event_loop(name: str, value: Any) -> str:
     if value not in ("asyncio", "uvloop"):
         raise ConfigurationError(f"setting {name!r} must be 'asyncio' or 'uvloop', got {value!r}")
     return str(value)
 
 
+@_kind("'msgpack' or 'json', or none")
 def _opt_serializer(name: str, value: Any) -> str | None:
     return None if value is None else _serializer(name, value)
 
 
-def _json_value(kind: type, what: str) -> Callable[[str, Any], Any]:
+def _json_value(kind: type, what: str) -> Check:
+    @_kind(f"{what}, or none (JSON in the environment)")
     def check(name: str, value: Any) -> Any:
         if isinstance(value, str):
             try:
@@ -119,10 +149,12 @@ def _json_value(kind: type, what: str) -> Callable[[str, Any], Any]:
     return check
 
 
+@_kind("any value (see the description)")
 def _anything(name: str, value: Any) -> Any:
     return value
 
 
+@_kind("list of strings (comma-separated in the environment), or none")
 def _keys(name: str, value: Any) -> tuple[str, ...] | None:
     return None if value is None else _str_list(name, value)
 
@@ -157,6 +189,8 @@ SPECS: dict[str, Spec] = {
     "task_soft_time_limit": Spec(None, _number(0, allow_none=True), "soft time limit per task, seconds"),
     "task_default_retry_delay": Spec(180.0, _number(0), "default countdown of self.retry(), seconds"),
     "task_max_retries": Spec(3, _number(0, integer=True, allow_none=True), "default max_retries"),
+    "task_requeue_limit": Spec(20, _number(0, integer=True), "how often Reject(requeue=True) may send one "
+                               "message back to its queue; once more and it is dead-lettered (requeue-limit)"),
     "result_expires_s": Spec(86400, _number(1, integer=True), "reply queues vanish after being unused this long"),
     "result_persistent": Spec(True, _bool, "replies survive a broker restart"),
     "worker_concurrency": Spec(_CPUS, _number(1, integer=True), "tasks run at once per worker process"),
@@ -212,7 +246,7 @@ class Settings:
         """
         environ = os.environ if environ is None else environ
         for key, value in environ.items():
-            if key.startswith(ENV_PREFIX) and not key.startswith(ENV_TEST_PREFIX):
+            if key.startswith(ENV_PREFIX) and not key.startswith(ENV_TEST_PREFIX) and key not in ENV_CLI_VARIABLES:
                 name = key[len(ENV_PREFIX) :].lower()
                 if name.endswith("_file") and name[: -len("_file")] in SPECS:
                     name = name[: -len("_file")]

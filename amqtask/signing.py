@@ -1,8 +1,8 @@
 """Optional message signing: HMAC-SHA256 over everything in a message that amqtask acts on.
 
 With ``signing_keys`` set, everything amqtask publishes carries an ``x-amqtask-signature`` header:
-task messages (``delay``, beat, canvas follow-ups, a worker's retries), results, and remote-control
-requests and replies. Workers verify a delivery before anything else happens to it and dead-letter
+task messages (``delay``, beat, canvas follow-ups, a worker's retries), results, chord parts, and
+remote-control requests and replies. Workers verify a delivery before anything else happens to it and dead-letter
 it, untouched, when it is unsigned or its signature matches none of the keys; result and control
 consumers drop such messages.
 
@@ -56,6 +56,8 @@ class Kind(Enum):
     TASK = "task"
     RESULT = "result"
     CONTROL = "control"
+    #: A chord header task's outcome, kept in the chord's queue until the body is sent.
+    CHORD_PART = "chord-part"
 
 
 def _framed(tag: bytes, payload: bytes) -> bytes:

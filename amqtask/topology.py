@@ -265,6 +265,20 @@ async def queue_depth(broker: Broker, name: str) -> int:
     return int(await _on_fresh_channel(broker, "queue", name, None, passive))
 
 
+async def purge_queue(broker: Broker, name: str) -> int:
+    """Delete every ready message of an existing queue; returns how many were deleted.
+
+    Messages consumers hold unacked are not touched (they come back if not acked). A missing queue
+    raises :class:`~amqtask.errors.TopologyNotFoundError` rather than being declared.
+    """
+
+    async def action(channel: AbstractChannel) -> int:
+        queue = await channel.declare_queue(name, passive=True)
+        return int((await queue.purge()).message_count or 0)
+
+    return int(await _on_fresh_channel(broker, "queue", name, None, action))
+
+
 async def delete_queue(broker: Broker, name: str) -> None:
     """Delete a queue if it exists."""
 

@@ -20,7 +20,7 @@ import pytest
 from support.queues import delete, eventually
 from support.workers import get_raw, running_worker
 
-from amqtask import App, AsyncResult, RemoteTaskError, Task, protocol, serializers, topology
+from amqtask import App, AsyncResult, Reject, RemoteTaskError, Task, protocol, serializers, topology
 from amqtask.producer import to_amqp
 
 pytestmark = pytest.mark.broker
@@ -58,6 +58,20 @@ async def _send_raw(app: App, queue: str, name: str, args: list[Any], **headers:
     return AsyncResult(message.id, app)
 
 
+async def _dead_lettered(
+    app: App, result: AsyncResult[Any], match: str, exc_type: str, reason: str
+) -> aio_pika.abc.AbstractIncomingMessage:
+    """The caller gets ``exc_type`` (its message matching ``match``) and the message is in the DLQ with
+    ``reason`` and that exception; returns the DLQ copy."""
+    with pytest.raises(RemoteTaskError, match=match) as error:
+        await result.aget(timeout=15)
+    assert error.value.exc_type == exc_type
+    dead = await get_raw(app.conf.broker_url[0], app.conf.task_default_queue + ".dlq")
+    assert dead.correlation_id == result.id
+    assert (_header(dead, "x-amqtask-reason"), _header(dead, "x-amqtask-exception-type")) == (reason, exc_type)
+    return dead
+
+
 def _run(app: App, queue: str, scenario: Any) -> None:
     async def main() -> None:
         try:
@@ -69,19 +83,14 @@ def _run(app: App, queue: str, scenario: Any) -> None:
     asyncio.run(main())
 
 
-def test_a_far_future_eta_is_dead_lettered_once_and_its_caller_gets_the_error(app: App, broker_url: str) -> None:
+def test_a_far_future_eta_is_dead_lettered_once_and_its_caller_gets_the_error(app: App) -> None:
     queue = app.conf.task_default_queue
 
     async def scenario() -> None:
         async with running_worker(app, concurrency=2) as worker:
             result = await _send_raw(app, queue, "errors.add", [1, 2], eta=FAR_FUTURE)
-            with pytest.raises(RemoteTaskError, match=r"longer than .* delay levels can hold") as error:
-                await result.aget(timeout=15)
-            assert error.value.exc_type == "DelayRangeError"
-            dead = await get_raw(broker_url, queue + ".dlq")
-            assert dead.correlation_id == result.id
-            assert _header(dead, "x-amqtask-reason") == "eta-out-of-range"
-            assert _header(dead, "x-amqtask-exception-type") == "DelayRangeError"
+            match = r"longer than .* delay levels can hold"
+            dead = await _dead_lettered(app, result, match, "DelayRangeError", "eta-out-of-range")
             assert _header(dead, "eta") == FAR_FUTURE  # the copy is the message as received
             # Handled once, and the worker still serves.
             assert await (await app.asend_task("errors.add", (2, 3))).aget(timeout=10) == 5
@@ -100,11 +109,7 @@ def test_an_eta_on_a_queue_too_long_for_delay_routing_is_dead_lettered(broker_ur
     async def scenario() -> None:
         async with running_worker(app, concurrency=2) as worker:
             result = await _send_raw(app, queue, "errors.add", [1, 2], eta=soon)
-            with pytest.raises(RemoteTaskError, match="too long to be delayed"):
-                await result.aget(timeout=15)
-            dead = await get_raw(broker_url, queue + ".dlq")
-            assert _header(dead, "x-amqtask-reason") == "worker-error"
-            assert _header(dead, "x-amqtask-exception-type") == "ConfigurationError"
+            await _dead_lettered(app, result, "too long to be delayed", "ConfigurationError", "worker-error")
             assert worker.stats["dead_lettered"] == 1
 
     try:
@@ -122,7 +127,7 @@ def test_an_eta_on_a_queue_too_long_for_delay_routing_is_dead_lettered(broker_ur
     ],
     ids=["countdown-1e12", "countdown-inf", "eta-9999"],
 )
-def test_a_retry_beyond_the_delay_levels_fails_the_task_once(app: App, broker_url: str, retry: dict[str, Any]) -> None:
+def test_a_retry_beyond_the_delay_levels_fails_the_task_once(app: App, retry: dict[str, Any]) -> None:
     queue = app.conf.task_default_queue
     runs: list[int] = []
 
@@ -134,19 +139,14 @@ def test_a_retry_beyond_the_delay_levels_fails_the_task_once(app: App, broker_ur
     async def scenario() -> None:
         async with running_worker(app, concurrency=2):
             result = await retry_far.adelay()
-            with pytest.raises(RemoteTaskError, match="could not be retried") as error:
-                await result.aget(timeout=15)
-            assert error.value.exc_type == "RetryFailedError"
-            dead = await get_raw(broker_url, queue + ".dlq")
-            assert _header(dead, "x-amqtask-reason") == "failed"
-            assert _header(dead, "x-amqtask-exception-type") == "RetryFailedError"
+            dead = await _dead_lettered(app, result, "could not be retried", "RetryFailedError", "failed")
             assert "delay" in _header(dead, "x-amqtask-exception-message")
         assert runs == [0]
 
     _run(app, queue, scenario)
 
 
-def test_a_retry_whose_headers_no_longer_fit_in_a_frame_fails_the_task_once(app: App, broker_url: str) -> None:
+def test_a_retry_whose_headers_no_longer_fit_in_a_frame_fails_the_task_once(app: App) -> None:
     queue = app.conf.task_default_queue
     runs: list[int] = []
 
@@ -159,10 +159,8 @@ def test_a_retry_whose_headers_no_longer_fit_in_a_frame_fails_the_task_once(app:
         async with running_worker(app, concurrency=2):
             # Headers RabbitMQ takes (under its 128 KiB frame) but too close to the limit to be sent again.
             result = await _send_raw(app, queue, "errors.retry_now", [], **{"x-padding": "p" * 127_500})
-            with pytest.raises(RemoteTaskError, match=r"could not be retried.*more than fits in one AMQP frame"):
-                await result.aget(timeout=15)
-            dead = await get_raw(broker_url, queue + ".dlq")
-            assert _header(dead, "x-amqtask-reason") == "failed"
+            match = r"could not be retried.*more than fits in one AMQP frame"
+            dead = await _dead_lettered(app, result, match, "RetryFailedError", "failed")
             assert "x-amqtask-headers-dropped" in (dead.headers or {})
         assert runs == [0]
 
@@ -213,6 +211,89 @@ def test_a_send_the_broker_refuses_for_now_requeues_the_delivery_after_growing_p
         asyncio.run(_delete_queue(broker_url, full))
     pauses = [float(m.group(1)) for r in caplog.records if (m := re.search(r"requeueing it in ([\d.]+)s", r.message))]
     assert pauses[:3] == [0.1, 0.2, 0.4], pauses
+
+
+def _refusing(app: App, runs: list[str]) -> Task[[], None]:
+    """A task that always asks for its message to be requeued, and one that runs (recorded in ``runs``)."""
+    app.conf.task_requeue_limit = 3
+
+    @app.task(name="errors.refuse")
+    def refuse() -> None:
+        runs.append("refuse")
+        raise Reject("not now", requeue=True)
+
+    @app.task(name="errors.record")
+    def record() -> str:
+        runs.append("record")
+        return "done"
+
+    return refuse
+
+
+def test_a_task_that_always_asks_to_be_requeued_ends_in_the_dlq_and_does_not_hold_up_the_queue(
+    app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``Reject(requeue=True)`` every time, on a classic queue: requeued to the end of the queue after a
+    growing pause, ``task_requeue_limit`` (3) times, then dead-lettered; the task behind it runs first."""
+    queue = app.conf.task_default_queue
+    runs: list[str] = []
+    refuse = _refusing(app, runs)
+
+    async def scenario() -> None:
+        refused = await refuse.adelay()
+        behind = await app.asend_task("errors.record")  # queued behind it before any worker runs
+        async with running_worker(app, concurrency=1):
+            assert await behind.aget(timeout=10) == "done"
+            match = r"requeued by Reject\(requeue=True\) 3 time\(s\)"
+            dead = await _dead_lettered(app, refused, match, "RequeueLimitError", "requeue-limit")
+            assert (dead.headers or {})["x-amqtask-requeues"] == 3
+            assert await topology.queue_depth(app.runtime().broker, queue) == 0
+        # One worker slot: the first attempt, then the task queued behind it, then the 3 requeued attempts.
+        assert runs == ["refuse", "record", "refuse", "refuse", "refuse"]
+
+    caplog.set_level(logging.INFO, logger="amqtask.worker")
+    _run(app, queue, scenario)
+    pauses = [
+        float(m.group(1))
+        for r in caplog.records
+        if (m := re.search(r"requeue=True; requeueing it in ([\d.]+)s", r.message))
+    ]
+    assert pauses == [0.1, 0.2, 0.4]
+
+
+@pytest.mark.parametrize(("carried", "attempts"), [(2, 2), (-(10**9), 4), ("many", 4)], ids=["2", "negative", "text"])
+def test_the_requeue_count_travels_with_the_message_across_workers(app: App, carried: Any, attempts: int) -> None:
+    """The count is in the message, not in a worker: a message that two requeues already brought here
+    (whichever worker did it) has one left; a forged count that is no count allows no more than the limit."""
+    queue = app.conf.task_default_queue
+    runs: list[str] = []
+    _refusing(app, runs)
+
+    async def scenario() -> None:
+        async with running_worker(app, concurrency=1), running_worker(app, concurrency=1):
+            result = await _send_raw(app, queue, "errors.refuse", [], **{"x-amqtask-requeues": carried})
+            await _dead_lettered(app, result, "task_requeue_limit is 3", "RequeueLimitError", "requeue-limit")
+            assert await topology.queue_depth(app.runtime().broker, queue) == 0
+        assert runs == ["refuse"] * attempts
+
+    _run(app, queue, scenario)
+
+
+def test_a_requeued_copy_keeps_its_signature(app: App) -> None:
+    """With signing on, every requeued copy still verifies: the attempts end at the requeue limit,
+    not at the first copy as an unverified message (``rejected``)."""
+    queue = app.conf.task_default_queue
+    app.conf.signing_keys = ["requeue-key"]
+    runs: list[str] = []
+    refuse = _refusing(app, runs)
+
+    async def scenario() -> None:
+        async with running_worker(app, concurrency=1):
+            result = await refuse.adelay()
+            await _dead_lettered(app, result, "task_requeue_limit is 3", "RequeueLimitError", "requeue-limit")
+        assert runs == ["refuse"] * 4
+
+    _run(app, queue, scenario)
 
 
 async def eventually_runs(runs: list[int], count: int) -> None:

@@ -165,10 +165,12 @@ def test_purge_empties_the_dead_letter_queue(app: App) -> None:
     asyncio.run(scenario())
 
 
-def test_a_failed_attempt_rejects_and_the_delivery_limit_dead_letters_it(app: App) -> None:
-    """``Reject(requeue=True)`` uses basic.reject, which counts against a quorum queue's delivery limit."""
+def test_a_task_that_asks_to_be_requeued_is_bounded_by_the_requeue_limit_on_a_quorum_queue_too(app: App) -> None:
+    """``Reject(requeue=True)`` sends a new copy with its count to the end of the queue: the quorum
+    queue's delivery limit (1) does not see those attempts, ``task_requeue_limit`` (2) bounds them."""
     queue = app.conf.task_default_queue
-    app.conf.task_queues = {queue: {"queue_type": "quorum", "delivery_limit": 2}}
+    app.conf.task_queues = {queue: {"queue_type": "quorum", "delivery_limit": 1}}
+    app.conf.task_requeue_limit = 2
     attempts: list[bool] = []
 
     @app.task(name="dlq.not_now", bind=True)
@@ -184,11 +186,12 @@ def test_a_failed_attempt_rejects_and_the_delivery_limit_dead_letters_it(app: Ap
                 async def dead_lettered() -> bool:
                     return await topology.queue_depth(app.runtime().broker, queue + ".dlq") == 1
 
-                await eventually(dead_lettered, what="the broker to dead-letter the message")
+                await eventually(dead_lettered, what="the worker to dead-letter the message")
             entry = (await dlq.inspect(app, queue)).messages[0]
-            expected = (result.id, "dlq.not_now", "delivery_limit", queue)
+            expected = (result.id, "dlq.not_now", "requeue-limit", queue)
             assert (entry.id, entry.task, entry.reason, entry.queue) == expected
-            assert attempts == [False, True, True]  # first delivery + delivery_limit redeliveries
+            assert "RequeueLimitError" in entry.exception
+            assert attempts == [False, False, False]  # the first delivery + 2 requeued copies, none redelivered
         finally:
             await delete(app, [queue])
             await app.aclose()

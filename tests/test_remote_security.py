@@ -139,7 +139,7 @@ def test_reply_to_cannot_make_a_worker_declare_or_publish_elsewhere(broker_url: 
     async def scenario() -> None:
         connection = await aio_pika.connect(broker_url)
         async with connection:
-            await (await connection.channel()).declare_queue(victim)
+            await (await connection.channel()).declare_queue(victim, durable=True)
             async with running_worker(app, hostname=node):
                 targets = [{"exchange": "", "routing_key": victim}, {"exchange": evil_exchange, "routing_key": "k"},
                            {"exchange": wire.REPLY_EXCHANGE, "routing_key": "k" * 300}]  # fmt: skip

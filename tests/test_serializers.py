@@ -300,12 +300,36 @@ content_types = st.sampled_from(["application/json", "application/x-msgpack"])
 
 
 @PROPERTY
-@given(body=st.binary(max_size=256), content_type=content_types)
-def test_arbitrary_bytes_decode_or_raise_serialization_error(body: bytes, content_type: str) -> None:
+@given(body=st.binary(max_size=256), content_type=content_types, max_items=st.sampled_from([4, LIMITS.max_items]))
+def test_arbitrary_bytes_decode_or_raise_serialization_error(body: bytes, content_type: str, max_items: int) -> None:
+    # With 4 values allowed, most bodies are longer than that and are counted before decoding.
     try:
-        decode(body, content_type, BOTH, DecodeLimits(max_depth=8))
+        decode(body, content_type, BOTH, DecodeLimits(max_depth=8, max_items=max_items))
     except SerializationError as exc:
         assert exc.body == body
+
+
+@PROPERTY
+@given(value=json_values, max_items=st.integers(1, 40))
+def test_the_value_count_never_refuses_a_body_within_the_limit(value: Any, max_items: int) -> None:
+    """Counting before decoding agrees with the decoded value: refused exactly when it holds too many."""
+    count = _values(value)
+    for codec in (JSON, MSGPACK):
+        limits = DecodeLimits(max_depth=1000, max_items=max_items)
+        body = encode(value, codec)
+        if count <= max_items:
+            assert _strict(decode(body, codec.content_type, BOTH, limits)) == _strict(value)
+        elif len(body) > max_items:  # a body no longer than the limit cannot hold more values than bytes
+            with pytest.raises(SerializationError, match=f"more than {max_items} values"):
+                decode(body, codec.content_type, BOTH, limits)
+
+
+def _values(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + sum(_values(v) for v in value)
+    if isinstance(value, dict):
+        return 1 + sum(1 + _values(v) for v in value.values())
+    return 1
 
 
 PROTOCOL_HEADERS = [

@@ -22,7 +22,8 @@ from support.workers import get_raw, queue_depth, running_worker
 
 from amqtask import App, TimeoutError, protocol, serializers, signing
 from amqtask import dlq as dlq_module
-from amqtask.producer import to_amqp
+from amqtask.chords import ChordKeeper, Outcome, Part, queue_name
+from amqtask.producer import to_amqp, wire_of
 from amqtask.protocol import TaskMessage, WireMessage
 
 KEYS = ["new-key", "old-key"]
@@ -147,7 +148,7 @@ def test_tampered_copies_of_each_covered_field_are_dead_lettered_and_cause_nothi
         connection = await aio_pika.connect(broker_url)
         async with connection:
             channel = await connection.channel()
-            await channel.declare_queue(spy, auto_delete=False)
+            await channel.declare_queue(spy, durable=True)
         genuine = signed_wire("sig.add", [1, 2], reply_to=spy)
         copies = _tampered_copies(genuine)
         for name, copy in copies.items():
@@ -203,7 +204,7 @@ def test_unknown_task_with_follow_ups_under_signing_publishes_nothing_anywhere(
     async def scenario() -> None:
         connection = await aio_pika.connect(url)
         async with connection:
-            await (await connection.channel()).declare_queue(target)
+            await (await connection.channel()).declare_queue(target, durable=True)
         async with running_worker(app):
             await publish_raw(url, queue, hostile([]), hostile(["not-our-key"]))
             dead = await take_all(url, f"{queue}.dlq", 2)
@@ -286,7 +287,7 @@ def test_replay_under_signing_runs_and_never_launders_or_follows_headers(broker_
         nonlocal broken
         connection = await aio_pika.connect(broker_url)
         async with connection:
-            await (await connection.channel()).declare_queue(elsewhere)
+            await (await connection.channel()).declare_queue(elsewhere, durable=True)
         async with running_worker(app):
             failed = await app.asend_task("sig.charge", (1,))
             with pytest.raises(RuntimeError):
@@ -304,6 +305,11 @@ def test_replay_under_signing_runs_and_never_launders_or_follows_headers(broker_
         assert sorted(ran) == [1, 2]
         assert await queue_depth(broker_url, elsewhere) == 0
         assert await queue_depth(broker_url, f"{queue}.dlq") == 1, "the forged message stays dead-lettered"
+        # The operator, and only the operator, names another target.
+        await publish_raw(broker_url, f"{queue}.dlq", signed_wire("sig.charge", [4]))
+        moved = await dlq_module.replay(app, queue, to=elsewhere)
+        assert (len(moved.replayed), len(moved.refused)) == (1, 1)
+        assert signing.verify(KEYS, wire_of(await get_raw(broker_url, elsewhere)))
         await app.aclose()
 
     run(scenario)
@@ -335,5 +341,35 @@ def test_signed_workers_ignore_unsigned_control_and_clients_drop_unsigned_replie
         assert len(ignored) == 1, "an unsigned request is logged once, not once per request"
         for app in (signed, plain):
             await app.aclose()
+
+    run(scenario)
+
+
+# ---------------------------------------------------------------------------------------------- chords
+
+
+@pytest.mark.broker
+def test_a_chord_ignores_parts_that_are_not_signed(broker_url: str, unique: str) -> None:
+    """A forged outcome put into a chord's queue neither completes the chord nor reaches its body."""
+    app = _signed_app(broker_url, f"{unique}-q")
+    group_id = f"g-{unique}"
+    finished: list[list[Part]] = []
+
+    async def finish(parts: list[Part]) -> None:
+        finished.append(parts)
+
+    async def scenario() -> None:
+        runtime, keeper = app.runtime(), ChordKeeper()
+        await keeper.record(runtime, group_id, Part(0, "task-0", protocol.SUCCESS, 0))
+        forged = WireMessage(serializers.encode(Part(1, "task-1", protocol.SUCCESS, 666).to_wire(), serializers.JSON),
+                             "application/json", "utf-8", correlation_id="task-1")  # fmt: skip
+        await publish_raw(broker_url, queue_name(group_id), forged)
+        assert await keeper.complete(runtime, group_id, 2, finish) is not Outcome.COMPLETED
+        assert finished == []
+        await keeper.record(runtime, group_id, Part(1, "task-1", protocol.SUCCESS, 10))
+        assert await keeper.complete(runtime, group_id, 2, finish) is Outcome.COMPLETED
+        assert [[part.result for part in parts] for parts in finished] == [[0, 10]]
+        await keeper.close()
+        await app.aclose()
 
     run(scenario)

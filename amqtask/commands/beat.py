@@ -9,7 +9,6 @@ elsewhere: 0 ok, 2 usage or configuration error (an invalid schedule included), 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Sequence
 from datetime import datetime, tzinfo
 
@@ -18,9 +17,7 @@ import click
 from ..beat.scheduler import serve
 from ..beat.schedules import resolve_tz
 from ..beat.state import Status, status
-
-# Defined here, not imported from amqtask.cli: cli.py imports this module while it is still loading.
-app_option = click.option("-A", "--app", "app_spec", required=True, help="module[:attribute] holding the App")
+from .shared import app_option, load_app, loglevel_option, run, setup_logging
 
 
 @click.group("beat", invoke_without_command=True)
@@ -30,40 +27,34 @@ app_option = click.option("-A", "--app", "app_spec", required=True, help="module
     type=click.Path(dir_okay=False),
     help="TOML or JSON schedule merged over beat_schedule (its entries win on a name clash); re-read on change",
 )
-@click.option(
-    "-l",
-    "--loglevel",
-    default="info",
-    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-)
+@loglevel_option("info")
 @click.pass_context
-def command(ctx: click.Context, app_spec: str, schedule_file: str | None, loglevel: str) -> None:
+def command(ctx: click.Context, app_spec: str | None, schedule_file: str | None, loglevel: str) -> None:
     """Send periodic tasks on schedule. Run several for fail-over: exactly one sends at a time."""
-    from ..cli import _run, load_app
-
     ctx.obj = {"app_spec": app_spec, "schedule_file": schedule_file}
     if ctx.invoked_subcommand is not None:
         return
-    logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s %(levelname)s %(name)s] %(message)s")
+    setup_logging(loglevel)
     app = load_app(app_spec)
-    _run(app, lambda: asyncio.run(serve(app, schedule_file=schedule_file)))
+    run(app, lambda: asyncio.run(serve(app, schedule_file=schedule_file)), quiet=False)
 
 
 @command.command("list")
+@app_option
+@click.option("--schedule-file", type=click.Path(dir_okay=False), help="as for `amqtask beat`")
 @click.pass_context
-def list_entries(ctx: click.Context) -> None:
+def list_entries(ctx: click.Context, app_spec: str | None, schedule_file: str | None) -> None:
     """Show the entries, their schedules, next run times and last runs."""
-    from ..cli import _run, load_app
-
-    app = load_app(ctx.obj["app_spec"])
+    app = load_app(app_spec or ctx.obj["app_spec"])
+    schedule_file = schedule_file or ctx.obj["schedule_file"]
 
     async def read() -> Status:
         try:
-            return await status(app, schedule_file=ctx.obj["schedule_file"])
+            return await status(app, schedule_file=schedule_file)
         finally:
             await app.aclose()
 
-    found: Status = _run(app, lambda: asyncio.run(read()))
+    found: Status = run(app, lambda: asyncio.run(read()))
     tz = resolve_tz(app.conf.timezone)
     assert tz is not None
     if found.error is not None:

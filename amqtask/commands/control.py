@@ -21,7 +21,9 @@ def command() -> None:
 @command.command()
 @click.argument("task_ids", nargs=-1, required=True)
 @remote_options
-def revoke(app_spec: str, destination: str | None, timeout: float, as_json: bool, task_ids: tuple[str, ...]) -> None:
+def revoke(
+    app_spec: str | None, destination: str | None, timeout: float, as_json: bool, task_ids: tuple[str, ...]
+) -> None:
     """Tell the running workers not to run TASK_IDS (tasks already running finish).
 
     Only workers running now hear it; a worker started later will run these tasks.

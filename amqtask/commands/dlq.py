@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from .. import dlq
+from .shared import app_option, load_app, run, timeout_option
 
 if TYPE_CHECKING:
     from ..app import App
@@ -22,23 +23,18 @@ T = TypeVar("T")
 #: Widest a table cell gets; the whole value is in the message headers.
 CELL_WIDTH = 60
 
-# Defined here, not imported from amqtask.cli: cli.py imports this module while it is still loading.
-app_option = click.option("-A", "--app", "app_spec", required=True, help="module[:attribute] holding the App")
 
-
-def _call(app_spec: str, action: Callable[[App], Coroutine[Any, Any, T]]) -> T:
+def _call(app_spec: str | None, action: Callable[[App], Coroutine[Any, Any, T]]) -> T:
     """Run ``action(app)`` on a fresh event loop, closing the app's connection afterwards."""
-    from ..cli import _run, load_app
+    app = load_app(app_spec, required=False)
 
-    app = load_app(app_spec)
-
-    async def run() -> T:
+    async def main() -> T:
         try:
             return await action(app)
         finally:
             await app.aclose()
 
-    return _run(app, lambda: asyncio.run(run()))  # type: ignore[no-any-return]
+    return run(app, lambda: asyncio.run(main()))
 
 
 @click.group("dlq")
@@ -48,9 +44,10 @@ def command() -> None:
 
 @command.command("list")
 @app_option
+@timeout_option(30.0)
 @click.argument("queue")
 @click.option("--limit", type=click.IntRange(0), default=50, show_default=True, help="messages to show")
-def list_messages(app_spec: str, queue: str, limit: int) -> None:
+def list_messages(app_spec: str | None, timeout: float, queue: str, limit: int) -> None:
     """Count the dead-lettered messages of QUEUE and show the first ones (leaves them in place)."""
     listing = _call(app_spec, lambda app: dlq.inspect(app, queue, limit))
     shown = f" (showing {len(listing.messages)})" if len(listing.messages) < listing.count else ""
@@ -64,11 +61,14 @@ def list_messages(app_spec: str, queue: str, limit: int) -> None:
 
 @command.command("replay")
 @app_option
+@timeout_option(30.0)
 @click.argument("queue")
 @click.option("--id", "ids", multiple=True, help="task id to replay (repeatable)")
 @click.option("--all", "replay_all", is_flag=True, help="replay every message")
 @click.option("--to", "target", help="queue to send them to (default: QUEUE, whose dead-letter queue they are in)")
-def replay_messages(app_spec: str, queue: str, ids: tuple[str, ...], replay_all: bool, target: str | None) -> None:
+def replay_messages(
+    app_spec: str | None, timeout: float, queue: str, ids: tuple[str, ...], replay_all: bool, target: str | None
+) -> None:
     """Send dead-lettered messages back to QUEUE with retries reset (confirmed, then removed).
 
     With signing_keys set, each message's signature is checked and the copy signed again; a message
@@ -88,9 +88,10 @@ def replay_messages(app_spec: str, queue: str, ids: tuple[str, ...], replay_all:
 
 @command.command("purge")
 @app_option
+@timeout_option(30.0)
 @click.argument("queue")
 @click.option("-y", "--yes", is_flag=True, help="do not ask for confirmation")
-def purge_messages(app_spec: str, queue: str, yes: bool) -> None:
+def purge_messages(app_spec: str | None, timeout: float, queue: str, yes: bool) -> None:
     """Delete every message of QUEUE's dead-letter queue."""
     if not yes:
         click.confirm(f"delete every dead-lettered message of {queue!r}?", abort=True)

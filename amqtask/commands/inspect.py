@@ -27,34 +27,34 @@ def _inspect(method: str) -> Query:
 
 @command.command()
 @remote_options
-def ping(app_spec: str, destination: str | None, timeout: float, as_json: bool) -> None:
+def ping(app_spec: str | None, destination: str | None, timeout: float, as_json: bool) -> None:
     """Check which workers are alive."""
     run_query(app_spec, destination, timeout, as_json, _inspect("ping"))
 
 
 @command.command()
 @remote_options
-def registered(app_spec: str, destination: str | None, timeout: float, as_json: bool) -> None:
+def registered(app_spec: str | None, destination: str | None, timeout: float, as_json: bool) -> None:
     """List the tasks each worker knows."""
     run_query(app_spec, destination, timeout, as_json, _inspect("registered"))
 
 
 @command.command()
 @remote_options
-def active(app_spec: str, destination: str | None, timeout: float, as_json: bool) -> None:
+def active(app_spec: str | None, destination: str | None, timeout: float, as_json: bool) -> None:
     """List the tasks running now."""
     run_query(app_spec, destination, timeout, as_json, _inspect("active"))
 
 
 @command.command()
 @remote_options
-def stats(app_spec: str, destination: str | None, timeout: float, as_json: bool) -> None:
+def stats(app_spec: str | None, destination: str | None, timeout: float, as_json: bool) -> None:
     """Show each worker's statistics (pid, counters, pool, broker, resource usage)."""
     run_query(app_spec, destination, timeout, as_json, _inspect("stats"))
 
 
 @command.command()
 @remote_options
-def revoked(app_spec: str, destination: str | None, timeout: float, as_json: bool) -> None:
+def revoked(app_spec: str | None, destination: str | None, timeout: float, as_json: bool) -> None:
     """List the task ids each worker was told not to run."""
     run_query(app_spec, destination, timeout, as_json, _inspect("revoked"))

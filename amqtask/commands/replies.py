@@ -1,7 +1,7 @@
 """What ``amqtask inspect`` and ``amqtask control`` share: their options, and how replies are printed.
 
-``amqtask.cli`` is imported inside the functions: it imports the command modules while it is itself
-being imported.
+Neither needs an app: without ``-A`` the broker comes from ``AMQTASK_BROKER_URL``. ``--timeout`` bounds
+the connection as well as the wait for replies.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+
+from .shared import EXIT_FAILED, app_option, load_app, run, split, timeout_option
 
 if TYPE_CHECKING:
     from ..app import App
@@ -24,16 +26,9 @@ Query = Callable[["App", "list[str] | None", float], dict[str, Any]]
 def remote_options(fn: F) -> F:
     """The options every remote-control command takes: app, destination, timeout, output format."""
     options = [
-        click.option("-A", "--app", "app_spec", required=True, help="module[:attribute] holding the App"),
+        app_option,
         click.option("-d", "--destination", help="comma-separated worker names (default: all workers)"),
-        click.option(
-            "-t",
-            "--timeout",
-            type=click.FloatRange(min=0, min_open=True),
-            default=1.0,
-            show_default=True,
-            help="seconds to wait for replies",
-        ),
+        timeout_option(1.0, "seconds to wait for replies (and for the broker)"),
         click.option("--json", "as_json", is_flag=True, help="print the replies as one JSON object"),
     ]
     for option in reversed(options):
@@ -41,12 +36,10 @@ def remote_options(fn: F) -> F:
     return fn
 
 
-def run_query(app_spec: str, destination: str | None, timeout: float, as_json: bool, query: Query) -> None:
+def run_query(app_spec: str | None, destination: str | None, timeout: float, as_json: bool, query: Query) -> None:
     """Run ``query`` against the workers and print ``{node: reply}``; exit 1 when nobody replied."""
-    from ..cli import EXIT_FAILED, _run, _split, load_app
-
-    app = load_app(app_spec)
-    nodes = _split(destination)
+    app = load_app(app_spec, required=False)
+    nodes = split(destination)
 
     def ask() -> dict[str, Any]:
         try:
@@ -54,7 +47,7 @@ def run_query(app_spec: str, destination: str | None, timeout: float, as_json: b
         finally:
             app.close()
 
-    replies = _run(app, ask)
+    replies = run(app, ask)
     if not replies:
         asked = f" (asked {', '.join(nodes)})" if nodes else ""
         click.echo(f"error: no worker replied within {timeout:g}s{asked}", err=True)

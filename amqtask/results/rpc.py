@@ -24,7 +24,8 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from .. import protocol, signing
 from ..connection import CONNECTION_ERRORS, SETTLE_ERRORS, Broker, raise_if_cancelled
 from ..errors import AmqtaskError, BrokerConnectionError, MessageError, TimeoutError
-from ..protocol import READY_STATES, ResultMessage, WireMessage
+from ..producer import wire_of
+from ..protocol import READY_STATES, ResultMessage
 from ..serializers import limits_of, normalize_accept
 from ..settings import Settings
 
@@ -176,15 +177,7 @@ class ResultConsumer:
             log.warning("could not resume consuming results: %s", exc)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        wire = WireMessage(
-            body=message.body,
-            content_type=message.content_type,
-            headers=dict(message.headers or {}),
-            content_encoding=message.content_encoding,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            priority=message.priority,
-        )
+        wire = wire_of(message)
         unverified = signing.problem(self.settings.signing_keys, wire, signing.Kind.RESULT)
         try:
             if unverified is not None:

@@ -24,6 +24,9 @@ from ..topology import QueueSpec
 log = logging.getLogger("amqtask.worker")
 
 OnMessage = Callable[[AbstractIncomingMessage, QueueSpec], Awaitable[None]]
+#: How often the consumer looks for consumers the broker cancelled, on aiormq 6 (the newest for Python
+#: 3.10), which drops a broker's ``basic.cancel`` without telling anyone; aiormq 7 calls us back at once.
+CANCEL_POLL_S = 1.0
 #: With the CancelledError aiormq fails a stuck connection's calls with (see ``raise_if_cancelled``).
 _RECOVERABLE_OR_STUCK: tuple[type[BaseException], ...] = (*RECOVERABLE_ERRORS, asyncio.CancelledError)
 
@@ -77,7 +80,9 @@ class Consumer:
         channel = await self._connect()
         channel.close_callbacks.add(lambda *_: self._interrupt())
         underlay = await channel.get_underlay_channel()
-        underlay.on_consumer_cancel_callbacks.add(self._on_cancel)
+        cancel_callbacks = getattr(underlay, "on_consumer_cancel_callbacks", None)
+        if cancel_callbacks is not None:
+            cancel_callbacks.add(self._on_cancel)
         await channel.set_qos(prefetch_count=self.prefetch)
         self._tags.clear()
         for spec in self.queues:
@@ -89,7 +94,10 @@ class Consumer:
             log.info("consuming again from %s", ", ".join(q.name for q in self.queues))
         self.resumptions += 1
         self.consuming.set()
-        await self._interrupted.wait()
+        if cancel_callbacks is not None:
+            await self._interrupted.wait()
+        else:
+            await self._interrupted_or_cancelled(underlay.consumers)  # type: ignore[attr-defined]
         self.consuming.clear()
         if not channel.is_closed and not self._stopping:
             # Closing the channel hands its unacked deliveries back; in-flight tasks will then skip their ack.
@@ -106,9 +114,20 @@ class Consumer:
         self._interrupted.set()
 
     def _on_cancel(self, frame: Any) -> None:
-        queue = self._tags.get(getattr(frame, "consumer_tag", ""), "?")
-        log.warning("the broker cancelled the consumer of queue %r; consuming again", queue)
+        self._cancelled(getattr(frame, "consumer_tag", ""))
+
+    def _cancelled(self, tag: str) -> None:
+        log.warning("the broker cancelled the consumer of queue %r; consuming again", self._tags.get(tag, "?"))
         self._interrupt()
+
+    async def _interrupted_or_cancelled(self, registered: dict[str, Any]) -> None:
+        """Wait for an interruption, treating a consumer tag gone from aiormq 6's ``registered`` as a cancel."""
+        while not self._interrupted.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._interrupted.wait(), CANCEL_POLL_S)
+            gone = next((tag for tag in self._tags if tag not in registered), None)
+            if gone is not None and not self._interrupted.is_set():
+                self._cancelled(gone)
 
     async def cancel(self) -> None:
         """Stop receiving new deliveries, keeping the channel open so running tasks can still ack."""

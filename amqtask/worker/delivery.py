@@ -31,7 +31,7 @@ from ..errors import (
     TaskRevokedError,
 )
 from ..failures import encode_exception, format_traceback
-from ..producer import HeadersTooLargeError, wire_of
+from ..producer import HeadersTooLargeError, Publisher, wire_of
 from ..protocol import ResultMessage, TaskMessage, WireMessage
 from ..retry import autoretry_delay
 from ..task import Request, Task
@@ -58,7 +58,7 @@ class DeliveryHandler:
         self.triage = Triage(self)
 
     @property
-    def publisher(self) -> Any:
+    def publisher(self) -> Publisher:
         return self.worker.runtime.publisher
 
     # ------------------------------------------------------------------------------------------ entry
@@ -171,7 +171,7 @@ class DeliveryHandler:
             await self.retry(message, queue, msg, wire, exc)
         except Reject as exc:
             if exc.requeue:
-                await self.requeue_failed(message)
+                await self.triage.requeue_rejected(message, queue, wire, exc.reason)
             else:
                 await self.dead_letter(message, queue, deadletter.REJECTED, exc.reason)
         except Exception as exc:

@@ -14,20 +14,26 @@ Every error that escapes the handling of a delivery is one of two kinds:
   ``<queue>.dlq`` with a reason (``deadletter.py``) and the exception, its follow-ups fail, its caller
   gets a FAILURE when it asked for a result, and the delivery is acked, once everything sent was
   confirmed.
+
+A task that raises ``Reject(requeue=True)`` asks for its message to be tried again later. That goes
+through the same growing pause, then back to the end of the queue, at most ``task_requeue_limit``
+times per message (see :meth:`Triage.requeue_rejected`); after that it is about the message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
-from .. import deadletter, protocol
+from .. import deadletter, delays, protocol
 from ..connection import CONNECTION_ERRORS
-from ..errors import BrokerConnectionError, DelayRangeError
+from ..errors import BrokerConnectionError, DelayRangeError, RequeueLimitError
 from ..failures import format_traceback
 from ..producer import HeadersTooLargeError, NotConfirmedError, wire_of
 from ..protocol import WireMessage
@@ -45,9 +51,24 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncio.TimeoutError,
     NotConfirmedError,
 )
-#: The pause before a delivery is given back after a transient error; it doubles while such errors go on.
-TRANSIENT_PAUSE_S = 0.1
-TRANSIENT_PAUSE_MAX_S = 5.0
+#: The pause before a delivery is given back: it doubles with each requeue in a row, up to the maximum.
+REQUEUE_PAUSE_S = 0.1
+REQUEUE_PAUSE_MAX_S = 5.0
+#: How often ``Reject(requeue=True)`` has sent a message back to its queue, carried by the message itself.
+REQUEUES_HEADER = deadletter.PREFIX + "requeues"
+
+
+def requeue_pause_s(requeues: int) -> float:
+    """The pause before the next requeue, after ``requeues`` requeues in a row."""
+    return min(REQUEUE_PAUSE_MAX_S, REQUEUE_PAUSE_S * 2.0 ** min(requeues, 16))
+
+
+def requeues_of(headers: Mapping[str, Any] | None) -> int:
+    """The requeue count a message carries: 0 when it has none, or one that is not a count."""
+    value = (headers or {}).get(REQUEUES_HEADER)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return max(0, value)  # a forged negative count must not buy more requeues than the limit
+    return 0
 
 
 def reason_for(exc: Exception) -> str:
@@ -56,6 +77,8 @@ def reason_for(exc: Exception) -> str:
         return deadletter.ETA_OUT_OF_RANGE
     if isinstance(exc, HeadersTooLargeError):
         return deadletter.HEADERS_TOO_LARGE
+    if isinstance(exc, RequeueLimitError):
+        return deadletter.REQUEUE_LIMIT
     return deadletter.WORKER_ERROR
 
 
@@ -84,11 +107,47 @@ class Triage:
         if channel_gone(message):
             log.warning("%s; its channel is gone, so the broker has requeued it", what)
             return
-        pause = min(TRANSIENT_PAUSE_MAX_S, TRANSIENT_PAUSE_S * 2**self._streak)
+        pause = requeue_pause_s(self._streak)
         self._streak = min(self._streak + 1, 16)
         log.warning("%s; requeueing it in %.1fs", what, pause)
         await asyncio.sleep(pause)
         await self.handler.requeue_failed(message)
+
+    async def requeue_rejected(
+        self, message: AbstractIncomingMessage, queue: QueueSpec, wire: WireMessage, reason: str
+    ) -> None:
+        """The task raised ``Reject(requeue=True)``: after a pause, send its message to the end of its
+        queue with its requeue count one higher, then ack; past ``task_requeue_limit`` requeues, raise
+        :class:`~amqtask.errors.RequeueLimitError` (the message is then dead-lettered, ``requeue-limit``).
+
+        Not ``basic.reject(requeue=True)``: that puts the same message back at the head of a classic
+        queue, at once and unchanged, so nothing bounds it. Where the count lives decides the bound: a
+        worker's memory forgets it on restart and each worker would allow the limit again;
+        ``x-delivery-count`` exists only on quorum queues, and ``redelivered`` is a flag. So the count
+        travels in the message (:data:`REQUEUES_HEADER`), whichever worker receives it next: the bound
+        holds across workers and restarts. The copy is confirmed before the delivery is acked, so a
+        crash in between leaves a duplicate with its own bounded count, never a loss. Signing leaves
+        ``x-`` headers out of the MAC, so the copy keeps its signature; a forged count gains no more
+        than sending the captured message again would (which signing does not stop either), and one
+        that is negative or not a number counts as 0. The pause (0.1 s doubling to 5 s with the count)
+        holds the delivery's slot, so a worker meeting such a message again slows down; the tasks
+        queued behind it run meanwhile.
+        """
+        requeues = requeues_of(wire.headers)
+        limit: int = self.handler.app.conf.task_requeue_limit
+        what = f"message {message.correlation_id} from {queue.name}"
+        if requeues >= limit:
+            because = f": {reason}" if reason else ""
+            raise RequeueLimitError(f"{what} was requeued by Reject(requeue=True) {requeues} time(s), "
+                                    f"task_requeue_limit is {limit}{because}")  # fmt: skip
+        pause = requeue_pause_s(requeues)
+        log.info("task rejected %s with requeue=True; requeueing it in %.1fs (%d of %d)",
+                 what, pause, requeues + 1, limit)  # fmt: skip
+        await asyncio.sleep(pause)
+        headers = delays.strip_death_headers(wire.headers)
+        headers[REQUEUES_HEADER] = requeues + 1
+        await self.handler.publisher.publish(dataclasses.replace(wire, headers=headers), "", queue.name)
+        await self.handler.ack(message)
 
     async def dead_letter(self, message: AbstractIncomingMessage, queue: QueueSpec, exc: Exception) -> None:
         """Handling failed because of the message itself: dead-letter it with the reason and the exception,
