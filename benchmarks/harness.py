@@ -28,11 +28,11 @@ REPO = HERE.parent
 PHASE_TIMEOUT_S = 240.0
 
 
-def broker_url(explicit: str | None = None) -> str:
+def broker_url(explicit: str | None = None, *, from_env: bool = True) -> str:
     """``explicit``, else AMQTASK_BROKER_URL, else the throwaway RabbitMQ 3.10 of deploy/rabbitmq.sh."""
     if explicit:
         return explicit
-    if os.environ.get("AMQTASK_BROKER_URL"):
+    if from_env and os.environ.get("AMQTASK_BROKER_URL"):
         return os.environ["AMQTASK_BROKER_URL"].split(",")[0]
     out = subprocess.run(["bash", str(REPO / "deploy" / "rabbitmq.sh"), "start", "--version", "3.10"],
                          check=True, capture_output=True, text=True).stdout  # fmt: skip

@@ -113,7 +113,7 @@ def main() -> None:
     url = args.url
     if url is None:
         vhost = f"bench-{uuid.uuid4().hex[:8]}"
-        url = broker_url().rstrip("/") + "/" + vhost
+        url = broker_url(from_env=False).rstrip("/") + "/" + vhost  # the broker whose vhosts ctl() manages
         ctl("add_vhost", vhost)
         ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
     env = {**os.environ, "BENCH_URL": url, "BENCH_PREFIX": vhost or "bench", "BENCH_COUNT": str(args.count),
