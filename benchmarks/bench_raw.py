@@ -4,7 +4,7 @@ Same bytes as amqtask's no-op task message, persistent, into durable classic que
 waits for publisher confirms (one at a time, or ``WINDOW`` in flight); consuming uses prefetch 100
 and one ack per message, after the (empty) handling. The RPC is a reply-queue round trip with the
 guarantees amqtask gives: the request is confirmed, the server's reply is confirmed before it acks
-the request. ``python bench_raw.py serve`` is that server.
+the request. ``python bench_raw.py serve`` is that server, ``python bench_raw.py consume`` the consumer process.
 """
 
 from __future__ import annotations
@@ -33,6 +33,21 @@ def message() -> aio_pika.Message:
                                MSGPACK))  # fmt: skip
 
 
+async def consume(url: str, queue_name: str) -> None:
+    """Consume ``queue_name`` with prefetch 100, one ack per message after the (empty) handling."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=PREFETCH)
+        queue = await channel.declare_queue(queue_name, passive=True)
+
+        async def on_message(delivery: AbstractIncomingMessage) -> None:
+            await delivery.ack()
+
+        await queue.consume(on_message)
+        await asyncio.Future()
+
+
 async def serve(url: str, queue_name: str) -> None:
     """Answer every request on ``queue_name`` to its reply_to: reply confirmed, then the request acked."""
     connection = await aio_pika.connect(url)
@@ -52,6 +67,8 @@ async def serve(url: str, queue_name: str) -> None:
 
 
 async def measure(url: str, prefix: str, count: int, sequential: int, round_trips: int) -> dict[str, Any]:
+    from harness import Worker, worker_command
+
     figures: dict[str, Any] = {}
     connection = await aio_pika.connect(url)
     async with connection:
@@ -71,23 +88,12 @@ async def measure(url: str, prefix: str, count: int, sequential: int, round_trip
                                    for _ in range(min(WINDOW, count - offset))))  # fmt: skip
         figures["enqueue_bulk"] = round(count / (time.perf_counter() - start), 1)
 
-        consumer = await connection.channel()
-        await consumer.set_qos(prefetch_count=PREFETCH)
-        done, seen = asyncio.Event(), 0
-
-        async def on_message(delivery: AbstractIncomingMessage) -> None:
-            nonlocal seen
-            await delivery.ack()
-            seen += 1
-            if seen == count:
-                done.set()
-
-        queue = await consumer.declare_queue(drain.name, passive=True)
-        start, cpu = time.perf_counter(), time.process_time()
-        await queue.consume(on_message)
-        await done.wait()
-        cpu_us = round(1e6 * (time.process_time() - cpu) / count, 1)
-        figures["drain_def"] = {"rate": round(count / (time.perf_counter() - start), 1), "cpu_us_per_task": cpu_us}
+        # A consumer process timed from outside, as the task runners' workers are (harness.Worker).
+        worker = Worker(worker_command(__file__, "consume", url, drain.name), url, drain.name)
+        try:
+            figures["drain_def"] = await asyncio.to_thread(worker.drain, count)
+        finally:
+            worker.stop()
         figures["drain_async"] = figures["drain_def"]  # a raw consumer is async: one ceiling for both
         figures["round_trip"] = await rpc(url, connection, channel, f"{prefix}-raw-rpc", round_trips)
     return figures
@@ -127,8 +133,8 @@ async def rpc(url: str, connection: Any, channel: Any, queue_name: str, round_tr
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["serve"]:
-        asyncio.run(serve(sys.argv[2], sys.argv[3]))
+    if sys.argv[1:2] in (["serve"], ["consume"]):
+        asyncio.run({"serve": serve, "consume": consume}[sys.argv[1]](sys.argv[2], sys.argv[3]))
         return
     from harness import emit, settings
 
