@@ -18,6 +18,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -90,11 +91,18 @@ def run_system(name: str, env: dict[str, str]) -> dict[str, Any]:
     """Run one system's benchmark process and return its figures."""
     started = time.monotonic()
     system_env = {**env, "AMQTASK_EVENT_LOOP": "uvloop"} if name.endswith("-uvloop") else env
-    out = subprocess.run([sys.executable, *SYSTEMS[name]], env=system_env, cwd=HERE, capture_output=True,
-                         text=True, timeout=1800)  # fmt: skip
-    if out.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
-    figures: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    # A session of its own, so that a system that overruns is ended with every worker it started.
+    process = subprocess.Popen([sys.executable, *SYSTEMS[name]], env=system_env, cwd=HERE, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=1800)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise RuntimeError(f"{name} did not finish within 30 minutes") from None
+    if process.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{stdout[-2000:]}\n{stderr[-4000:]}")
+    figures: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
     print(f"  {name}: {time.monotonic() - started:.0f}s", flush=True)
     return figures
 
