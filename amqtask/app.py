@@ -350,6 +350,8 @@ class App:
             await runtime.publisher.publish_delayed(wire, route.queue, delay)
         else:
             await runtime.publisher.publish(wire, route.exchange, route.routing_key)
+        for middleware in self.middleware:
+            await middleware.after_publish(self, message, route)
 
 
 def _signature_list(value: Any) -> list[dict[str, Any]] | None:

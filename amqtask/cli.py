@@ -119,17 +119,27 @@ def main(app_spec: str | None) -> None:
 )  # fmt: skip
 @click.option("--process-index", type=int, hidden=True)
 @click.option("--burst", is_flag=True, help="exit once the queues are empty")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), help="serve Prometheus metrics on this port")
+@click.option("--log-format", type=click.Choice(["text", "json"]), help="log lines as text or JSON objects")
+@click.option("-E", "--task-events", is_flag=True, help="send Celery's task and worker events (Flower, celery events)")
 @loglevel_option("info")
 def worker(
     app_spec: str | None, queues: str | None, exclude_queues: str | None, concurrency: int | None,
     prefetch_multiplier: int | None, hostname: str | None, processes: int, process_index: int | None,
-    burst: bool, loglevel: str,
+    burst: bool, metrics_port: int | None, log_format: str | None, task_events: bool, loglevel: str,
 ) -> None:  # fmt: skip
     """Consume queues and run tasks."""
+    from .monitoring.logs import configure_logging
     from .worker.supervisor import serve, supervise
 
     setup_logging(loglevel)
     app = load_app(app_spec)
+    log_format = log_format or app.conf.worker_log_format
+    configure_logging(loglevel, log_format)
+    if metrics_port is not None:
+        app.conf.worker_metrics_port = metrics_port
+    if task_events:
+        app.conf.worker_send_task_events = True
     if processes > 1:
         spec = app_spec_given(app_spec)
         assert spec is not None  # load_app exits without one
@@ -153,9 +163,14 @@ def worker(
                     argv += [flag, str(value)]
             if hostname:
                 argv += ["-n", f"{hostname}-{index}"]
+            if task_events:
+                argv.append("-E")
+            argv += ["--log-format", log_format]
+            if app.conf.worker_metrics_port is not None:
+                argv += ["--metrics-port", str(app.conf.worker_metrics_port)]
             return argv
 
-        sys.exit(supervise(child, processes))
+        sys.exit(run(app, lambda: supervise(child, processes, metrics_port=app.conf.worker_metrics_port), quiet=False))
     if hostname is None and process_index is not None:
         hostname = f"{app.conf.worker_hostname or 'amqtask@' + os.uname().nodename}-{process_index}"
     options = {"queues": split(queues), "exclude_queues": split(exclude_queues), "concurrency": concurrency,
@@ -328,5 +343,5 @@ def _register_command_groups() -> None:
 
 
 #: Modules under ``amqtask/commands`` that each define one click ``command`` (a command or a group).
-COMMAND_MODULES: tuple[str, ...] = ("inspect", "control", "dlq", "beat")
+COMMAND_MODULES: tuple[str, ...] = ("inspect", "control", "dlq", "beat", "events")
 _register_command_groups()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import ssl
@@ -189,7 +190,7 @@ class Broker:
             )
         except Exception as exc:
             self.last_error = f"{mask_url(url)}: {_describe(exc)}"
-            log.warning("cannot connect to %s", self.last_error)
+            log.warning("cannot connect to %s%s", self.last_error, _hint(exc, url))
             raise BrokerConnectionError(self.last_error) from exc
         _detect_stalls_after_two_heartbeats(connection, self.settings.broker_heartbeat_s)
         _give_a_reason_to_reasonless_closes(connection)
@@ -346,6 +347,18 @@ def _give_a_reason_to_reasonless_closes(connection: aio_pika.abc.AbstractConnect
         return fail_pending(reason)
 
     underlay._cancel_tasks = fail_pending_with_a_reason
+
+
+def _hint(exc: BaseException, url: str) -> str:
+    """What to check when nothing answers at ``url`` (refused, unreachable, timed out; not TLS or login)."""
+    code = exc.errno if isinstance(exc, OSError) else exc.args[0] if exc.args else None
+    if isinstance(exc, asyncio.TimeoutError) or code in _NOBODY_THERE:
+        return f"; is RabbitMQ running at {mask_url(url)}? set AMQTASK_BROKER_URL"
+    return ""
+
+
+#: Connect errors that mean no broker listens at the address (as opposed to TLS or login failures).
+_NOBODY_THERE = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT})
 
 
 def _describe(exc: BaseException) -> str:

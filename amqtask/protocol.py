@@ -113,6 +113,11 @@ _repr.maxother = 1024
 _repr.maxlist = _repr.maxtuple = _repr.maxdict = 64
 
 
+def short_repr(value: Any) -> str:
+    """A bounded ``repr`` (depth 3, 64 items, 1024 characters): what ``argsrepr`` and event fields show."""
+    return _repr.repr(value)
+
+
 def isoformat(moment: dt.datetime | None) -> str | None:
     """``datetime.isoformat()`` as Celery writes it (microseconds only when non-zero)."""
     return None if moment is None else moment.isoformat()
@@ -150,8 +155,8 @@ def encode_task(msg: TaskMessage, codec: Codec) -> WireMessage:
         "timelimit": [msg.time_limit, msg.soft_time_limit],
         "root_id": msg.root_id or msg.id,
         "parent_id": msg.parent_id,
-        "argsrepr": msg.argsrepr if msg.argsrepr is not None else _repr.repr(tuple(msg.args)),
-        "kwargsrepr": msg.kwargsrepr if msg.kwargsrepr is not None else _repr.repr(msg.kwargs),
+        "argsrepr": msg.argsrepr if msg.argsrepr is not None else short_repr(tuple(msg.args)),
+        "kwargsrepr": msg.kwargsrepr if msg.kwargsrepr is not None else short_repr(msg.kwargs),
         "origin": msg.origin or origin_name(),
         "ignore_result": msg.ignore_result,
         "replaced_task_nesting": msg.replaced_task_nesting,

@@ -122,11 +122,13 @@ def _serializer(name: str, value: Any) -> str:
     return str(value)
 
 
-@_kind("'asyncio' or 'uvloop'")
-def _event_loop(name: str, value: Any) -> str:
-    if value not in ("asyncio", "uvloop"):
-        raise ConfigurationError(f"setting {name!r} must be 'asyncio' or 'uvloop', got {value!r}")
-    return str(value)
+def _choice(*choices: str) -> Callable[[str, Any], str]:
+    def check(name: str, value: Any) -> str:
+        if value not in choices:
+            raise ConfigurationError(f"setting {name!r} must be one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    return _kind(" or ".join(repr(choice) for choice in choices))(check)
 
 
 @_kind("'msgpack' or 'json', or none")
@@ -196,8 +198,8 @@ SPECS: dict[str, Spec] = {
     "worker_concurrency": Spec(_CPUS, _number(1, integer=True), "tasks run at once per worker process"),
     "worker_prefetch_multiplier": Spec(4, _number(1, integer=True), "prefetch = concurrency x this"),
     "worker_shutdown_grace_s": Spec(30.0, _number(0), "time running tasks get to finish on SIGTERM"),
-    "event_loop": Spec("asyncio", _event_loop, "event loop of the worker and the sync portal: asyncio, or uvloop "
-                       "(pip install 'amqtask[uvloop]')"),
+    "event_loop": Spec("asyncio", _choice("asyncio", "uvloop"),
+                       "worker and sync-portal event loop: asyncio, or uvloop (pip install 'amqtask[uvloop]')"),
     "worker_hostname": Spec(None, _opt_str, "worker node name (default amqtask@<host>)"),
     "message_max_bytes": Spec(16 * 1024 * 1024, _number(1, integer=True), "largest body a worker decodes"),
     "message_max_depth": Spec(64, _number(1, integer=True), "deepest nesting a worker decodes"),
@@ -212,6 +214,11 @@ SPECS: dict[str, Spec] = {
                               "after the leader dies takes this, plus ~2x broker_heartbeat_s if its host vanished"),
     "beat_max_loop_s": Spec(5.0, _number(0.01), "longest beat sleeps between checks (schedule file, clock jumps)"),
     "beat_schedule_file": Spec(None, _opt_str, "TOML/JSON schedule file merged over beat_schedule, re-read on change"),
+    "worker_log_format": Spec("text", _choice("text", "json"), "worker log lines: text, or json (one object a line)"),
+    "worker_metrics_port": Spec(None, _number(1, integer=True, allow_none=True),
+                                "serve Prometheus metrics on this port (needs amqtask[metrics])"),
+    "worker_send_task_events": Spec(False, _bool, "workers publish Celery's task and worker events (-E)"),
+    "task_send_sent_event": Spec(False, _bool, "producers publish a task-sent event for every task they send"),
     "signing_keys": Spec(None, _keys, "HMAC keys; the first signs, all verify"),
 }  # fmt: skip
 

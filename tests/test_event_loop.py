@@ -50,5 +50,5 @@ def test_uvloop_missing_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch
 
 
 def test_unknown_event_loop_is_refused() -> None:
-    with pytest.raises(ConfigurationError, match="'asyncio' or 'uvloop'"):
+    with pytest.raises(ConfigurationError, match="must be one of asyncio, uvloop"):
         App("loop-bad", event_loop="trio")

@@ -58,3 +58,17 @@ def stats(app_spec: str | None, destination: str | None, timeout: float, as_json
 def revoked(app_spec: str | None, destination: str | None, timeout: float, as_json: bool) -> None:
     """List the task ids each worker was told not to run."""
     run_query(app_spec, destination, timeout, as_json, _inspect("revoked"))
+
+
+@command.command("active_queues")
+@remote_options
+def active_queues(app_spec: str, destination: str | None, timeout: float, as_json: bool) -> None:
+    """List the queues each worker consumes."""
+    run_query(app_spec, destination, timeout, as_json, _inspect("active_queues"))
+
+
+@command.command()
+@remote_options
+def conf(app_spec: str, destination: str | None, timeout: float, as_json: bool) -> None:
+    """Show each worker's settings (secrets left out, broker URLs masked)."""
+    run_query(app_spec, destination, timeout, as_json, _inspect("conf"))

@@ -73,7 +73,10 @@ def split(value: str | None) -> list[str] | None:
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="[%(asctime)s %(levelname)s %(name)s] %(message)s", force=True)
+    # One logging set-up for every command: task fields, and aiormq's duplicated connect errors dropped.
+    from ..monitoring.logs import configure_logging
+
+    configure_logging(level)
 
 
 def app_spec_given(spec: str | None) -> str | None:

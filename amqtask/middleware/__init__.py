@@ -8,12 +8,20 @@ message.
 
 from __future__ import annotations
 
+import contextvars
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..app import App
+    from ..errors import Reject, Retry
     from ..protocol import ResultMessage, TaskMessage, WireMessage
+    from ..routing import Route
     from ..worker.worker import Worker
+
+
+#: The queue of the delivery being handled, for hooks that label by queue (metrics, logs). Set by the worker
+#: in each delivery's own asyncio task, so it never leaks into the next delivery.
+current_queue: contextvars.ContextVar[str | None] = contextvars.ContextVar("amqtask_queue", default=None)
 
 
 class Middleware:
@@ -21,6 +29,9 @@ class Middleware:
 
     async def before_publish(self, app: App, message: TaskMessage, wire: WireMessage) -> None:
         """Called with the encoded message before it is published (may change ``wire.headers``)."""
+
+    async def after_publish(self, app: App, message: TaskMessage, route: Route) -> None:
+        """Called once the broker confirmed a task message sent on ``route``."""
 
     async def before_process(self, worker: Worker, message: TaskMessage, wire: WireMessage) -> None:
         """Called after a delivery was decoded and its task found, before it runs."""
@@ -33,6 +44,13 @@ class Middleware:
     ) -> None:
         """Called after a task finally failed (no retry left), before it is dead-lettered and acked."""
 
+    async def on_retry(self, worker: Worker, message: TaskMessage, retry: Retry) -> None:
+        """Called when a task is to run again, before its next attempt is published (which may then run
+        at once, on another worker)."""
+
+    async def after_reject(self, worker: Worker, message: TaskMessage, reject: Reject) -> None:
+        """Called when a running task raised :class:`~amqtask.errors.Reject` (dead-lettered or requeued)."""
+
     async def on_worker_start(self, worker: Worker) -> None:
         """Called once the worker consumes."""
 
@@ -40,4 +58,4 @@ class Middleware:
         """Called when the worker stops."""
 
 
-__all__ = ["Middleware"]
+__all__ = ["Middleware", "current_queue"]

@@ -253,6 +253,22 @@ class Inspect:
         """:meth:`astats` for synchronous code."""
         return self._request("stats")
 
+    async def aactive_queues(self) -> dict[str, Any]:
+        """``{node: [queue, ...]}``: the queues each worker consumes, in kombu's ``Queue.as_dict`` shape."""
+        return await self._arequest("active_queues")
+
+    def active_queues(self) -> dict[str, Any]:
+        """:meth:`aactive_queues` for synchronous code."""
+        return self._request("active_queues")
+
+    async def aconf(self) -> dict[str, Any]:
+        """``{node: {setting: value}}``: each worker's settings (secrets left out, broker URLs masked)."""
+        return await self._arequest("conf")
+
+    def conf(self) -> dict[str, Any]:
+        """:meth:`aconf` for synchronous code."""
+        return self._request("conf")
+
     async def arevoked(self) -> dict[str, Any]:
         """``{node: [revoked task id, ...]}``, oldest first."""
         return await self._arequest("revoked")

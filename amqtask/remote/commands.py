@@ -1,8 +1,8 @@
 """What a worker answers to remote control: the commands, and the revoked ids they keep.
 
-Commands: ``ping``, ``registered``, ``active``, ``stats``, ``revoke``, ``revoked`` and ``hello`` (Celery
-workers send it at startup to share revoked ids). A new command is a method here and a line in
-:attr:`Commands.table`.
+Commands: ``ping``, ``registered``, ``active``, ``stats``, ``revoke``, ``revoked``, ``hello`` (Celery
+workers send it at startup to share revoked ids), ``active_queues``, ``conf`` and ``enable_events`` /
+``disable_events``. A new command is a method here and a line in :attr:`Commands.table`.
 
 Revoked ids live in the worker's memory, bounded and expiring like Celery's: a worker started after a
 revoke does not know it, and a restart forgets it. A delivery whose id was revoked is acked and
@@ -25,6 +25,7 @@ from .wire import LamportClock
 
 if TYPE_CHECKING:
     from ..protocol import TaskMessage
+    from ..topology import QueueSpec
     from ..worker.worker import Worker
 
 log = logging.getLogger("amqtask.control")
@@ -89,6 +90,30 @@ def broker_info(url: str, others: Iterable[str], heartbeat: float, connect_timeo
     }
 
 
+def queue_info(queue: QueueSpec) -> dict[str, Any]:
+    """One consumed queue in the shape of Celery's ``active_queues`` reply (kombu's ``Queue.as_dict``)."""
+    exchange = {"name": queue.exchange, "type": queue.exchange_type, "durable": True, "auto_delete": False,
+                "delivery_mode": None, "arguments": None, "passive": False}  # fmt: skip
+    return {
+        "name": queue.name, "exchange": exchange, "routing_key": queue.publish_routing_key,
+        "queue_arguments": queue.queue_arguments() or None, "binding_arguments": dict(queue.binding_arguments) or None,
+        "consumer_arguments": None, "durable": True, "exclusive": False, "auto_delete": False, "no_ack": False,
+        "alias": None, "bindings": [], "no_declare": None, "expires": None, "message_ttl": None, "max_length": None,
+        "max_length_bytes": None, "max_priority": queue.max_priority,
+    }  # fmt: skip
+
+
+#: Settings ``conf`` never shows: secrets (broker URLs are shown masked).
+HIDDEN_SETTINGS = frozenset({"signing_keys"})
+
+
+def visible_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The worker's settings for ``inspect conf``, secrets left out and broker URLs masked."""
+    shown = {name: value for name, value in settings.items() if name not in HIDDEN_SETTINGS}
+    shown["broker_url"] = [mask_url(url) for url in settings["broker_url"]]
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in shown.items()}
+
+
 def _rusage() -> dict[str, float]:
     try:
         import resource
@@ -149,6 +174,10 @@ class Commands:
             "revoke": self.revoke,
             "revoked": lambda _: self.revoked.ids(),
             "hello": self.hello,
+            "active_queues": lambda _: [queue_info(q) for q in self.worker.queues],
+            "conf": lambda _: visible_settings(self.worker.app.conf.as_dict()),
+            "enable_events": lambda _: self.events(on=True),
+            "disable_events": lambda _: self.events(on=False),
         }
 
     def dispatch(self, method: str, arguments: Any) -> Any:
@@ -248,6 +277,15 @@ class Commands:
         # Celery 5.7 sends a list of ids; older versions a dict of id -> time.
         self.revoked.add(i for i in (theirs or ()) if isinstance(i, str))
         return {"revoked": self.revoked.ids(), "clock": self.clock.forward()}
+
+    def events(self, *, on: bool) -> dict[str, str]:
+        """Turn task events on or off, as ``celery control enable_events`` (and Flower) ask."""
+        from ..monitoring.event_middleware import EventsMiddleware
+
+        for middleware in self.worker.app.middleware:
+            if isinstance(middleware, EventsMiddleware):
+                return {"ok": middleware.switch(self.worker, on=on)}
+        return {"error": "this worker's app has no events middleware"}
 
     def check(self, msg: TaskMessage) -> None:
         """Before a task runs: note its start time, and raise :class:`Revoked` if it was revoked."""

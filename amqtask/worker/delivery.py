@@ -31,6 +31,7 @@ from ..errors import (
     TaskRevokedError,
 )
 from ..failures import encode_exception, format_traceback
+from ..middleware import current_queue
 from ..producer import HeadersTooLargeError, Publisher, wire_of
 from ..protocol import ResultMessage, TaskMessage, WireMessage
 from ..retry import autoretry_delay
@@ -84,6 +85,7 @@ class DeliveryHandler:
 
     async def handle(self, message: AbstractIncomingMessage, queue: QueueSpec) -> None:
         """Verify, decode, check and run one delivery, then settle it."""
+        current_queue.set(queue.name)
         wire = wire_of(message)
         # Before anything else: an unverified message is dead-lettered and causes nothing, not even a reply.
         unverified = signing.problem(self.app.conf.signing_keys, wire, signing.Kind.TASK)
@@ -170,6 +172,8 @@ class DeliveryHandler:
         except Retry as exc:
             await self.retry(message, queue, msg, wire, exc)
         except Reject as exc:
+            for middleware in self.app.middleware:
+                await middleware.after_reject(self.worker, msg, exc)
             if exc.requeue:
                 await self.triage.requeue_rejected(message, queue, wire, exc.reason)
             else:
@@ -218,7 +222,6 @@ class DeliveryHandler:
     ) -> None:
         """The task failed for good: fail its follow-ups, dead-letter it, report FAILURE, then ack."""
         self.worker.stats["failed"] += 1
-        log.error("task %s[%s] failed: %s: %s", msg.task, msg.id, type(exc).__name__, exc)
         report = self.failure(msg, exc, format_traceback(exc))
         await self.fail_follow_ups(msg, exc, report)
         detail = f"{type(exc).__name__}: {exc}"
@@ -254,6 +257,8 @@ class DeliveryHandler:
         fails the task with :class:`~amqtask.errors.RetryFailedError` instead.
         """
         delay = exc.when or 0.0
+        for middleware in self.app.middleware:
+            await middleware.on_retry(self.worker, msg, exc)
         try:
             await self._republish(queue, msg, wire, delay)
         except TRANSIENT_ERRORS:
@@ -264,7 +269,6 @@ class DeliveryHandler:
             await self.give_up(message, queue, msg, wire, failure)
             return
         self.worker.stats["retried"] += 1
-        log.info("task %s[%s] retry %d in %.1fs: %s", msg.task, msg.id, msg.retries + 1, delay, exc.exc or exc)
         cause = exc.exc if exc.exc is not None else exc
         report = ResultMessage(msg.id, protocol.RETRY, encode_exception(cause), traceback=str(exc),
                                parent_id=msg.parent_id)  # fmt: skip

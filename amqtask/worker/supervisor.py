@@ -9,10 +9,13 @@ a single-process worker of its own), restarts any that dies, and passes signals 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -52,8 +55,23 @@ async def serve(app: App, **options: Any) -> int:
     return 0
 
 
-def supervise(child_command: Callable[[int], list[str]], processes: int) -> int:
-    """Keep ``processes`` children running; on a stop signal pass it on and wait for them all."""
+def _serve_children_metrics(port: int) -> Callable[[int], None]:
+    from ..monitoring import metrics
+
+    directory = tempfile.mkdtemp(prefix="amqtask-metrics-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    os.environ[metrics.MULTIPROC_ENV] = directory  # inherited by the children
+    metrics.serve_children(port, directory)
+    return metrics.child_exited
+
+
+def supervise(child_command: Callable[[int], list[str]], processes: int, metrics_port: int | None = None) -> int:
+    """Keep ``processes`` children running; on a stop signal pass it on and wait for them all.
+
+    With ``metrics_port``, serve there the sum of the children's metrics (they record into a directory
+    of this run's own, named in their environment).
+    """
+    exited_hook = _serve_children_metrics(metrics_port) if metrics_port is not None else None
     children: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False
     restarts: dict[int, float] = {}
@@ -83,6 +101,8 @@ def supervise(child_command: Callable[[int], list[str]], processes: int) -> int:
             continue
         exited = children.pop(which)
         exited.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
+        if exited_hook is not None:
+            exited_hook(pid)
         if not stopping:
             # Back off when a child keeps dying at once (a broken deploy must not spin the CPU).
             wait = 1.0 if time.monotonic() - restarts.get(which, 0.0) < 5 else 0.0

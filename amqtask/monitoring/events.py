@@ -1,0 +1,149 @@
+"""Celery's event messages: what they hold, and the publisher that sends them to the ``celeryev`` exchange.
+
+An event is a JSON object with ``type`` (``task-succeeded``, ``worker-heartbeat``...), ``hostname``,
+``pid``, ``clock`` (a Lamport clock), ``timestamp`` (``time.time()``) and ``utcoffset`` (Celery's: hours
+*west* of UTC, ``time.timezone / 3600``, so UTC+1 is ``-1.0``), plus fields of its type. It goes to the
+topic exchange ``celeryev`` with the type as routing key (``task.succeeded``); like a Celery worker,
+task events are sent in batches as a JSON list under ``task.multi``, which every Celery receiver (Flower,
+``celery events``, celery-exporter) unpacks. ``tests/fixtures/celery_events/events.json`` holds the real
+thing, captured from Celery 5.7.
+
+Cheap by construction: a hook only appends a dict to a list (no await, nothing on the ack path); one
+pump task per publisher sends what gathered since its last turn, transient and without confirms, on a
+channel of its own. Nobody listening costs nothing: the worker declares no queue, so the broker drops
+events that no consumer has bound. When the broker is away, events are dropped, not hoarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections import deque
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange
+
+from ..connection import RECOVERABLE_ERRORS, Broker, close_quietly
+from ..remote.wire import LamportClock
+
+log = logging.getLogger("amqtask.events")
+
+EXCHANGE = "celeryev"
+#: Events a publisher keeps while it cannot send (then the oldest go): monitoring never hoards memory.
+MAX_PENDING = 10_000
+#: Task events per ``task.multi`` message (Celery sends up to 24; larger batches cost receivers nothing).
+MAX_BATCH = 100
+#: How long events gather before they are sent, unless a batch fills first: one publish per many tasks is
+#: what keeps events cheap, and a tenth of a second is nothing to a dashboard.
+FLUSH_S = 0.1
+
+
+def utcoffset() -> float:
+    """Celery's ``utcoffset`` field: the local zone's offset in hours, positive west of UTC."""
+    return (time.altzone if time.localtime().tm_isdst else time.timezone) / 3600
+
+
+def routing_key(event_type: str) -> str:
+    """``task-succeeded`` → ``task.succeeded``, as Celery routes events."""
+    return event_type.replace("-", ".")
+
+
+class EventPublisher:
+    """Sends the events of one process (a worker, or a producer with ``task_send_sent_event``)."""
+
+    def __init__(self, broker: Broker, hostname: str) -> None:
+        self.broker = broker
+        self.hostname = hostname
+        self.pid = os.getpid()
+        self.clock = LamportClock()
+        self._pending: deque[dict[str, Any]] = deque(maxlen=MAX_PENDING)
+        self._wake = asyncio.Event()
+        self._full = asyncio.Event()
+        self._pump: asyncio.Task[None] | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+
+    def send(self, event_type: str, **fields: Any) -> None:
+        """Queue an event for the pump; returns at once."""
+        # utcoffset is filled in when the batch is sent (one clock-zone lookup per batch, not per event).
+        event = {"hostname": self.hostname, "utcoffset": 0.0, "pid": self.pid, "clock": self.clock.forward(),
+                 **fields, "timestamp": time.time(), "type": event_type}  # fmt: skip
+        self._pending.append(event)
+        if self._pump is None:
+            self._pump = asyncio.get_running_loop().create_task(self._run(), name=f"amqtask-events-{self.hostname}")
+        self._wake.set()
+        if len(self._pending) >= MAX_BATCH:
+            self._full.set()
+
+    async def flush(self) -> None:
+        """Send everything queued so far (for stopping: ``worker-offline`` must leave before the connection)."""
+        await self._send_pending()
+
+    async def close(self) -> None:
+        """Flush, stop the pump, close the channel."""
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+            self._pump = None
+        await self._send_pending()
+        if self._channel is not None:
+            await close_quietly(self._channel)
+            self._channel = None
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._full.wait(), FLUSH_S)
+            self._wake.clear()
+            self._full.clear()
+            await self._send_pending()
+
+    async def _send_pending(self) -> None:
+        batch: list[dict[str, Any]] = []
+        offset = utcoffset()
+        while self._pending:
+            event = self._pending.popleft()
+            event["utcoffset"] = offset
+            if event["type"].startswith("task-"):
+                batch.append(event)
+                if len(batch) < MAX_BATCH:
+                    continue
+            if batch:
+                await self._publish(batch if len(batch) > 1 else batch[0])
+                batch = []
+            if not event["type"].startswith("task-"):
+                await self._publish(event)
+        if batch:
+            await self._publish(batch if len(batch) > 1 else batch[0])
+
+    async def _publish(self, body: dict[str, Any] | list[dict[str, Any]]) -> None:
+        key = "task.multi" if isinstance(body, list) else routing_key(body["type"])
+        message = aio_pika.Message(
+            json.dumps(body).encode(), content_type="application/json", content_encoding="utf-8",
+            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT, priority=0, headers={"hostname": self.hostname},
+        )  # fmt: skip
+        try:
+            exchange = await self._ready_exchange()
+            await exchange.publish(message, key, mandatory=False)
+        except RECOVERABLE_ERRORS as exc:
+            # Monitoring must not hold anything up: drop what waits (stale by the time the broker is
+            # back) and open a new channel next time.
+            log.debug("could not send events (%s); dropped %s and %d more", exc, key, len(self._pending))
+            self._pending.clear()
+            self._exchange = None
+
+    async def _ready_exchange(self) -> AbstractExchange:
+        if self._exchange is None or self._channel is None or self._channel.is_closed:
+            if self._channel is not None:
+                await close_quietly(self._channel)
+            self._channel = await self.broker.channel(confirms=False)
+            # Declared as Celery declares it (durable topic), so either side may come first.
+            self._exchange = await self._channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+        return self._exchange

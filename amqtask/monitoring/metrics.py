@@ -1,0 +1,182 @@
+"""Prometheus metrics of a worker (``amqtask worker --metrics-port 9808``), with ``prometheus-client``.
+
+The optional extra ``amqtask[metrics]`` brings the library; it is imported only when metrics are on, and
+its absence is a :class:`~amqtask.errors.ConfigurationError` saying what to install.
+
+One process serves its own registry on the port. With ``-P N`` the supervisor serves the port and the
+children record into files under ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode),
+so one scrape shows the sum of all children; a child's counts stay after it is replaced, and its gauges
+leave with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from .. import protocol
+from ..errors import ConfigurationError
+from ..middleware import Middleware, current_queue
+
+if TYPE_CHECKING:
+    from ..errors import Reject, Retry
+    from ..protocol import ResultMessage, TaskMessage, WireMessage
+    from ..worker.worker import Worker
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONNECTION_POLL_S = 1.0
+OUTCOMES = ("succeeded", "failed", "retried", "dead_lettered", "revoked", "rejected")
+#: Start time of the task of the current delivery (set when it starts, cleared by its outcome).
+_started: contextvars.ContextVar[float | None] = contextvars.ContextVar("amqtask_metrics_started", default=None)
+
+
+def prometheus() -> Any:
+    """The ``prometheus_client`` module, or a clear error saying how to get it."""
+    try:
+        import prometheus_client
+    except ImportError:
+        raise ConfigurationError(
+            "metrics need prometheus-client: pip install 'amqtask[metrics]' (or prometheus-client)"
+        ) from None
+    return prometheus_client
+
+
+class Metrics:
+    """The metric objects of this process."""
+
+    def __init__(self) -> None:
+        client = prometheus()
+        multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+        # Children in multiprocess mode write files only; a single process keeps a registry of its own
+        # (not the global one, which may hold the application's metrics and names of its own).
+        self.registry = None if multiprocess else client.CollectorRegistry()
+        registry = {"registry": self.registry}
+        self.tasks = client.Counter("amqtask_tasks", "Tasks finished, by outcome", ["task", "queue", "outcome"],
+                                    **registry)  # fmt: skip
+        self.runtime = client.Histogram("amqtask_task_runtime_seconds", "Task run time", ["task", "queue"], **registry)
+        self.in_flight = client.Gauge("amqtask_tasks_in_flight", "Tasks running now", ["queue"],
+                                      multiprocess_mode="livesum", **registry)  # fmt: skip
+        self.prefetch = client.Gauge("amqtask_prefetch", "Prefetch of the worker's consumers", ["queue"],
+                                     multiprocess_mode="livesum", **registry)  # fmt: skip
+        self.connected = client.Gauge("amqtask_broker_connected", "1 while the worker's broker connection is up",
+                                      multiprocess_mode="livemin", **registry)  # fmt: skip
+
+    def serve(self, port: int) -> None:
+        """Serve the registry over HTTP on ``port`` (all interfaces, as Prometheus exporters do)."""
+        global _serving
+        prometheus().start_http_server(port, registry=self.registry)
+        _serving = True
+
+
+_metrics: Metrics | None = None
+_serving = False
+
+
+def process_metrics() -> Metrics:
+    """This process's metrics, created on first use (metric names may be registered once per process)."""
+    global _metrics
+    if _metrics is None:
+        _metrics = Metrics()
+    return _metrics
+
+
+def serve_children(port: int, directory: str) -> None:
+    """The supervisor's endpoint: the sum of what the children under ``directory`` recorded."""
+    client = prometheus()
+    from prometheus_client import multiprocess
+
+    registry = client.CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    client.start_http_server(port, registry=registry)
+
+
+def child_exited(pid: int) -> None:
+    """Drop a dead child's live gauges (its counters stay in the sum)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+class MetricsMiddleware(Middleware):
+    """Counts outcomes and times tasks for workers of apps with ``worker_metrics_port`` set."""
+
+    def __init__(self) -> None:
+        self._watchers: dict[Worker, asyncio.Task[None]] = {}
+
+    async def on_worker_start(self, worker: Worker) -> None:
+        port = worker.app.conf.worker_metrics_port
+        if port is None:
+            return
+        serving = _serving
+        metrics = process_metrics()
+        for queue in worker.queues:
+            metrics.prefetch.labels(queue.name).set(worker.prefetch)
+        self._watchers[worker] = asyncio.create_task(self._watch_connection(worker, metrics))
+        if not serving and not os.environ.get(MULTIPROC_ENV):
+            metrics.serve(port)
+
+    async def on_worker_stop(self, worker: Worker) -> None:
+        watcher = self._watchers.pop(worker, None)
+        if watcher is not None:
+            watcher.cancel()
+
+    async def _watch_connection(self, worker: Worker, metrics: Metrics) -> None:
+        # Polled: gauges computed at scrape time do not work in multiprocess mode.
+        while True:
+            metrics.connected.set(1 if worker.runtime.broker.connected else 0)
+            await asyncio.sleep(CONNECTION_POLL_S)
+
+    @staticmethod
+    def _metrics(worker: Worker) -> Metrics | None:
+        # Looked up per hook, not set at worker start: deliveries already waiting arrive before that.
+        return process_metrics() if worker.app.conf.worker_metrics_port is not None else None
+
+    async def before_process(self, worker: Worker, message: TaskMessage, wire: WireMessage) -> None:
+        metrics = self._metrics(worker)
+        if metrics is not None:
+            _started.set(time.perf_counter())
+            metrics.in_flight.labels(current_queue.get()).inc()
+
+    @staticmethod
+    def _count(metrics: Metrics, message: TaskMessage, outcome: str, *, timed: bool = False) -> None:
+        queue = current_queue.get()
+        began = _started.get()
+        if began is not None:
+            _started.set(None)
+            metrics.in_flight.labels(queue).dec()
+            if timed:
+                metrics.runtime.labels(message.task, queue).observe(time.perf_counter() - began)
+        metrics.tasks.labels(message.task, queue, outcome).inc()
+
+    async def after_success(self, worker: Worker, message: TaskMessage, value: Any, report: ResultMessage) -> None:
+        metrics = self._metrics(worker)
+        if metrics is not None:
+            self._count(metrics, message, "succeeded", timed=True)
+
+    async def after_failure(
+        self, worker: Worker, message: TaskMessage, exc: BaseException, report: ResultMessage
+    ) -> None:
+        metrics = self._metrics(worker)
+        if metrics is None:
+            return
+        if report.status == protocol.REVOKED:
+            self._count(metrics, message, "revoked")
+        else:
+            # A task that never started here (unknown to this worker) goes straight to the dead-letter queue.
+            self._count(metrics, message, "failed" if _started.get() is not None else "dead_lettered", timed=True)
+
+    async def on_retry(self, worker: Worker, message: TaskMessage, retry: Retry) -> None:
+        metrics = self._metrics(worker)
+        if metrics is not None:
+            self._count(metrics, message, "retried", timed=True)
+
+    async def after_reject(self, worker: Worker, message: TaskMessage, reject: Reject) -> None:
+        metrics = self._metrics(worker)
+        if metrics is not None:
+            self._count(metrics, message, "rejected", timed=True)
+
+
+__all__ = ["MULTIPROC_ENV", "OUTCOMES", "Metrics", "MetricsMiddleware", "child_exited", "serve_children"]
