@@ -44,22 +44,16 @@ async def bulk(task: Any, queue: str, count: int) -> list[AsyncResult[Any]]:
 
 
 def main() -> None:
-    from harness import Worker, emit, percentiles, settings, worker_command
+    from harness import Worker, emit, rate, round_trips, sequential_rate, settings, worker_command
 
     s = settings()
     n, prefix = s["count"], s["prefix"]
     queues = {kind: f"{prefix}-amqtask-{kind}" for kind in ("seq", "def", "async", "result")}
     figures: dict[str, Any] = {}
 
-    noop.apply_async((0,), queue=queues["seq"])  # connect and declare outside the timing
-    start = time.perf_counter()
-    for i in range(s["sequential"]):
-        noop.apply_async((i,), queue=queues["seq"])
-    figures["enqueue_sequential"] = round(s["sequential"] / (time.perf_counter() - start), 1)
-
-    start = time.perf_counter()
-    app.portal.run(bulk(noop, queues["def"], n))
-    figures["enqueue_bulk"] = round(n / (time.perf_counter() - start), 1)
+    figures["enqueue_sequential"] = sequential_rate(lambda i: noop.apply_async((i,), queue=queues["seq"]),
+                                                    s["sequential"])  # fmt: skip
+    figures["enqueue_bulk"] = rate(lambda: app.portal.run(bulk(noop, queues["def"], n)), n)
     app.portal.run(bulk(anoop, queues["async"], n))
     pending = app.portal.run(bulk(echo, queues["result"], n))
 
@@ -81,12 +75,8 @@ def main() -> None:
     worker = Worker(command(queues["result"]), s["url"], queues["result"])
     try:
         figures["drain_result"] = worker.drain(n, until=lambda: app.portal.run(collect()))
-        latencies = []
-        for i in range(s["round_trips"]):
-            start = time.perf_counter()
-            assert echo.apply_async((i,), queue=queues["result"]).get(timeout=30) == i
-            latencies.append(time.perf_counter() - start)
-        figures["round_trip"] = percentiles(latencies)
+        call = lambda i: echo.apply_async((i,), queue=queues["result"]).get(timeout=30)  # noqa: E731
+        figures["round_trip"] = round_trips(call, s["round_trips"])
     finally:
         worker.stop()
     app.close()

@@ -31,22 +31,16 @@ def echo(i: int) -> int:
 
 def main(pool: str) -> None:
     from celery.result import ResultSet
-    from harness import Worker, emit, percentiles, settings, worker_command
+    from harness import Worker, emit, rate, round_trips, sequential_rate, settings, worker_command
 
     s = settings()
     n, prefix = s["count"], s["prefix"]
     queues = {kind: f"{prefix}-celery-{pool}-{kind}" for kind in ("seq", "def", "result")}
     figures: dict[str, Any] = {}
 
-    noop.apply_async((0,), queue=queues["seq"])  # connect and declare outside the timing
-    start = time.perf_counter()
-    for i in range(s["sequential"]):
-        noop.apply_async((i,), queue=queues["seq"])
-    figures["enqueue_sequential"] = round(s["sequential"] / (time.perf_counter() - start), 1)
-
-    start = time.perf_counter()
-    group(noop.s(i) for i in range(n)).apply_async(queue=queues["def"])
-    figures["enqueue_bulk"] = round(n / (time.perf_counter() - start), 1)
+    figures["enqueue_sequential"] = sequential_rate(lambda i: noop.apply_async((i,), queue=queues["seq"]),
+                                                    s["sequential"])  # fmt: skip
+    figures["enqueue_bulk"] = rate(lambda: group(noop.s(i) for i in range(n)).apply_async(queue=queues["def"]), n)
     pending = ResultSet([echo.apply_async((i,), queue=queues["result"]) for i in range(n)])
 
     def command(queue: str) -> list[str]:
@@ -67,12 +61,8 @@ def main(pool: str) -> None:
     worker = Worker(command(queues["result"]), s["url"], queues["result"])
     try:
         figures["drain_result"] = worker.drain(n, until=collect)
-        latencies = []
-        for i in range(s["round_trips"]):
-            start = time.perf_counter()
-            assert echo.apply_async((i,), queue=queues["result"]).get(timeout=30) == i
-            latencies.append(time.perf_counter() - start)
-        figures["round_trip"] = percentiles(latencies)
+        call = lambda i: echo.apply_async((i,), queue=queues["result"]).get(timeout=30)  # noqa: E731
+        figures["round_trip"] = round_trips(call, s["round_trips"])
     finally:
         worker.stop()
     emit(figures)

@@ -8,7 +8,6 @@ has no RabbitMQ result backend (results need Redis or Memcached), so no result o
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import dramatiq
@@ -25,7 +24,7 @@ def noop(i: int) -> None:
 
 
 def main() -> None:
-    from harness import Worker, emit, settings, worker_command
+    from harness import Worker, emit, rate, sequential_rate, settings, worker_command
 
     s = settings()
     n, prefix = s["count"], s["prefix"]
@@ -37,15 +36,10 @@ def main() -> None:
     seq, drain = f"{prefix}-dramatiq-seq", f"{prefix}-dramatiq-def"
     broker.declare_queue(seq)
     broker.declare_queue(drain)
-    send(0, seq)  # connect outside the timing
-    start = time.perf_counter()
-    for i in range(s["sequential"]):
-        send(i, seq)
-    figures["enqueue_sequential"] = round(s["sequential"] / (time.perf_counter() - start), 1)
-
-    start = time.perf_counter()
-    dramatiq.group(noop.message(i).copy(queue_name=drain) for i in range(n)).run()
-    figures["enqueue_bulk"] = round(n / (time.perf_counter() - start), 1)
+    figures["enqueue_sequential"] = sequential_rate(lambda i: send(i, seq), s["sequential"])
+    figures["enqueue_bulk"] = rate(
+        lambda: dramatiq.group(noop.message(i).copy(queue_name=drain) for i in range(n)).run(), n
+    )
 
     command = worker_command("-m", "dramatiq", "bench_dramatiq", "--processes", "1",
                              "--threads", str(s["concurrency"]), "--queues", drain)  # fmt: skip

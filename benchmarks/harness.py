@@ -97,6 +97,30 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def sequential_rate(send: Callable[[int], object], count: int) -> float:
+    """Sends per second of ``count`` calls of ``send(i)`` one after the other (a first, untimed call connects)."""
+    send(0)
+    return rate(lambda: [send(i) for i in range(count)], count)
+
+
+def rate(action: Callable[[], object], count: int) -> float:
+    """``count`` per second of the time ``action()`` takes."""
+    start = time.perf_counter()
+    action()
+    return round(count / (time.perf_counter() - start), 1)
+
+
+def round_trips(call: Callable[[int], object], count: int) -> dict[str, float]:
+    """Percentiles of ``count`` sequential ``call(i)``, each of which must return ``i``."""
+    latencies = []
+    for i in range(count):
+        start = time.perf_counter()
+        if call(i) != i:
+            raise RuntimeError(f"round trip {i} came back wrong")
+        latencies.append(time.perf_counter() - start)
+    return percentiles(latencies)
+
+
 def percentiles(samples: list[float]) -> dict[str, float]:
     """p50/p95/p99 of latencies in seconds, as milliseconds."""
     ordered = sorted(samples)
