@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from . import __version__
+from . import __version__, loops
 from .commands.shared import (
     EXIT_BROKER,
     EXIT_FAILED,
@@ -175,7 +175,7 @@ def worker(
         hostname = f"{app.conf.worker_hostname or 'amqtask@' + os.uname().nodename}-{process_index}"
     options = {"queues": split(queues), "exclude_queues": split(exclude_queues), "concurrency": concurrency,
                "prefetch_multiplier": prefetch_multiplier, "hostname": hostname, "burst": burst}  # fmt: skip
-    sys.exit(run(app, lambda: asyncio.run(serve(app, **options)), quiet=False))
+    sys.exit(run(app, lambda: loops.run(serve(app, **options), app.conf.event_loop), quiet=False))
 
 
 @main.command()

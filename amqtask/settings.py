@@ -220,6 +220,8 @@ SPECS: dict[str, Spec] = {
     "worker_concurrency": Spec(_CPUS, _number(1, integer=True), "tasks run at once per worker process"),
     "worker_prefetch_multiplier": Spec(4, _number(1, integer=True), "prefetch = concurrency x this"),
     "worker_shutdown_grace_s": Spec(30.0, _number(0), "time running tasks get to finish on SIGTERM"),
+    "event_loop": Spec("asyncio", _choice("asyncio", "uvloop"),
+                       "worker and sync-portal event loop: asyncio, or uvloop (pip install 'amqtask[uvloop]')"),
     "worker_hostname": Spec(None, _opt_str, "worker node name (default amqtask@<host>)"),
     "message_max_bytes": Spec(16 * 1024 * 1024, _number(1, integer=True), "largest body a worker decodes"),
     "message_max_depth": Spec(64, _number(1, integer=True), "deepest nesting a worker decodes"),
