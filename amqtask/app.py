@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
 
-from . import protocol, serializers
+from . import loops, protocol, serializers
 from .connection import Broker
 from .discovery import TaskDiscovery
 from .errors import ConfigurationError, MisuseError, TaskNotRegisteredError
@@ -113,7 +113,8 @@ class App:
             settings["broker_url"] = broker
         self.conf.update(settings)
         self.tasks: dict[str, Task[Any, Any]] = {}
-        self.portal = Portal(main)
+        # Looked up when the portal starts its loop, so that a later conf.update(event_loop=...) counts.
+        self.portal = Portal(main, lambda: loops.loop_factory(self.conf.event_loop)())
         self.middleware: list[Middleware] = default_middleware()
         #: Where every built task message goes (:mod:`amqtask.sending`); ``testing.eager`` swaps it.
         self.sender: Sender = BrokerSender()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import __version__
+from . import __version__, loops
 from .commands.shared import (
     EXIT_BROKER,
     EXIT_FAILED,
@@ -194,7 +194,7 @@ def worker(
     if process_index is not None:  # only a supervised child is replaced when it reaches a limit
         options.update(max_tasks=app.conf.worker_max_tasks_per_child,
                        max_memory_kib=app.conf.worker_max_memory_per_child)  # fmt: skip
-    sys.exit(run(app, lambda: asyncio.run(serve(app, **options)), quiet=False))
+    sys.exit(run(app, lambda: loops.run(serve(app, **options), app.conf.event_loop), quiet=False))
 
 
 @main.command()

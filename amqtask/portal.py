@@ -14,7 +14,7 @@ import concurrent.futures
 import contextlib
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from .errors import MisuseError
@@ -28,8 +28,11 @@ T = TypeVar("T")
 class Portal:
     """A background event loop that synchronous code can run coroutines on."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(
+        self, name: str, loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
+    ) -> None:
         self.name = name
+        self._loop_factory = loop_factory
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -61,7 +64,7 @@ class Portal:
             return self._loop
 
     def _start(self) -> None:
-        loop = asyncio.new_event_loop()
+        loop = self._loop_factory()
         ready = threading.Event()
 
         def run() -> None:

@@ -10,6 +10,7 @@ This module knows nothing of AMQP libraries: it maps :class:`TaskMessage` to :cl
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import reprlib
 import socket
@@ -96,7 +97,13 @@ class TaskMessage:
 
 def origin_name() -> str:
     """``gen<pid>@<hostname>``, the ``origin`` header Celery writes for the publishing process."""
-    return f"gen{os.getpid()}@{socket.gethostname()}"
+    return _origin_of(os.getpid())
+
+
+@functools.lru_cache(maxsize=1)
+def _origin_of(pid: int) -> str:
+    # Once per process (a fork gets its own pid): gethostname() is a system call, and this is on every send.
+    return f"gen{pid}@{socket.gethostname()}"
 
 
 _repr = reprlib.Repr()

@@ -236,6 +236,8 @@ SPECS: dict[str, Spec] = {
                                        "starts at most this many tasks, then finishes them and is replaced"),
     "worker_max_memory_per_child": Spec(None, _number(1, integer=True, allow_none=True), "with -P: a worker process "
                                         "whose peak resident memory (KiB) reaches this after a task is replaced"),
+    "event_loop": Spec("asyncio", _choice("asyncio", "uvloop"),
+                       "worker and sync-portal event loop: asyncio, or uvloop (pip install 'amqtask[uvloop]')"),
     "worker_hostname": Spec(None, _opt_str, "worker node name (default amqtask@<host>)"),
     "message_max_bytes": Spec(16 * 1024 * 1024, _number(1, integer=True), "largest body a worker decodes"),
     "message_max_depth": Spec(64, _number(1, integer=True), "deepest nesting a worker decodes"),

@@ -26,9 +26,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from harness import broker_url, rss_kib
+
 from amqtask import App, AsyncResult, RemoteTaskError, topology
 
-REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 
 app = App("memory", task_default_queue=os.environ.get("MEMORY_QUEUE", "memory"))
@@ -40,24 +41,6 @@ def work(n: int, payload: dict[str, Any]) -> dict[str, Any]:
     if n % 100 == 99:
         raise ValueError(f"task {n} fails on purpose")
     return {"n": n, "size": len(payload["text"]), "keys": sorted(payload)}
-
-
-def broker_url(explicit: str | None) -> str:
-    if explicit:
-        return explicit
-    if os.environ.get("AMQTASK_BROKER_URL"):
-        return os.environ["AMQTASK_BROKER_URL"].split(",")[0]
-    out = subprocess.run(["bash", str(REPO / "deploy" / "rabbitmq.sh"), "start", "--version", "3.10"],
-                         check=True, capture_output=True, text=True).stdout  # fmt: skip
-    return out.strip().splitlines()[-1]
-
-
-def rss_kib(pid: int) -> int:
-    """Resident set size of a process, in KiB (VmRSS)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def start_worker(url: str, queue: str, concurrency: int, log: Path) -> subprocess.Popen[bytes]:

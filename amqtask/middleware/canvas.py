@@ -48,6 +48,8 @@ class CanvasMiddleware(Middleware):
 
     async def after_success(self, worker: Worker, message: TaskMessage, value: Any, report: ResultMessage) -> None:
         """Send the callbacks and the next chain step; record a chord part."""
+        if not (message.callbacks or message.chain or message.chord is not None):
+            return  # a plain task, most of them: nothing to do on this hot path
         callbacks = follow_ups(worker.app, message, message.callbacks, [value])
         if await _send(worker, message, callbacks, "link callbacks") is not None:
             callbacks = []

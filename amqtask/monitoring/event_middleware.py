@@ -166,8 +166,8 @@ class EventsMiddleware(Middleware):
         if publisher is None:
             publisher = self._producers[broker] = EventPublisher(broker, protocol.origin_name())
         queue = route.queue.name if route.queue is not None else None
-        publisher.send("task-sent", **_task_fields(message), queue=queue, exchange=route.exchange,
-                       routing_key=route.routing_key)  # fmt: skip
+        await publisher.send_now("task-sent", **_task_fields(message), queue=queue, exchange=route.exchange,
+                                 routing_key=route.routing_key)  # fmt: skip
 
     async def before_process(self, worker: Worker, message: TaskMessage, wire: WireMessage) -> None:
         events = self._sending(worker)

@@ -68,12 +68,21 @@ class EventPublisher:
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
 
+    def _event(self, event_type: str, fields: dict[str, Any]) -> dict[str, Any]:
+        # utcoffset is filled in when the batch is sent (one clock-zone lookup per batch, not per event).
+        return {"hostname": self.hostname, "utcoffset": 0.0, "pid": self.pid, "clock": self.clock.forward(),
+                **fields, "timestamp": time.time(), "type": event_type}  # fmt: skip
+
+    async def send_now(self, event_type: str, **fields: Any) -> None:
+        """Publish one event at once, without a confirm (a producer's ``task-sent``: a script may exit right
+        after its last send, before any batch would leave)."""
+        event = self._event(event_type, fields)
+        event["utcoffset"] = utcoffset()
+        await self._publish(event)
+
     def send(self, event_type: str, **fields: Any) -> None:
         """Queue an event for the pump; returns at once."""
-        # utcoffset is filled in when the batch is sent (one clock-zone lookup per batch, not per event).
-        event = {"hostname": self.hostname, "utcoffset": 0.0, "pid": self.pid, "clock": self.clock.forward(),
-                 **fields, "timestamp": time.time(), "type": event_type}  # fmt: skip
-        self._pending.append(event)
+        self._pending.append(self._event(event_type, fields))
         if self._pump is None:
             self._pump = asyncio.get_running_loop().create_task(self._run(), name=f"amqtask-events-{self.hostname}")
         self._wake.set()

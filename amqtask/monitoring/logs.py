@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..errors import TaskRevokedError
 from ..middleware import Middleware, current_queue
 from ..protocol import short_repr
 
@@ -69,7 +70,8 @@ class TaskLogMiddleware(Middleware):
     async def after_failure(
         self, worker: Worker, message: TaskMessage, exc: BaseException, report: ResultMessage
     ) -> None:
-        if task_context.get() is not None:  # it ran (unknown tasks and revoked ones are logged where refused)
+        # Unknown, revoked and expired tasks are logged where they are refused, once; only a run is logged here.
+        if task_context.get() is not None and not isinstance(exc, TaskRevokedError):
             log.error("Task %s[%s] failed: %r", message.task, message.id, exc, exc_info=exc)
 
     async def on_retry(self, worker: Worker, message: TaskMessage, retry: Retry) -> None:

@@ -97,8 +97,12 @@ class ResultStore:
             self._bytes += size
             self._evict()
             waiters = self._waiters.pop(result.task_id, []) if result.status in READY_STATES else []
+        here = _running_loop()
         for loop, future in waiters:
-            loop.call_soon_threadsafe(_resolve, future, result)
+            if loop is here:
+                _resolve(future, result)  # the usual case: no wake-up through the loop's self-pipe per result
+            else:
+                loop.call_soon_threadsafe(_resolve, future, result)
 
     def forget(self, task_id: str) -> None:
         """Drop what is known about ``task_id``."""
@@ -154,6 +158,13 @@ def _newer(new: ResultMessage, old: ResultMessage) -> bool:
     if old.status in READY_STATES:
         return False
     return new.status in READY_STATES or _ORDER.get(new.status, _CUSTOM) >= _ORDER.get(old.status, _CUSTOM)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _resolve(future: asyncio.Future[ResultMessage], result: ResultMessage) -> None:

@@ -1,7 +1,7 @@
 """Running one task: ``async def`` tasks on the worker's event loop, plain ones in a thread pool.
 
 The request context (``self.request``) is a context variable, set around the call; for threads the
-context is copied into the thread explicitly, since ``run_in_executor`` does not.
+context is copied into the thread explicitly (the pool, ``threads.py``, runs plain callables).
 
 Time limits, as Celery has them, counted from the moment the task starts running (on the loop, or in
 its thread: not while it waits for a free thread behind one a stubborn task keeps). The soft limit
@@ -49,18 +49,17 @@ class Executor:
                     return await coroutine
                 return await _Limits(task, request, time_limit, soft_time_limit).run(asyncio.ensure_future(coroutine))
             fn = functools.partial(contextvars.copy_context().run, task, *request.args, **request.kwargs)
-            loop = asyncio.get_running_loop()
             if not (time_limit or soft_time_limit):
-                return await loop.run_in_executor(self.threads, fn)
-            interruptible = _Interruptible(fn, loop)
+                return await self.threads.submit(fn)
+            interruptible = _Interruptible(fn, asyncio.get_running_loop())
             limits = _Limits(task, request, time_limit, soft_time_limit, interruptible)
-            return await limits.run(loop.run_in_executor(self.threads, interruptible), interruptible.started)
+            return await limits.run(self.threads.submit(interruptible), interruptible.started)
         finally:
             current_request.reset(token)
 
     def shutdown(self) -> None:
         """Release the thread pool without waiting for threads still running (nor, at exit, for stuck ones)."""
-        self.threads.shutdown(wait=False, cancel_futures=True)
+        self.threads.shutdown()
 
 
 class _Limits:

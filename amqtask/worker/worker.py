@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -203,27 +204,36 @@ class Worker:
             log.error("delivery handling crashed", exc_info=task.exception())
 
     async def _process(self, message: AbstractIncomingMessage, queue: QueueSpec) -> None:
+        slot = _Slot(self._slots)
         try:
             # Before taking a slot: a task waiting for its rate limit must not keep other tasks from running.
             await self.rate_limits.wait(message.headers.get("task"))
-            async with self._slots:
-                self._waiting.pop(message, None)
-                if self._stopping or self._recycling is not None:
-                    # Stopping began while this one waited: hand it back now rather than start it.
-                    await self.handler.release(message)
-                    return
-                if channel_gone(message):
-                    # The broker requeued this delivery when its channel went, and may already have
-                    # handed it to another consumer: starting it now would only run the task twice.
-                    log.debug("skipping delivery %s of a closed channel", message.delivery_tag)
-                    return
-                await self.handler.process(message, queue)
+            await slot.acquire()
+            _slot.set(slot)
+            self._waiting.pop(message, None)
+            if self._stopping or self._recycling is not None:
+                # Stopping began while this one waited: hand it back now rather than start it.
+                await self.handler.release(message)
+                return
+            if channel_gone(message):
+                # The broker requeued this delivery when its channel went, and may already have
+                # handed it to another consumer: starting it now would only run the task twice.
+                log.debug("skipping delivery %s of a closed channel", message.delivery_tag)
+                return
+            await self.handler.process(message, queue)
         finally:
+            slot.release()
             self._waiting.pop(message, None)
 
     @contextlib.contextmanager
     def tracking(self, msg: TaskMessage) -> Iterator[None]:
-        """Mark ``msg`` as running (for ``inspect active`` and stats); recycle the process when a limit is due."""
+        """Mark ``msg`` as running (for ``inspect active`` and stats) while its task runs.
+
+        When the task has returned, its delivery gives up its concurrency slot: settling it (the reply
+        confirmed, then the ack) is waiting on the broker, not running a task, and holding the slot for
+        that would make every task wait for the previous ones' confirms (prefetch still bounds them).
+        A task limit or memory limit reached here recycles the process (see :meth:`_recycle`).
+        """
         self.active[msg.id] = msg
         self._started_tasks += 1
         if self.max_tasks is not None and self._started_tasks >= self.max_tasks:
@@ -233,6 +243,9 @@ class Worker:
         finally:
             self.active.pop(msg.id, None)
             self.stats["processed"] += 1
+            slot = _slot.get(None)
+            if slot is not None:
+                slot.release()
             if self.max_memory_kib is not None and peak_rss_kib() >= self.max_memory_kib:
                 self._recycle(f"peak memory {peak_rss_kib()} KiB (max {self.max_memory_kib} KiB)")
 
@@ -291,3 +304,24 @@ class Worker:
             "total": dict(self.stats),
             "active": len(self.active),
         }
+
+
+class _Slot:
+    """One delivery's place among the ``concurrency`` running tasks: released once, whichever comes first."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots = slots
+        self._held = False
+
+    async def acquire(self) -> None:
+        await self._slots.acquire()
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._slots.release()
+
+
+#: The slot of the delivery being processed (each delivery is processed in an asyncio task of its own).
+_slot: contextvars.ContextVar[_Slot | None] = contextvars.ContextVar("amqtask_worker_slot", default=None)
