@@ -80,6 +80,8 @@ class RateLimits:
     def __init__(self, app: App) -> None:
         self.app = app
         self._set: dict[str, float | None] = {}
+        #: The limits as remote control gave them ("10/s"), for ``registered``.
+        self.given: dict[str, Any] = {}
         self._buckets: dict[str, TokenBucket] = {}
 
     def rate_of(self, name: str) -> float | None:
@@ -94,6 +96,7 @@ class RateLimits:
         """Set task ``name``'s limit in this process (``value`` as for :func:`parse_rate`)."""
         rate = parse_rate(value)
         self._set[name] = rate
+        self.given[name] = value or None
         if name in self._buckets:
             self._buckets[name].set_rate(rate)
 

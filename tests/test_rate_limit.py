@@ -117,6 +117,8 @@ def test_control_rate_limit_changes_the_limit_at_runtime(broker_url: str, unique
             ]
             done = [await second.aget(timeout=30), await third.aget(timeout=30)]
             replies.append(await asyncio.to_thread(celery_control, name, "100/s"))
+            inspect = celery.control.inspect(timeout=10, destination=[hostname])
+            replies.append(await asyncio.to_thread(inspect.registered))
             return done, replies
 
     try:
@@ -125,8 +127,9 @@ def test_control_rate_limit_changes_the_limit_at_runtime(broker_url: str, unique
         celery.close()
         asyncio.run(cleanup(app, [unique]))
     assert done == ["ran", "ran"]
-    unknown, invalid, disabled, limited = replies
+    unknown, invalid, disabled, limited, registered = replies
     assert unknown == [{hostname: {"error": "unknown task"}}]
     assert invalid[0][hostname]["error"].startswith("Invalid rate limit string")
     assert disabled == {hostname: {"ok": "rate limit disabled successfully"}}
     assert limited == [{hostname: {"ok": "new rate limit set successfully"}}]
+    assert f"{name} [rate_limit=100/s]" in registered[hostname]

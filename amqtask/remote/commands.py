@@ -214,7 +214,10 @@ class Commands:
         ]
         names = []
         for name, task in sorted(self.worker.app.tasks.items()):
-            fields = [f"{item}={task.options[item]}" for item in items if task.options.get(item) is not None]
+            options = task.options
+            if name in self.worker.rate_limits.given:  # changed at runtime: show it as Celery does
+                options = {**options, "rate_limit": self.worker.rate_limits.given[name]}
+            fields = [f"{item}={options[item]}" for item in items if options.get(item) is not None]
             names.append(f"{name} [{' '.join(fields)}]" if fields else name)
         return names
 
