@@ -328,7 +328,13 @@ class Settings:
                 if isinstance(source, Mapping):
                     raise ConfigurationError(_unknown(key))
                 continue
-            setattr(self, key, value)
+            try:
+                setattr(self, key, value)
+            except ConfigurationError as exc:
+                if not prefix:
+                    raise
+                # Name the setting as the user wrote it (CELERY_RESULT_BACKEND), not as amqtask calls it.
+                raise ConfigurationError(f"{prefix}{key.upper()}: {exc}") from None
 
     def as_dict(self) -> dict[str, Any]:
         """Every setting and its current value."""

@@ -32,7 +32,8 @@ fi
 python -m twine check --strict "$work"/dist/*
 sdist=$(ls "$work"/dist/amqtask-*.tar.gz)
 wheel=$(ls "$work"/dist/amqtask-*.whl)
-version=$(cd "$root" && python -c 'import amqtask; print(amqtask.__version__)')
+# Read from the source, not by importing it: this environment has the build tools, not amqtask's dependencies.
+version=$(python -c 'import ast, sys; print(next(n.value.value for n in ast.parse(open(sys.argv[1]).read()).body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "__version__"))' "$root/amqtask/__init__.py")
 tar tzf "$sdist" >"$work/sdist.txt"
 grep -qx "amqtask-$version/LICENSE" "$work/sdist.txt" || { log "LICENSE missing from $sdist"; exit 1; }
 python -m zipfile -l "$wheel" >"$work/wheel.txt"
