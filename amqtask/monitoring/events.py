@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -41,6 +42,8 @@ MAX_BATCH = 100
 #: How long events gather before they are sent, unless a batch fills first: one publish per many tasks is
 #: what keeps events cheap, and a tenth of a second is nothing to a dashboard.
 FLUSH_S = 0.1
+#: How long a closing publisher waits for its pump to finish the send under way.
+CLOSE_WAIT_S = 5.0
 
 
 def utcoffset() -> float:
@@ -51,6 +54,10 @@ def utcoffset() -> float:
 def routing_key(event_type: str) -> str:
     """``task-succeeded`` → ``task.succeeded``, as Celery routes events."""
     return event_type.replace("-", ".")
+
+
+def _is_task_event(event: dict[str, Any]) -> bool:
+    return str(event["type"]).startswith("task-")
 
 
 class EventPublisher:
@@ -65,6 +72,7 @@ class EventPublisher:
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
+        self._closing = False
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
 
@@ -89,16 +97,18 @@ class EventPublisher:
         if len(self._pending) >= MAX_BATCH:
             self._full.set()
 
-    async def flush(self) -> None:
-        """Send everything queued so far (for stopping: ``worker-offline`` must leave before the connection)."""
-        await self._send_pending()
-
     async def close(self) -> None:
-        """Flush, stop the pump, close the channel."""
+        """Send what is queued, stop the pump, close the channel.
+
+        The pump is asked to finish rather than cancelled: cancelled in the middle of a send, it would
+        leave the broker wondering whether that batch arrived.
+        """
         if self._pump is not None:
-            self._pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pump
+            self._closing = True
+            self._wake.set()
+            self._full.set()
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self._pump, CLOSE_WAIT_S)  # cancels it if the broker does not answer
             self._pump = None
         await self._send_pending()
         if self._channel is not None:
@@ -106,7 +116,7 @@ class EventPublisher:
             self._channel = None
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             await self._wake.wait()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._full.wait(), FLUSH_S)
@@ -115,24 +125,22 @@ class EventPublisher:
             await self._send_pending()
 
     async def _send_pending(self) -> None:
-        batch: list[dict[str, Any]] = []
         offset = utcoffset()
         while self._pending:
-            event = self._pending.popleft()
-            event["utcoffset"] = offset
-            if event["type"].startswith("task-"):
-                batch.append(event)
-                if len(batch) < MAX_BATCH:
-                    continue
-            if batch:
-                await self._publish(batch if len(batch) > 1 else batch[0])
-                batch = []
-            if not event["type"].startswith("task-"):
-                await self._publish(event)
-        if batch:
-            await self._publish(batch if len(batch) > 1 else batch[0])
+            # Task events travel in batches (task.multi, as Celery's workers send them); others one by one.
+            batch = list(itertools.takewhile(_is_task_event, itertools.islice(self._pending, MAX_BATCH)))
+            batch = batch or [self._pending[0]]
+            for event in batch:
+                event["utcoffset"] = offset
+            if not await self._publish(batch if len(batch) > 1 else batch[0]):
+                return
+            # Taken off only once sent: a stop that cancels the pump in the middle of a send leaves them
+            # for close() to send, instead of losing the batch the pump held.
+            for event in batch:
+                if self._pending and self._pending[0] is event:
+                    self._pending.popleft()
 
-    async def _publish(self, body: dict[str, Any] | list[dict[str, Any]]) -> None:
+    async def _publish(self, body: dict[str, Any] | list[dict[str, Any]]) -> bool:
         key = "task.multi" if isinstance(body, list) else routing_key(body["type"])
         message = aio_pika.Message(
             json.dumps(body).encode(), content_type="application/json", content_encoding="utf-8",
@@ -147,6 +155,8 @@ class EventPublisher:
             log.debug("could not send events (%s); dropped %s and %d more", exc, key, len(self._pending))
             self._pending.clear()
             self._exchange = None
+            return False
+        return True
 
     async def _ready_exchange(self) -> AbstractExchange:
         if self._exchange is None or self._channel is None or self._channel.is_closed:
