@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import queue as queue_module
-import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -25,35 +24,21 @@ from typing import Any
 
 import pytest
 from support.interop import delete_objects
-from support.workers import REPO_DIR, TESTS_DIR, get_raw, wait_for, worker_thread
+from support.node import celery_node_modules
+from support.workers import TESTS_DIR, get_raw, wait_for, worker_thread
 
 from amqtask import App
 from amqtask.topology import DLQ_SUFFIX
 
 pytestmark = [pytest.mark.broker, pytest.mark.ecosystem, pytest.mark.interop]
 
-CELERY_NODE_VERSION = "0.5.9"
 SCRIPT = TESTS_DIR / "interop_node" / "celery_node.js"
 TIMEOUT = 30.0
 
 
 @pytest.fixture(scope="session")
 def node_modules() -> Path:
-    """celery-node installed with npm into the repository's ignored cache directory (once)."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.skip("Node.js and npm are needed for the celery-node tests")
-    prefix = REPO_DIR / ".cache" / "node"
-    installed = prefix / "node_modules" / "celery-node" / "package.json"
-    if not installed.exists() or json.loads(installed.read_text())["version"] != CELERY_NODE_VERSION:
-        prefix.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(
-            [npm, "install", "--no-audit", "--no-fund", "--no-save", "--prefix", str(prefix),
-             f"celery-node@{CELERY_NODE_VERSION}"],
-            capture_output=True, text=True, timeout=300, check=False, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        assert done.returncode == 0, f"npm install celery-node failed:\n{done.stdout}\n{done.stderr}"
-    return prefix / "node_modules"
+    return celery_node_modules()
 
 
 def _node_env(modules: Path) -> dict[str, str]:

@@ -2,12 +2,13 @@
 
 The sample project (written by ``pytester``) has a tasks module and tests that use ``amqtask_eager``
 (a chain, no broker) and ``amqtask_worker`` (background and burst, against the real broker). It runs
-in a pytest subprocess with the plugin loaded by name, as the ``pytest11`` entry point loads it once
-amqtask is installed.
+in a pytest subprocess. Where amqtask is installed (tox, CI) the ``pytest11`` entry point loads the
+plugin, exactly as for a user; in a source checkout that is only on the path, it is named with ``-p``.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from pathlib import Path
 
@@ -74,5 +75,13 @@ def test_a_sample_project_uses_the_fixtures(pytester: pytest.Pytester, broker_ur
     with pytest.MonkeyPatch.context() as patch:
         for name, value in env.items():
             patch.setenv(name, value)
-        outcome = pytester.runpytest_subprocess("-p", "amqtask.pytest_plugin", "-p", "no:cacheprovider", timeout=180)
+        outcome = pytester.runpytest_subprocess(*_load_plugin(), "-p", "no:cacheprovider", timeout=180)
     outcome.assert_outcomes(passed=3)
+
+
+def _load_plugin() -> tuple[str, ...]:
+    """Nothing where the entry point loads the plugin (naming it too would register it twice), else ``-p``."""
+    entry_points = importlib.metadata.entry_points(group="pytest11")
+    if any(entry.value == pytest_plugin.__name__ for entry in entry_points):
+        return ()
+    return ("-p", pytest_plugin.__name__)

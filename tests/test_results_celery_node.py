@@ -9,32 +9,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.workers import REPO_DIR, TESTS_DIR, worker_thread
+from support.node import celery_node_modules
+from support.workers import TESTS_DIR, worker_thread
 
 from amqtask import App, AsyncResult
 
 pytestmark = [pytest.mark.broker, pytest.mark.ecosystem]
-CELERY_NODE = "celery-node@0.5.9"
-NODE_DIR = REPO_DIR / ".cache" / "node"
 
 
 @pytest.fixture(scope="session")
 def node_modules() -> Path:
-    """celery-node installed with npm into the repository's ignored cache (once)."""
-    npm = shutil.which("npm")
-    assert npm is not None and shutil.which("node"), "Node.js (node and npm) is needed for the celery-node test"
-    modules = NODE_DIR / "node_modules"
-    if not (modules / "celery-node" / "package.json").exists():
-        NODE_DIR.mkdir(parents=True, exist_ok=True)
-        subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(NODE_DIR), CELERY_NODE],
-                       check=True, capture_output=True, timeout=300)  # fmt: skip
-    return modules
+    return celery_node_modules()
 
 
 @pytest.fixture
