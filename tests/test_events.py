@@ -316,7 +316,10 @@ def test_events_command_prints_the_stream_as_json(broker_url: str, unique: str) 
 
         async def scenario() -> str:
             async with running_worker(app, hostname=hostname):
-                return (await app.asend_task("tasks.add", (4, 4))).id
+                result = await app.asend_task("tasks.add", (4, 4))
+                # Ran before the worker stops: a stop hands back a delivery that has not started, with no events.
+                assert await result.aget(timeout=20) == 8
+                return result.id
 
         task_id = asyncio.run(asyncio.wait_for(scenario(), 30))
         seen: list[dict[str, Any]] = []
@@ -326,5 +329,5 @@ def test_events_command_prints_the_stream_as_json(broker_url: str, unique: str) 
         process.terminate()
         process.communicate(timeout=10)
     mine = [e["type"] for e in seen if e.get("uuid") == task_id]
-    assert mine == ["task-received", "task-started", "task-succeeded"]
+    assert mine == ["task-received", "task-started", "task-succeeded"], seen
     assert next(e["type"] for e in seen if e["hostname"] == hostname) == "worker-online", seen
