@@ -25,23 +25,13 @@ import kombu.pools
 
 from amqtask.topology import DLQ_SUFFIX
 
+from .faults import consumer_count
 from .workers import TESTS_DIR, wait_for
 
 
 def consumers(url: str, queue: str) -> int:
     """Consumers on ``queue`` (0 when it does not exist yet), from a passive declare."""
-
-    async def count() -> int:
-        connection = await aio_pika.connect(url)
-        async with connection:
-            channel = await connection.channel()
-            try:
-                declared = await channel.declare_queue(queue, passive=True)
-            except aio_pika.exceptions.ChannelClosed:
-                return 0
-            return int(declared.declaration_result.consumer_count or 0)
-
-    return asyncio.run(count())
+    return asyncio.run(consumer_count(url, queue))
 
 
 def depth(url: str, queue: str) -> int:
