@@ -20,6 +20,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from ..connection import RECOVERABLE_ERRORS, raise_if_cancelled
 from ..errors import AmqtaskError, TopologyError
 from ..topology import QueueSpec
+from .acks import ChannelAcks
 
 log = logging.getLogger("amqtask.worker")
 
@@ -54,6 +55,8 @@ class Consumer:
         self.consuming = asyncio.Event()
         self.resumptions = 0
         self._tags: dict[str, str] = {}
+        #: Settles the deliveries of the channel consumed now (a new one with each channel: tags count per channel).
+        self.acks: ChannelAcks | None = None
 
     async def run(self) -> None:
         """Consume until :meth:`stop`; after any interruption consume again, backing off on repeated failures."""
@@ -80,6 +83,8 @@ class Consumer:
         channel = await self._connect()
         channel.close_callbacks.add(lambda *_: self._interrupt())
         underlay = await channel.get_underlay_channel()
+        # Half the prefetch at most held back behind a slow delivery: the others keep the window moving.
+        self.acks = ChannelAcks(underlay, self.prefetch // 2)
         cancel_callbacks = getattr(underlay, "on_consumer_cancel_callbacks", None)
         if cancel_callbacks is not None:
             cancel_callbacks.add(self._on_cancel)
@@ -99,8 +104,7 @@ class Consumer:
         self.consuming.clear()
         if not channel.is_closed and not self._stopping:
             # Closing the channel hands its unacked deliveries back; in-flight tasks will then skip their ack.
-            with contextlib.suppress(*RECOVERABLE_ERRORS):
-                await channel.close()
+            await self._close(channel)
 
     async def _consume_on(self, channel: AbstractChannel, spec: QueueSpec) -> None:
         queue = await channel.declare_queue(spec.name, passive=True)
@@ -164,9 +168,14 @@ class Consumer:
                 await underlay.basic_cancel(tag)
 
     async def close(self) -> None:
-        """Close the channel; the broker requeues whatever is still unacked."""
+        """Send the acks recorded, then close the channel; the broker requeues whatever is still unacked."""
         self._stopping = True
         self._interrupt()
         if self._channel is not None and not self._channel.is_closed:
-            with contextlib.suppress(*RECOVERABLE_ERRORS):
-                await self._channel.close()
+            await self._close(self._channel)
+
+    async def _close(self, channel: AbstractChannel) -> None:
+        with contextlib.suppress(*RECOVERABLE_ERRORS):
+            if self.acks is not None:
+                await self.acks.close()  # settled deliveries must not come back as redeliveries
+            await channel.close()

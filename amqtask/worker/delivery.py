@@ -9,7 +9,6 @@ if that channel is gone, the broker redelivers it and the ack is skipped.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import socket
@@ -18,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from aio_pika.abc import AbstractIncomingMessage
 
 from .. import deadletter, delays, protocol, serializers, signing
-from ..connection import SETTLE_ERRORS
 from ..errors import (
     AmqtaskError,
     MessageError,
@@ -38,7 +36,8 @@ from ..results import reporting
 from ..retry import autoretry_delay
 from ..task import Request, Task
 from ..topology import QueueSpec
-from .triage import TRANSIENT_ERRORS, Triage
+from .acks import ChannelAcks
+from .triage import TRANSIENT_ERRORS, Triage, channel_gone
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -135,7 +134,7 @@ class DeliveryHandler:
         if msg.eta is not None and msg.eta - now > ETA_TOLERANCE:
             # Never hold a delivery waiting for its time: hand it back to the broker's delay levels.
             await self.publisher.publish_delayed(_stripped(wire), queue, (msg.eta - now).total_seconds())
-            await self.ack(message)
+            self.ack(message)
             return True
         return False
 
@@ -152,7 +151,7 @@ class DeliveryHandler:
         report = ResultMessage(msg.id, protocol.REVOKED, error, date_done=protocol.now_iso(), parent_id=msg.parent_id)
         await self.fail_follow_ups(msg, TaskRevokedError(f"task {msg.id} was {reason}"), report)
         await self.reply(msg, wire, report)
-        await self.ack(message)
+        self.ack(message)
 
     # ------------------------------------------------------------------------------------------ running
     async def run(
@@ -208,7 +207,7 @@ class DeliveryHandler:
         for middleware in self.app.middleware:
             await middleware.after_success(self.worker, msg, value, report)
         await self.reply(msg, wire, report)
-        await self.ack(message)
+        self.ack(message)
 
     async def failed(
         self, message: AbstractIncomingMessage, queue: QueueSpec, task: Task[Any, Any], msg: TaskMessage,
@@ -277,7 +276,7 @@ class DeliveryHandler:
         report = ResultMessage(msg.id, protocol.RETRY, encode_exception(cause), traceback=str(exc),
                                parent_id=msg.parent_id)  # fmt: skip
         await self.reply(msg, wire, report)
-        await self.ack(message)
+        self.ack(message)
 
     async def _republish(self, queue: QueueSpec, msg: TaskMessage, wire: WireMessage, delay: float) -> None:
         self.publisher.delay_topology.whole_seconds(delay)  # a delay beyond the levels is no date either
@@ -345,27 +344,40 @@ class DeliveryHandler:
     async def settle_dead_lettered(self, message: AbstractIncomingMessage, copied: bool) -> None:
         """Ack a delivery whose copy is in the DLQ; else reject it, so the queue's own dead-lettering applies."""
         if copied:
-            await self.ack(message)
+            self.ack(message)
             return
-        with contextlib.suppress(*SETTLE_ERRORS):
-            await message.reject(requeue=False)
+        acks = self._acks(message)
+        if acks is not None:
+            await acks.reject(message, requeue=False)
 
-    async def ack(self, message: AbstractIncomingMessage) -> None:
-        """Ack on the delivery's own channel; if that channel is gone, the broker redelivers instead."""
-        try:
-            await message.ack()
-        except SETTLE_ERRORS as exc:
-            log.warning("could not ack delivery %s (%s); the broker will redeliver it", message.delivery_tag, exc)
+    def ack(self, message: AbstractIncomingMessage) -> None:
+        """Ack on the delivery's own channel, coalesced with others (``acks.py``); if that channel is gone,
+        the broker redelivers instead."""
+        acks = self._acks(message)
+        if acks is not None:
+            acks.ack(message)
+        else:
+            log.warning("could not ack delivery %s: its channel is gone; the broker will redeliver it",
+                        message.delivery_tag)  # fmt: skip
 
     async def requeue_failed(self, message: AbstractIncomingMessage) -> None:
         """Requeue a failed attempt (``basic.reject``: it counts against a quorum queue's delivery limit)."""
-        with contextlib.suppress(*SETTLE_ERRORS):
-            await message.reject(requeue=True)
+        acks = self._acks(message)
+        if acks is not None:
+            await acks.reject(message, requeue=True)
 
     async def release(self, message: AbstractIncomingMessage) -> None:
         """Give a delivery back unprocessed (nack + requeue, which does not count against a delivery limit)."""
-        with contextlib.suppress(*SETTLE_ERRORS):
-            await message.nack(requeue=True)
+        acks = self._acks(message)
+        if acks is not None:
+            await acks.nack(message, requeue=True)
+
+    def _acks(self, message: AbstractIncomingMessage) -> ChannelAcks | None:
+        """The settler of the channel ``message`` came on; None once that channel is gone."""
+        acks = self.worker.consumer.acks
+        if acks is None or channel_gone(message) or message.channel is not acks.channel:
+            return None
+        return acks
 
 
 def _stripped(wire: WireMessage) -> WireMessage:

@@ -147,7 +147,7 @@ class Triage:
         headers = delays.strip_death_headers(wire.headers)
         headers[REQUEUES_HEADER] = requeues + 1
         await self.handler.publisher.publish(dataclasses.replace(wire, headers=headers), "", queue.name)
-        await self.handler.ack(message)
+        self.handler.ack(message)
 
     async def dead_letter(self, message: AbstractIncomingMessage, queue: QueueSpec, exc: Exception) -> None:
         """Handling failed because of the message itself: dead-letter it with the reason and the exception,
