@@ -26,6 +26,7 @@ from .discovery import TaskDiscovery
 from .errors import ConfigurationError, MisuseError, TaskNotRegisteredError
 from .middleware import Middleware
 from .middleware.defaults import default_middleware
+from .middleware.hooks import Hooks
 from .portal import Portal, register_exit
 from .producer import Publisher
 from .remote import Control
@@ -116,6 +117,8 @@ class App:
         # Looked up when the portal starts its loop, so that a later conf.update(event_loop=...) counts.
         self.portal = Portal(main, lambda: loops.loop_factory(self.conf.event_loop)())
         self.middleware: list[Middleware] = default_middleware()
+        #: The per-message hooks of ``middleware`` worth awaiting (see ``middleware/hooks.py``).
+        self.hooks = Hooks(self)
         #: Where every built task message goes (:mod:`amqtask.sending`); ``testing.eager`` swaps it.
         self.sender: Sender = BrokerSender()
         self._runtimes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Runtime] = weakref.WeakKeyDictionary()

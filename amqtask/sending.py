@@ -57,8 +57,8 @@ class BrokerSender:
             # Consume the reply queue before the task can answer.
             await runtime.results.ensure_started(app.conf.publish_timeout_s)
         wire = protocol.encode_task(message, outgoing.codec)
-        for middleware in app.middleware:
-            await middleware.before_publish(app, message, wire)
+        for hook in app.hooks("before_publish"):
+            await hook(app, message, wire)
         if route.queue is not None and app.conf.task_create_missing_queues:
             await runtime.publisher.ensure_queue(route.queue)
         delay = (message.eta - dt.datetime.now(dt.timezone.utc)).total_seconds() if message.eta else 0.0
@@ -71,5 +71,5 @@ class BrokerSender:
             await runtime.publisher.publish_delayed(wire, route.queue, delay)
         else:
             await runtime.publisher.publish(wire, route.exchange, route.routing_key)
-        for middleware in app.middleware:
-            await middleware.after_publish(app, message, route)
+        for hook in app.hooks("after_publish"):
+            await hook(app, message, route)

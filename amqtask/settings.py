@@ -264,7 +264,11 @@ SPECS: dict[str, Spec] = {
 class Settings:
     """The settings of one :class:`~amqtask.App`; attribute access, validated on every assignment."""
 
+    #: How many assignments so far: whoever caches something derived from settings compares it.
+    _changes: int
+
     def __init__(self, **values: Any) -> None:
+        object.__setattr__(self, "_changes", 0)
         for name, spec in SPECS.items():
             object.__setattr__(self, name, spec.default)
         self.update(values)
@@ -274,6 +278,7 @@ class Settings:
         if spec is None:
             raise ConfigurationError(_unknown(name))
         object.__setattr__(self, name, spec.check(name, value))
+        object.__setattr__(self, "_changes", self._changes + 1)
 
     def __getattr__(self, name: str) -> Any:
         raise AttributeError(_unknown(name))

@@ -27,6 +27,16 @@ current_queue: contextvars.ContextVar[str | None] = contextvars.ContextVar("amqt
 class Middleware:
     """Base class with no-op hooks."""
 
+    def wants(self, hook: str, app: App) -> bool:
+        """Whether the per-message ``hook`` of this middleware is worth awaiting for ``app`` now (default: yes).
+
+        A hook left as the base class's no-op is never awaited. A middleware whose feature is off answers
+        no, so that a message's path awaits nothing for it (``hooks.py``). The answer is asked again after
+        a setting or the ``amqtask.worker`` log level changed; a middleware whose answer depends on
+        anything else calls :func:`amqtask.middleware.hooks.hooks_changed` when that changes.
+        """
+        return True
+
     async def before_publish(self, app: App, message: TaskMessage, wire: WireMessage) -> None:
         """Called with the encoded message before it is published (may change ``wire.headers``)."""
 

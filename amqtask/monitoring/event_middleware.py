@@ -1,9 +1,11 @@
 """The middleware that turns a worker's hooks into Celery's events (``amqtask worker -E``).
 
-Off unless ``worker_send_task_events`` (workers) or ``task_send_sent_event`` (producers) is set; then
-each hook costs one dict lookup. It sits after signing and remote control in the middleware list, so a
-message that failed verification never produces an event (its ``before_process`` never runs here), and
-a task refused as revoked yields ``task-revoked`` alone, as from a Celery worker.
+Off unless ``worker_send_task_events`` (workers) or ``task_send_sent_event`` (producers) is set, or
+a worker's events were switched on (``control enable_events``): until then no hook of it is awaited
+(``middleware/hooks.py``), and after that each costs one dict lookup. It sits after signing and
+remote control in the middleware list, so a message that failed verification never produces an event
+(its ``before_process`` never runs here), and a task refused as revoked yields ``task-revoked`` alone,
+as from a Celery worker.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from weakref import WeakKeyDictionary
 from .. import protocol
 from ..failures import format_traceback
 from ..middleware import Middleware
+from ..middleware.hooks import hooks_changed
 from ..worker.delivery import ETA_TOLERANCE
 from .events import EventPublisher
 
@@ -124,6 +127,12 @@ class EventsMiddleware(Middleware):
         self.workers: dict[Worker, WorkerEvents] = {}
         self._producers: WeakKeyDictionary[Broker, EventPublisher] = WeakKeyDictionary()
 
+    def wants(self, hook: str, app: App) -> bool:
+        if hook == "after_publish":
+            return bool(app.conf.task_send_sent_event)
+        # Deliveries waiting when the worker starts arrive before on_worker_start: the setting counts too.
+        return bool(app.conf.worker_send_task_events) or any(w.app is app for w in self.workers)
+
     async def on_worker_start(self, worker: Worker) -> None:
         if worker.app.conf.worker_send_task_events:
             self.switch(worker, on=True)
@@ -131,6 +140,7 @@ class EventsMiddleware(Middleware):
     async def on_worker_stop(self, worker: Worker) -> None:
         events = self.workers.pop(worker, None)
         if events is not None:
+            hooks_changed()
             await events.stop()
 
     def switch(self, worker: Worker, *, on: bool) -> str:
@@ -143,6 +153,7 @@ class EventsMiddleware(Middleware):
             if events is None:
                 events = self.workers[worker] = WorkerEvents(worker)
                 events.start()
+                hooks_changed()
             events.task_events = True
             return "task events enabled"
         if events is None or not events.task_events:

@@ -19,14 +19,14 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import TaskRevokedError
 from ..middleware import Middleware, current_queue
 from ..protocol import short_repr
 
 if TYPE_CHECKING:
+    from ..app import App
     from ..errors import Retry
     from ..protocol import ResultMessage, TaskMessage, WireMessage
     from ..worker.worker import Worker
@@ -39,9 +39,8 @@ TASK_FIELDS = ("task_id", "task_name", "queue", "retries", "worker")
 _AIORMQ_DUPLICATES = ("error when creating transport",)
 
 
-@dataclass(frozen=True)
-class TaskContext:
-    """What the log records of one task carry."""
+class TaskContext(NamedTuple):
+    """What the log records of one task carry (a tuple: built for every task, it must be cheap)."""
 
     task_id: str
     task_name: str
@@ -54,7 +53,15 @@ task_context: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVa
 
 
 class TaskLogMiddleware(Middleware):
-    """Celery's INFO lines for each task, and the task context for :class:`TaskFields`."""
+    """Celery's INFO lines for each task, and the task context for :class:`TaskFields`.
+
+    The INFO lines' hooks are not awaited at all while ``amqtask.worker`` logs above INFO (``-l warning``);
+    ``before_process`` (the context, for the fields of any record a task causes) and ``after_failure``
+    (an ERROR line) always are.
+    """
+
+    def wants(self, hook: str, app: App) -> bool:
+        return hook in ("before_process", "after_failure") or log.isEnabledFor(logging.INFO)
 
     async def before_process(self, worker: Worker, message: TaskMessage, wire: WireMessage) -> None:
         # Set in the delivery's own asyncio task: it ends with the delivery, so nothing leaks to the next.

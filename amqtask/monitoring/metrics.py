@@ -22,6 +22,7 @@ from ..errors import ConfigurationError
 from ..middleware import Middleware, current_queue
 
 if TYPE_CHECKING:
+    from ..app import App
     from ..errors import Reject, Retry
     from ..protocol import ResultMessage, TaskMessage, WireMessage
     from ..worker.worker import Worker
@@ -105,6 +106,9 @@ class MetricsMiddleware(Middleware):
 
     def __init__(self) -> None:
         self._watchers: dict[Worker, asyncio.Task[None]] = {}
+
+    def wants(self, hook: str, app: App) -> bool:
+        return app.conf.worker_metrics_port is not None
 
     async def on_worker_start(self, worker: Worker) -> None:
         port = worker.app.conf.worker_metrics_port

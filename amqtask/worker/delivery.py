@@ -83,8 +83,8 @@ class DeliveryHandler:
         else:
             self.triage.settled()
         finally:
-            for middleware in self.app.middleware:
-                await middleware.after_delivery(self.worker)
+            for hook in self.app.hooks("after_delivery"):
+                await hook(self.worker)
 
     async def handle(self, message: AbstractIncomingMessage, queue: QueueSpec) -> None:
         """Verify, decode, check and run one delivery, then settle it."""
@@ -111,8 +111,8 @@ class DeliveryHandler:
             await self.dead_letter(message, queue, deadletter.UNKNOWN_TASK, error)
             return
         try:
-            for middleware in self.app.middleware:
-                await middleware.before_process(self.worker, msg, wire)
+            for hook in self.app.hooks("before_process"):
+                await hook(self.worker, msg, wire)
         except Reject as exc:
             await self.dead_letter(message, queue, deadletter.REJECTED, exc.reason)
             return
@@ -175,8 +175,8 @@ class DeliveryHandler:
         except Retry as exc:
             await self.retry(message, queue, msg, wire, exc)
         except Reject as exc:
-            for middleware in self.app.middleware:
-                await middleware.after_reject(self.worker, msg, exc)
+            for hook in self.app.hooks("after_reject"):
+                await hook(self.worker, msg, exc)
             if exc.requeue:
                 await self.triage.requeue_rejected(message, queue, wire, exc.reason)
             else:
@@ -204,8 +204,8 @@ class DeliveryHandler:
         """Report success, start follow-ups (middleware: chains, callbacks), then ack."""
         self.worker.stats["succeeded"] += 1
         report = ResultMessage(msg.id, protocol.SUCCESS, value, date_done=protocol.now_iso(), parent_id=msg.parent_id)
-        for middleware in self.app.middleware:
-            await middleware.after_success(self.worker, msg, value, report)
+        for hook in self.app.hooks("after_success"):
+            await hook(self.worker, msg, value, report)
         await self.reply(msg, wire, report)
         self.ack(message)
 
@@ -238,8 +238,8 @@ class DeliveryHandler:
         Called for every final failure, including tasks that never ran (unknown, revoked, expired), so a
         caller waiting on the end of a chain gets the error instead of waiting forever.
         """
-        for middleware in self.app.middleware:
-            await middleware.after_failure(self.worker, msg, exc, report)
+        for hook in self.app.hooks("after_failure"):
+            await hook(self.worker, msg, exc, report)
 
     def failure(self, msg: TaskMessage, exc: BaseException, traceback: str | None) -> ResultMessage:
         """The FAILURE report for ``exc``."""
@@ -260,8 +260,8 @@ class DeliveryHandler:
         fails the task with :class:`~amqtask.errors.RetryFailedError` instead.
         """
         delay = exc.when or 0.0
-        for middleware in self.app.middleware:
-            await middleware.on_retry(self.worker, msg, exc)
+        for hook in self.app.hooks("on_retry"):
+            await hook(self.worker, msg, exc)
         try:
             await self._republish(queue, msg, wire, delay)
         except TRANSIENT_ERRORS:
