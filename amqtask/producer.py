@@ -51,16 +51,30 @@ class HeadersTooLargeError(PublishError):
 
 
 def header_table_size(value: Any) -> int:
-    """An upper bound of ``value``'s size in an AMQP field table, in bytes, found without encoding it."""
+    """An upper bound of ``value``'s size in an AMQP field table, in bytes, found without encoding it.
+
+    Walked for every publish, so written for speed: plain loops, and an ASCII string's length without
+    encoding it (the common case).
+    """
     if isinstance(value, str):
-        return 5 + len(value.encode("utf-8", "surrogatepass"))
+        return 5 + _utf8_length(value)
+    if isinstance(value, dict):
+        size = 4
+        for key, item in value.items():
+            size += 2 + _utf8_length(key if isinstance(key, str) else str(key)) + header_table_size(item)
+        return size
+    if isinstance(value, list | tuple):
+        size = 4
+        for item in value:
+            size += 1 + header_table_size(item)
+        return size
     if isinstance(value, bytes | bytearray):
         return 5 + len(value)
-    if isinstance(value, dict):
-        return 4 + sum(2 + len(str(k).encode()) + header_table_size(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return 4 + sum(1 + header_table_size(v) for v in value)
     return 9  # numbers, booleans, timestamps, decimals, None
+
+
+def _utf8_length(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def _check_header_size(wire: WireMessage, channel: aiormq.abc.AbstractChannel) -> None:

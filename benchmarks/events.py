@@ -20,7 +20,7 @@ import time
 import uuid
 from typing import Any
 
-from throughput import broker_url
+from harness import broker_url
 
 from amqtask import App, Worker, topology
 from amqtask.monitoring.receiver import stream
