@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import reprlib
 import socket
 from typing import Any
 
@@ -547,3 +548,16 @@ def test_celery_custom_exception_keeps_its_name_module_and_args() -> None:
 )
 def test_amqtask_encodes_exceptions_like_celery(name: str, exc: BaseException) -> None:
     assert encode_exception(exc) == _failure_reply(name)["result"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [(1,), (), [], {}, ("a" * 30,), (1.5, None, True, "x"), (10**38,), (10**39,), (10**45,), ("é",), ("\x00",),
+     ("a'b\"c",), [1, 2, 3], (float("nan"),), {"b": 1, "a": 2}, ((1,),), ("x" * 2000,), tuple(range(100))],
+)  # fmt: skip
+def test_argsrepr_reads_as_celery_bounds_it_whatever_the_arguments(value: object) -> None:
+    # Celery bounds argsrepr with reprlib; amqtask's quicker path for short plain arguments must not differ.
+    celery_like = reprlib.Repr()
+    celery_like.maxlevel, celery_like.maxstring, celery_like.maxother = 3, 1024, 1024
+    celery_like.maxlist = celery_like.maxtuple = celery_like.maxdict = 64
+    assert protocol.short_repr(value) == celery_like.repr(value)
