@@ -121,7 +121,7 @@ def test_nacks_and_rejects_between_coalesced_acks_keep_their_meaning(broker_url:
             tag = await queue.consume(take)
             await got_all.wait()
             await queue.cancel(tag)  # keeps the deliveries unacked, and a requeued one is not delivered again
-            acks = ChannelAcks(await channel.get_underlay_channel(), hold_max=10)
+            acks = ChannelAcks(await channel.get_underlay_channel(), hold_max=10, batch=3)
             first, dropped, requeued, fourth, fifth, _running = deliveries
             acks.ack(first)
             await acks.reject(dropped, requeue=False)

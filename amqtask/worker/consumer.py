@@ -83,8 +83,9 @@ class Consumer:
         channel = await self._connect()
         channel.close_callbacks.add(lambda *_: self._interrupt())
         underlay = await channel.get_underlay_channel()
-        # Half the prefetch at most held back behind a slow delivery: the others keep the window moving.
-        self.acks = ChannelAcks(underlay, self.prefetch // 2)
+        # Half the prefetch at most held back behind a slow delivery, a quarter waiting for a batch: the
+        # rest of the window keeps moving.
+        self.acks = ChannelAcks(underlay, hold_max=self.prefetch // 2, batch=self.prefetch // 4)
         cancel_callbacks = getattr(underlay, "on_consumer_cancel_callbacks", None)
         if cancel_callbacks is not None:
             cancel_callbacks.add(self._on_cancel)
