@@ -205,6 +205,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--layouts", default="queues,stream", help="which layouts to fill (queues, stream)")
     parser.add_argument("--skip-tasks", action="store_true", help="skip the end-to-end task rates")
+    parser.add_argument("--skip-latency", action="store_true", help="skip the publish-to-readable latencies")
     args = parser.parse_args()
     broker = Broker(args.version)
     settings = Settings()
@@ -214,7 +215,7 @@ def main() -> None:
         for backend in () if args.skip_tasks else ("rpc", "amqp"):
             rate, round_trip = asyncio.run(tasks_per_second(base_url, backend, args.tasks))
             print(f"tasks with {backend} results: {rate:.0f}/s; one round trip {round_trip * 1000:.1f} ms")
-        for count in (int(c) for c in args.counts.split(",")):
+        for count in (int(c) for c in args.counts.split(",") if c):
             for layout in args.layouts.split(","):
                 vhost = f"bench-{layout}-{count}"
                 url = broker.vhost(vhost)
@@ -228,6 +229,8 @@ def main() -> None:
                     line += f"; a new reader catches up in {asyncio.run(catch_up_s(url, settings)):.2f} s"
                 print(line, flush=True)
                 broker.ctl("delete_vhost", vhost)
+        if args.skip_latency:
+            return
         url = broker.vhost("bench-latency")
         asyncio.run(stream_records(url, 1, settings))
         print(f"publish-to-readable, per-task queue: {asyncio.run(latency_queue(url, args.samples))}")

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,10 +51,10 @@ def app(broker_url: str, unique: str, stream: str) -> Iterator[App]:
     application.close()
 
 
-def reader(broker_url: str, stream: str, action: str, task_id: str) -> subprocess.Popen[str]:
+def reader(broker_url: str, stream: str, action: str, task_id: str, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, str(TESTS_DIR / "results_reader.py"), broker_url, stream, action, task_id],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env},
     )  # fmt: skip
 
 
@@ -223,3 +225,39 @@ def test_with_signing_an_unsigned_record_in_the_stream_is_ignored(broker_url: st
             reader_app.close()
     finally:
         app.close()
+
+
+def test_an_id_nobody_sent_is_told_from_a_task_sent_but_not_started(app: App, broker_url: str, stream: str) -> None:
+    tasks = define(app)
+    queued = tasks["add"].delay(1, 2)  # no worker yet: it waits in its queue
+    chained = chain(tasks["add"].s(1, 2), tasks["add"].s(10)).apply_async()  # the caller holds the last step's id
+    assert reads(reader(broker_url, stream, "known", queued.id))[0] == {"id": queued.id, "state": "PENDING",
+                                                                          "known": True}  # fmt: skip
+    assert reads(reader(broker_url, stream, "known", chained.id))[0]["known"] is True
+    assert reads(reader(broker_url, stream, "known", "never-sent"))[0] == {"id": "never-sent", "state": "PENDING",
+                                                                             "known": False}  # fmt: skip
+    assert queued.known and not AsyncResult("never-sent", app=app).known
+    with worker_thread(app):
+        assert AsyncResult(chained.id, app=app).get(timeout=TIMEOUT) == 13
+    AsyncResult(queued.id, app=app).forget()
+    assert reads(reader(broker_url, stream, "known", queued.id))[0]["known"] is False
+
+
+def test_a_reader_reads_records_older_than_its_window_from_the_history(app: App, broker_url: str, stream: str) -> None:
+    tasks = define(app)
+    with worker_thread(app):
+        done = tasks["add"].delay(4, 4)
+        assert done.get(timeout=TIMEOUT) == 8
+        members = group(tasks["add"].s(i, 1) for i in range(2)).apply_async()
+        members.save()
+        assert members.get(timeout=TIMEOUT) == [1, 2]
+    written = time.time()
+    # A stream offset given as a time has one-second resolution: past that, a reader starting 0 s back has
+    # every record above behind its first one, so only its history reader can find them.
+    wait_for(lambda: time.time() > written + 1.5, 5, "the records to be older than the window")
+    recent = {"AMQTASK_RESULT_STREAM_LOOKBACK_S": "0"}
+    assert reads(reader(broker_url, stream, "get", done.id, **recent))[0]["result"] == 8  # get() waits for it
+    assert reads(reader(broker_url, stream, "known", done.id, **recent))[0] == {"id": done.id, "state": "SUCCESS",
+                                                                                 "known": True}  # fmt: skip
+    assert reads(reader(broker_url, stream, "known", "never-sent", **recent))[0]["known"] is False
+    assert reads(reader(broker_url, stream, "group", members.id, **recent)) == [[1, 2], [1, 2]]

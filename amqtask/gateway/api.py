@@ -70,7 +70,11 @@ class Gateway:
             # Long poll: woken by the result's arrival in the stream, not by asking the broker again.
             with contextlib.suppress(TimeoutError):
                 await self.app.result_store.wait(task_id, wait_s)
-        return JSONResponse(describe(task_id, self.app.result_store.get(task_id)))
+        report = self.app.result_store.get(task_id)
+        if report is None and self.app.conf.result_track_sent:
+            # Sent tasks are announced: nothing at all means never sent (or expired, or forgotten).
+            raise HTTPError(404, "no such task known (never sent with amqp results, expired or forgotten)")
+        return JSONResponse(describe(task_id, report))
 
     async def revoke(self, request: Request) -> JSONResponse:
         self.check(request)

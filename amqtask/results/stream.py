@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import uuid
 import weakref
@@ -35,6 +36,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from .. import protocol, signing, topology
 from ..connection import SETTLE_ERRORS, Broker
 from ..errors import AmqtaskError, MessageError, TimeoutError
+from ..producer import wire_of
 from ..protocol import ResultMessage, WireMessage
 from ..serializers import JSON
 from ..settings import Settings
@@ -46,8 +48,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("amqtask.result")
 
 KIND_HEADER = "x-amqtask-record"
-#: Record kinds besides a task's state report.
-FORGET, GROUP, MARKER = "forget", "group", "marker"
+#: Record kinds besides a worker's state report (a sent task's PENDING record is read as one).
+FORGET, GROUP, MARKER, SENT = "forget", "group", "marker", "sent"
 #: Saved groups live in the store beside task results under this prefix (a group id is a task-id-like uuid).
 GROUP_KEY = "group:"
 _SEGMENT_PARTS = 16
@@ -80,46 +82,43 @@ async def declare_stream(broker: Broker, settings: Settings) -> None:
         raise topology.translate(exc, "queue", name, {"durable": True, **arguments}) from None
 
 
-async def append(publisher: Publisher, settings: Settings, wire: WireMessage, headers: dict[str, Any]) -> None:
-    """Append one record to the result stream, confirmed (the stream is declared once per connection)."""
+async def append(
+    publisher: Publisher, settings: Settings, wire: WireMessage, headers: dict[str, Any], *, copy_to: str | None = None
+) -> None:
+    """Append one record to the result stream, confirmed (the stream is declared once per connection).
+
+    ``copy_to``: a queue (the caller's reply queue) that gets the same message from the same publish. The
+    broker routes it to both by the ``BCC`` header, which it removes before storing, and confirms it once
+    both queues have it: half the publishes and confirms of two sends, the same guarantee when it returns.
+    The publish is mandatory, so a stream gone with no reply queue either still fails it; a caller's reply
+    queue that expired is nobody to tell, as with ``rpc``.
+    """
     generation = publisher.broker.generation
     if _declared.get(publisher) != generation or not generation:
         await declare_stream(publisher.broker, settings)
         _declared[publisher] = generation
-    record = WireMessage(**{**wire.__dict__, "headers": {**wire.headers, **headers}})
+    extra = {**headers, "BCC": [copy_to]} if copy_to else headers
+    record = WireMessage(**{**wire.__dict__, "headers": {**wire.headers, **extra}})
     await publisher.publish(record, "", settings.result_stream)
 
 
-async def append_record(publisher: Publisher, settings: Settings, report: ResultMessage, kind: str) -> None:
-    """Append a record that is not a task's state report: a tombstone, a saved group, a reader's marker."""
+async def append_record(
+    publisher: Publisher, settings: Settings, report: ResultMessage, kind: str, *, expires_s: float | None = None
+) -> None:
+    """Append a record that is not a worker's state report: a sent task, a tombstone, a saved group, a marker."""
     wire = protocol.encode_result(report, JSON, persistent=kind != MARKER)
     signing.seal(settings.signing_keys, wire, signing.Kind.RESULT)
-    await append(publisher, settings, wire, {KIND_HEADER: kind, **expiry_header(settings.result_expires_s)})
+    expiry = expiry_header(settings.result_expires_s if expires_s is None else expires_s)
+    await append(publisher, settings, wire, {KIND_HEADER: kind, **expiry})
 
 
-class StreamReader(ResultConsumer):
-    """Follows the result stream on one event loop and feeds the process's result store."""
+class _Follower(ResultConsumer):
+    """Consumes the result stream from an offset on, across reconnects, returning credit in batches."""
 
-    def __init__(self, broker: Broker, publisher: Publisher, settings: Settings, store: ResultStore) -> None:
+    def __init__(self, broker: Broker, settings: Settings, store: ResultStore, start: int | str | dt.datetime) -> None:
         super().__init__(broker, settings, settings.result_stream, store)
-        self.publisher = publisher
-        self._next_offset: int | str = "first"
-        self._caught_up = asyncio.Event()
-        self._marker: str | None = None
+        self._next_offset = start
         self._unacked = 0
-
-    async def follow(self, timeout: float | None = None) -> None:
-        """Follow the stream (from now on, across reconnects) and return once every earlier record is read."""
-        await self.ensure_started(timeout)
-        if self._caught_up.is_set():
-            return
-        if self._marker is None:
-            self._marker = uuid.uuid4().hex
-            await append_record(self.publisher, self.settings, ResultMessage(self._marker, protocol.PENDING), MARKER)
-        try:
-            await asyncio.wait_for(self._caught_up.wait(), timeout)
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"could not read the result stream {self.queue_name} within {timeout}s") from None
 
     async def _declare(self, channel: AbstractChannel) -> AbstractQueue:
         await declare_stream(self.broker, self.settings)
@@ -135,46 +134,172 @@ class StreamReader(ResultConsumer):
         if isinstance(offset, int):
             self._next_offset = offset + 1
         try:
-            self._record(message, headers)
+            urgent = self._take(message, headers, offset if isinstance(offset, int) else None)
         except (MessageError, AmqtaskError) as exc:
             log.error("skipping an unreadable result record (correlation_id=%s): %s", message.correlation_id, exc)
+            urgent = False
         self._unacked += 1
-        if self._unacked >= ACK_EVERY or headers.get(KIND_HEADER) == MARKER:
+        if self._unacked >= ACK_EVERY or urgent:
             # A stream consumer's acks only return credit: one for many saves a frame per record (a third of
             # the time a catch-up took), and ACK_EVERY below the prefetch never stalls the flow.
             self._unacked = 0
             with contextlib.suppress(*SETTLE_ERRORS):
                 await message.ack(multiple=True)
 
-    def _record(self, message: AbstractIncomingMessage, headers: dict[str, Any]) -> None:
+    def _take(self, message: AbstractIncomingMessage, headers: dict[str, Any], offset: int | None) -> bool:
+        """Handle one record; True when credit should go back now (a wait ends on it)."""
+        raise NotImplementedError
+
+    def _read(
+        self, message: AbstractIncomingMessage, headers: dict[str, Any]
+    ) -> tuple[str, ResultMessage, float | None]:
+        """The record's store key, report and remaining lifetime (raises MessageError if unverified)."""
+        report = self._decode(wire_of(message))
+        kind = headers.get(KIND_HEADER)
+        key = GROUP_KEY + report.task_id if kind == GROUP else report.task_id
+        return key, report, remaining_s(headers)
+
+    def _apply(self, key: str, kind: Any, report: ResultMessage, size: int, ttl_s: float | None) -> None:
+        if ttl_s is not None and ttl_s <= 0:
+            return
+        if kind == FORGET:
+            self.store.forget(key)
+        else:
+            report.task_id = key
+            self.store.put(report, size, ttl_s)
+
+
+class StreamReader(_Follower):
+    """Follows the result stream on one event loop and feeds the process's result store.
+
+    It starts ``result_stream_lookback_s`` back (a stream offset can be a time), so a process's first read
+    of a recent task costs the records of that window, not the whole retention. The records before the
+    window are read by a second consumer (:class:`_History`) in the background, up to the first record
+    this one read: a read that finds nothing in the window waits for it, ``get()`` only for its record.
+    """
+
+    def __init__(self, broker: Broker, publisher: Publisher, settings: Settings, store: ResultStore) -> None:
+        super().__init__(broker, settings, store, "first")
+        self.publisher = publisher
+        self._started = False
+        self._caught_up = asyncio.Event()
+        self._marker: str | None = None
+        self._history = _History(self)
+        self._fresh: set[str] = set()  # keys read here while the history is still being read
+
+    async def follow(self, timeout: float | None = None, *, history: bool = False) -> None:
+        """Follow the stream (from now on, across reconnects) and return once every record of the window
+        (``history``: every record) written before is read."""
+        if not self._started:
+            lookback = dt.timedelta(seconds=self.settings.result_stream_lookback_s)
+            self._next_offset = dt.datetime.now(dt.timezone.utc) - lookback
+            self._started = True
+        await self.ensure_started(timeout)
+        if not self._caught_up.is_set():
+            if self._marker is None:
+                self._marker = uuid.uuid4().hex
+                marker = ResultMessage(self._marker, protocol.PENDING)
+                await append_record(self.publisher, self.settings, marker, MARKER)
+            await _within(self._caught_up, timeout, self.queue_name)
+        if history:
+            await _within(self._history.done, timeout, self.queue_name)
+
+    async def lookup(self, key: str, timeout: float | None = None) -> ResultMessage | None:
+        """The latest record for ``key``: from the window when there is one, else after reading the history."""
+        await self.follow(timeout)
+        found = self.store.get(key)
+        if found is None:
+            await self.follow(timeout, history=True)
+            found = self.store.get(key)
+        return found
+
+    def _take(self, message: AbstractIncomingMessage, headers: dict[str, Any], offset: int | None) -> bool:
+        if offset is not None and self._history.end is None:
+            self._history.end = offset
         kind = headers.get(KIND_HEADER)
         if kind == MARKER:
             if message.correlation_id == self._marker:
                 self._caught_up.set()
+                self._history.begin()  # only now: the window's reads do not wait behind the history's
+            return True
+        key, report, ttl_s = self._read(message, headers)
+        if not self._history.done.is_set():
+            self._fresh.add(key)
+        self._apply(key, kind, report, len(message.body), ttl_s)
+        return False
+
+    async def close(self) -> None:
+        await self._history.close()
+        await super().close()
+
+
+class _History(_Follower):
+    """Reads the records before the live reader's first one, once; never over a record the live one read."""
+
+    def __init__(self, live: StreamReader) -> None:
+        super().__init__(live.broker, live.settings, live.store, "first")
+        self.live = live
+        self.done = asyncio.Event()
+        #: The live reader's first offset: where the history ends.
+        self.end: int | None = None
+
+    def begin(self) -> None:
+        """Start reading, from the stream's first record up to (not including) :attr:`end`."""
+        if self.end is None or self.done.is_set() or self._wanted:
             return
-        ttl_s = remaining_s(headers)
-        if ttl_s is not None and ttl_s <= 0:
+        if self.end == 0:
+            self._finish()
             return
-        wire = WireMessage(message.body, message.content_type, content_encoding=message.content_encoding,
-                           headers=headers, correlation_id=message.correlation_id, reply_to=message.reply_to,
-                           priority=message.priority)  # fmt: skip
-        unverified = signing.problem(self.settings.signing_keys, wire, signing.Kind.RESULT)
-        if unverified is not None:
-            raise MessageError(unverified)
-        report = protocol.decode_result(wire, self._accept, self._limits)
-        if kind == FORGET:
-            self.store.forget(report.task_id)
-        elif kind == GROUP:
-            report.task_id = GROUP_KEY + report.task_id
-            self.store.put(report, len(message.body), ttl_s)
-        else:
-            self.store.put(report, len(message.body), ttl_s)
+        self._wanted = True
+        task = asyncio.get_running_loop().create_task(self._start_reading())
+        _reading.add(task)
+        task.add_done_callback(_reading.discard)
+
+    async def _start_reading(self) -> None:
+        try:
+            await self.ensure_started(None)
+        except AmqtaskError as exc:
+            log.error("cannot read the result stream's history: %s", exc)
+
+    def _take(self, message: AbstractIncomingMessage, headers: dict[str, Any], offset: int | None) -> bool:
+        if self.done.is_set():
+            return False
+        if offset is None or self.end is None or offset >= self.end:
+            self._finish()
+            return True
+        kind = headers.get(KIND_HEADER)
+        if kind == MARKER:
+            return False
+        key, report, ttl_s = self._read(message, headers)
+        if key not in self.live._fresh:  # the live reader has a later record for it
+            self._apply(key, kind, report, len(message.body), ttl_s)
+        return False
+
+    def _finish(self) -> None:
+        self.done.set()
+        self.live._fresh.clear()
+        self._wanted = False  # not resumed after a reconnect
+        if self._channel is not None:
+            task = asyncio.get_running_loop().create_task(self.close())
+            _reading.add(task)
+            task.add_done_callback(_reading.discard)
+
+
+_reading: set[asyncio.Task[None]] = set()  # tasks under way, kept from the garbage collector
+
+
+async def _within(event: asyncio.Event, timeout: float | None, stream: str) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"could not read the result stream {stream} within {timeout}s") from None
 
 
 __all__ = [
     "GROUP_KEY",
     "FORGET",
     "GROUP",
+    "SENT",
     "StreamReader",
     "append",
     "append_record",
