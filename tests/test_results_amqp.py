@@ -231,14 +231,17 @@ def test_an_id_nobody_sent_is_told_from_a_task_sent_but_not_started(app: App, br
     tasks = define(app)
     queued = tasks["add"].delay(1, 2)  # no worker yet: it waits in its queue
     chained = chain(tasks["add"].s(1, 2), tasks["add"].s(10)).apply_async()  # the caller holds the last step's id
+    members = group(tasks["add"].s(i, i) for i in range(3)).apply_async()  # announced together, in one record
     assert reads(reader(broker_url, stream, "known", queued.id))[0] == {"id": queued.id, "state": "PENDING",
                                                                           "known": True}  # fmt: skip
     assert reads(reader(broker_url, stream, "known", chained.id))[0]["known"] is True
+    assert all(reads(reader(broker_url, stream, "known", member.id))[0]["known"] for member in members.results)
     assert reads(reader(broker_url, stream, "known", "never-sent"))[0] == {"id": "never-sent", "state": "PENDING",
                                                                              "known": False}  # fmt: skip
     assert queued.known and not AsyncResult("never-sent", app=app).known
     with worker_thread(app):
         assert AsyncResult(chained.id, app=app).get(timeout=TIMEOUT) == 13
+        assert members.get(timeout=TIMEOUT) == [0, 2, 4]
     AsyncResult(queued.id, app=app).forget()
     assert reads(reader(broker_url, stream, "known", queued.id))[0]["known"] is False
 

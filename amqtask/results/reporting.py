@@ -9,6 +9,7 @@ broker confirmed that both queues hold it.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -94,7 +95,7 @@ def promised_ids(message: TaskMessage) -> list[tuple[str, str]]:
 
 
 def announcement(app: App, runtime: Runtime, message: TaskMessage, delay_s: float) -> Awaitable[Any] | None:
-    """Appending a PENDING record for each ``amqp`` id this send hands out (None: no such id).
+    """Announcing the ``amqp`` ids this send hands out in a SENT record (None: no such id).
 
     Without it an id nobody sent and a task still waiting in its queue would both read PENDING; with it a
     reader can tell them apart (``AsyncResult.known``, the gateway's 404). A record lasts as long as the
@@ -102,13 +103,12 @@ def announcement(app: App, runtime: Runtime, message: TaskMessage, delay_s: floa
     """
     if not app.conf.result_track_sent:
         return None
-    publisher, conf = runtime.publisher, app.conf
-    records = []
+    by_lifetime: dict[int, list[str]] = {}
     for task_id, name in promised_ids(message):
         if backend_of(app, name) == "amqp":
-            sent = ResultMessage(task_id, protocol.PENDING)
-            expires_s = delay_s + expires_of(app, name)
-            records.append(stream.append_record(publisher, conf, sent, stream.SENT, expires_s=expires_s))
+            # Whole seconds: sends with a countdown share a batch with those of the same second.
+            by_lifetime.setdefault(math.ceil(delay_s + expires_of(app, name)), []).append(task_id)
+    records = [stream.announce(runtime.publisher, app.conf, ids, expires) for expires, ids in by_lifetime.items()]
     return asyncio.gather(*records) if records else None
 
 

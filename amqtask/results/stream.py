@@ -28,6 +28,8 @@ import datetime as dt
 import logging
 import uuid
 import weakref
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import aiormq
@@ -54,6 +56,7 @@ FORGET, GROUP, MARKER, SENT = "forget", "group", "marker", "sent"
 GROUP_KEY = "group:"
 _SEGMENT_PARTS = 16
 ACK_EVERY = 200  # below the consumer's prefetch (1000)
+SENT_BATCH = 500  # ids in one SENT record at most (~20 KiB)
 _declared: weakref.WeakKeyDictionary[Publisher, int] = weakref.WeakKeyDictionary()
 
 
@@ -112,6 +115,56 @@ async def append_record(
     await append(publisher, settings, wire, {KIND_HEADER: kind, **expiry})
 
 
+@dataclass
+class _SentBatch:
+    """Ids announced on one publisher, with one lifetime, in one turn of its event loop: one record for all."""
+
+    expires_s: float
+    ids: list[str] = field(default_factory=list)
+    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+_batches: weakref.WeakKeyDictionary[Publisher, dict[float, _SentBatch]] = weakref.WeakKeyDictionary()
+
+
+async def announce(publisher: Publisher, settings: Settings, ids: list[str], expires_s: float) -> None:
+    """Append a SENT record for ``ids``, confirmed; sends of one loop turn share one record (and its confirm).
+
+    Many clients send concurrently (a web server, a canvas, a loop of ``adelay``): one record per send
+    would double the publishes of sending. A single send waits no longer: the batch goes out at once.
+    """
+    open_batches = _batches.setdefault(publisher, {})
+    batch = open_batches.get(expires_s)
+    if batch is None or len(batch.ids) >= SENT_BATCH:
+        batch = open_batches[expires_s] = _SentBatch(expires_s)
+        _spawn(_flush(publisher, settings, batch))  # runs after this turn's other sends joined the batch
+    batch.ids.extend(ids)
+    await asyncio.shield(batch.done)  # one caller cancelled must not cancel the others' wait
+
+
+async def _flush(publisher: Publisher, settings: Settings, batch: _SentBatch) -> None:
+    open_batches = _batches.get(publisher, {})
+    if open_batches.get(batch.expires_s) is batch:
+        del open_batches[batch.expires_s]
+    record = ResultMessage(batch.ids[0], protocol.PENDING, children=batch.ids)
+    try:
+        await append_record(publisher, settings, record, SENT, expires_s=batch.expires_s)
+    except Exception as exc:  # handed to every sender waiting on the batch
+        batch.done.set_exception(exc)
+        batch.done.exception()  # marked retrieved: the senders report it, not the loop
+    else:
+        batch.done.set_result(None)
+    finally:
+        if not batch.done.done():  # the loop is shutting down
+            batch.done.cancel()
+
+
+def _spawn(coroutine: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(coroutine)
+    _running.add(task)  # kept from the garbage collector until done
+    task.add_done_callback(_running.discard)
+
+
 class _Follower(ResultConsumer):
     """Consumes the result stream from an offset on, across reconnects, returning credit in batches."""
 
@@ -150,22 +203,23 @@ class _Follower(ResultConsumer):
         """Handle one record; True when credit should go back now (a wait ends on it)."""
         raise NotImplementedError
 
-    def _read(
-        self, message: AbstractIncomingMessage, headers: dict[str, Any]
-    ) -> tuple[str, ResultMessage, float | None]:
-        """The record's store key, report and remaining lifetime (raises MessageError if unverified)."""
+    def _read(self, message: AbstractIncomingMessage, headers: dict[str, Any]) -> list[ResultMessage]:
+        """The reports a record holds, each under its store key (raises MessageError if unverified)."""
         report = self._decode(wire_of(message))
         kind = headers.get(KIND_HEADER)
-        key = GROUP_KEY + report.task_id if kind == GROUP else report.task_id
-        return key, report, remaining_s(headers)
+        if kind == GROUP:
+            report.task_id = GROUP_KEY + report.task_id
+        elif kind == SENT:
+            ids = report.children or [report.task_id]
+            return [ResultMessage(task_id, protocol.PENDING) for task_id in ids if isinstance(task_id, str)]
+        return [report]
 
-    def _apply(self, key: str, kind: Any, report: ResultMessage, size: int, ttl_s: float | None) -> None:
+    def _apply(self, kind: Any, report: ResultMessage, size: int, ttl_s: float | None) -> None:
         if ttl_s is not None and ttl_s <= 0:
             return
         if kind == FORGET:
-            self.store.forget(key)
+            self.store.forget(report.task_id)
         else:
-            report.task_id = key
             self.store.put(report, size, ttl_s)
 
 
@@ -222,10 +276,11 @@ class StreamReader(_Follower):
                 self._caught_up.set()
                 self._history.begin()  # only now: the window's reads do not wait behind the history's
             return True
-        key, report, ttl_s = self._read(message, headers)
-        if not self._history.done.is_set():
-            self._fresh.add(key)
-        self._apply(key, kind, report, len(message.body), ttl_s)
+        reports, ttl_s = self._read(message, headers), remaining_s(headers)
+        for report in reports:
+            if not self._history.done.is_set():
+                self._fresh.add(report.task_id)
+            self._apply(kind, report, len(message.body) // len(reports), ttl_s)
         return False
 
     async def close(self) -> None:
@@ -251,9 +306,7 @@ class _History(_Follower):
             self._finish()
             return
         self._wanted = True
-        task = asyncio.get_running_loop().create_task(self._start_reading())
-        _reading.add(task)
-        task.add_done_callback(_reading.discard)
+        _spawn(self._start_reading())
 
     async def _start_reading(self) -> None:
         try:
@@ -270,9 +323,10 @@ class _History(_Follower):
         kind = headers.get(KIND_HEADER)
         if kind == MARKER:
             return False
-        key, report, ttl_s = self._read(message, headers)
-        if key not in self.live._fresh:  # the live reader has a later record for it
-            self._apply(key, kind, report, len(message.body), ttl_s)
+        reports, ttl_s = self._read(message, headers), remaining_s(headers)
+        for report in reports:
+            if report.task_id not in self.live._fresh:  # else the live reader has a later record for it
+                self._apply(kind, report, len(message.body) // len(reports), ttl_s)
         return False
 
     def _finish(self) -> None:
@@ -280,12 +334,10 @@ class _History(_Follower):
         self.live._fresh.clear()
         self._wanted = False  # not resumed after a reconnect
         if self._channel is not None:
-            task = asyncio.get_running_loop().create_task(self.close())
-            _reading.add(task)
-            task.add_done_callback(_reading.discard)
+            _spawn(self.close())
 
 
-_reading: set[asyncio.Task[None]] = set()  # tasks under way, kept from the garbage collector
+_running: set[asyncio.Task[None]] = set()
 
 
 async def _within(event: asyncio.Event, timeout: float | None, stream: str) -> None:
@@ -302,6 +354,7 @@ __all__ = [
     "SENT",
     "StreamReader",
     "append",
+    "announce",
     "append_record",
     "declare_stream",
     "stream_arguments",
