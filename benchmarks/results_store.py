@@ -202,8 +202,9 @@ async def tasks_per_second(url: str, backend: str, count: int) -> tuple[float, f
     ``backend``: ``rpc``, ``amqp``, or ``amqp-untracked`` (amqp without ``result_track_sent``).
     """
     queue = f"bench-results-{uuid.uuid4().hex[:8]}"
+    untracked = {"result_track_sent": False} if backend == "amqp-untracked" else {}  # (older trees lack it)
     app = App(f"bench-{backend}", broker=url, task_default_queue=queue, result_backend=backend.split("-")[0],
-              result_stream=f"bench-results-{backend}", result_track_sent=backend != "amqp-untracked")  # fmt: skip
+              result_stream=f"bench-results-{backend}", **untracked)  # fmt: skip
 
     @app.task(name="bench.noop")
     async def noop() -> int:
@@ -234,6 +235,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--layouts", default="queues,stream", help="which layouts to fill (queues, stream)")
+    parser.add_argument("--repeat", type=int, default=1, help="turns of the task rates, backends alternated")
+    parser.add_argument("--backends", default="rpc,amqp,amqp-untracked", help="which result backends' rates")
     parser.add_argument("--queue-cap", type=int, default=10_000, help="fill per-task queues only up to this count")
     parser.add_argument("--lookback", type=float, default=5.0, help="the readers' result_stream_lookback_s")
     parser.add_argument("--skip-tasks", action="store_true", help="skip the end-to-end task rates")
@@ -244,9 +247,18 @@ def main() -> None:
     try:
         print(f"RabbitMQ {args.version}")
         base_url = broker.vhost("bench-e2e")
-        for backend in () if args.skip_tasks else ("rpc", "amqp", "amqp-untracked"):
-            rate, round_trip = asyncio.run(tasks_per_second(base_url, backend, args.tasks))
-            print(f"tasks with {backend} results: {rate:.0f}/s; one round trip {round_trip * 1000:.1f} ms")
+        rates: dict[str, list[float]] = {}
+        for turn in range(0 if args.skip_tasks else args.repeat):  # alternated: the machine's load drifts
+            for backend in args.backends.split(","):
+                rate, round_trip = asyncio.run(tasks_per_second(base_url, backend, args.tasks))
+                rates.setdefault(backend, []).append(rate)
+                print(f"[{turn + 1}] tasks with {backend} results: {rate:.0f}/s; round trip {round_trip * 1000:.1f} ms")
+        for backend, measured in rates.items():
+            ratios = [rate / rpc for rate, rpc in zip(measured, rates.get("rpc", measured), strict=True)]
+            print(
+                f"{backend}: median {statistics.median(measured):.0f}/s, {statistics.median(ratios):.2f} x rpc "
+                f"(per turn: {', '.join(f'{ratio:.2f}' for ratio in ratios)})"
+            )
         for count in (int(c) for c in args.counts.split(",") if c):
             for layout in args.layouts.split(","):
                 if layout == "queues" and count > args.queue_cap:

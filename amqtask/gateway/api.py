@@ -131,7 +131,9 @@ def build(app: App) -> Starlette:
     async def refused(request: Request, exc: Exception) -> JSONResponse:
         if isinstance(exc, HTTPError):
             return JSONResponse({"error": exc.message}, status_code=exc.status)
-        status = 503 if isinstance(exc, BrokerConnectionError | PublishError) else 400
+        # A timeout: the broker did not confirm a send, or a first read of the stream's history is still
+        # under way (it goes on in the background; a retry finds it read).
+        status = 503 if isinstance(exc, BrokerConnectionError | PublishError | TimeoutError) else 400
         return JSONResponse({"error": mask_text(f"{type(exc).__name__}: {exc}", app.conf.broker_url)}, status)
 
     async def crashed(request: Request, exc: Exception) -> JSONResponse:

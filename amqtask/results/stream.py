@@ -9,15 +9,19 @@ one replicated log: appending a result is one publish, reading never consumes, a
 every record, and a node loss leaves the replicas readable.
 
 The layout: every state report of an ``amqp`` task (STARTED, PROGRESS, RETRY, SUCCESS, FAILURE, REVOKED) is
-appended, as the same message the sender gets on its reply queue, with ``x-amqtask-expires`` (epoch ms)
-saying until when it counts. ``forget()`` appends a tombstone; a saved group is a record of its members'
-ids. The stream keeps ``result_expires_s`` of records (``x-max-age``) and at most ``result_stream_max_bytes``.
+appended, as the same message the sender gets on its reply queue (one publish reaches both), with
+``x-amqtask-expires`` (epoch ms) saying until when it counts. A client's send appends a SENT record of the
+ids it hands out (one record for the sends of one loop turn), so a reader tells a queued task from an id
+nobody sent. ``forget()`` appends a tombstone; a saved group is a record of its members' ids. The stream
+keeps ``result_expires_s`` of records (``x-max-age``) and at most ``result_stream_max_bytes``.
 
-A process that reads by id follows the stream from its start into the process's bounded
+A process that reads by id follows the stream into the process's bounded
 :class:`~amqtask.results.rpc.ResultStore` (on each event loop that reads, as the reply queue is consumed),
 so reads are memory lookups, a reader waiting for a result is woken by the record's arrival, and no one
-polls the broker. Before its first answer a reader appends a marker record and waits until it sees it:
-everything written before is then in its store, so PENDING means "not known", not "not read yet".
+polls the broker. It starts ``result_stream_lookback_s`` back; the older records are read once, in the
+background, by a second consumer. Before its first answer a reader appends a marker record and waits until
+it sees it: everything written before is then in its store (the window's, or with the history all), so
+PENDING means "not known", not "not read yet".
 """
 
 from __future__ import annotations
@@ -92,9 +96,11 @@ async def append(
 
     ``copy_to``: a queue (the caller's reply queue) that gets the same message from the same publish. The
     broker routes it to both by the ``BCC`` header, which it removes before storing, and confirms it once
-    both queues have it: half the publishes and confirms of two sends, the same guarantee when it returns.
-    The publish is mandatory, so a stream gone with no reply queue either still fails it; a caller's reply
-    queue that expired is nobody to tell, as with ``rpc``.
+    both queues have it: half the publishes and confirms of two sends, and the same guarantee when it
+    returns. A caller's reply queue that expired is nobody to tell, as with ``rpc``. The publish is
+    mandatory, but the broker returns it only when no queue took it: a stream deleted while this connection
+    lives (it is declared again after each reconnect) would leave a record that found its reply queue with
+    the caller only.
     """
     generation = publisher.broker.generation
     if _declared.get(publisher) != generation or not generation:
