@@ -39,11 +39,12 @@ import aio_pika
 
 from amqtask import App, AsyncResult, Worker, protocol, topology
 from amqtask.protocol import ResultMessage
-from amqtask.results import stream
+from amqtask.results import reporting, stream
 from amqtask.results.legacy import legacy_queue_name
 from amqtask.results.stream import stream_arguments
 from amqtask.serializers import JSON
 from amqtask.settings import Settings
+from amqtask.topology import QueueSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "deploy" / "rabbitmq.sh"
@@ -228,6 +229,50 @@ async def tasks_per_second(url: str, backend: str, count: int) -> tuple[float, f
     return rate, round_trip
 
 
+async def in_flight(count: int, one: Callable[[int], Awaitable[Any]], width: int = 64) -> str:
+    """``count`` calls, ``width`` at a time: their rate, and this process's CPU time per call (less sensitive
+    to the machine's load than the rate)."""
+    slots = asyncio.Semaphore(width)
+
+    async def limited(i: int) -> None:
+        async with slots:
+            await one(i)
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(limited(i) for i in range(count)))
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return f"{count / wall:.0f}/s, CPU {cpu / count * 1e6:.0f} us each"
+
+
+async def reports_and_sends(url: str, count: int) -> list[str]:
+    """A worker's reports of amqp results (to the stream and a reply queue), and a client's sends of amqp
+    tasks with and without ``result_track_sent``: the publishing costs the result store adds."""
+    tag = uuid.uuid4().hex[:8]
+    app = App(f"bench-{tag}", broker=url, result_backend="amqp", result_stream=f"bench-{tag}",
+              task_default_queue=f"bench-{tag}")  # fmt: skip
+    runtime = app.runtime()
+    await stream.declare_stream(runtime.broker, app.conf)
+    reply = f"bench-reply-{tag}"
+    await runtime.publisher.ensure_queue(QueueSpec(reply, dead_letter=False))
+
+    def report(i: int) -> Awaitable[None]:
+        done = ResultMessage(str(uuid.uuid4()), "SUCCESS", i)
+        return reporting.report(app, runtime, done, task=None, reply_to=reply, content_type="application/json")
+
+    lines = [f"a worker's reports of amqp results: {await in_flight(count, report)}"]
+    for width in (64, 1):  # many clients at once (a web server, a canvas), or one after another
+        for tracked in (True, False):
+            app.conf.update({"result_track_sent": tracked})
+            sends = await in_flight(
+                count // (1 if width > 1 else 4), lambda i: app.asend_task("bench.none", (i,)), width
+            )
+            lines.append(f"sends of amqp tasks, {width} at a time, result_track_sent={tracked}: {sends}")
+    for name in (reply, f"{reply}.dlq", f"bench-{tag}", f"bench-{tag}.dlq", app.conf.result_stream):
+        await topology.delete_queue(runtime.broker, name)
+    await app.aclose()
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--version", default="3.10", choices=("3.10", "4.3"))
@@ -247,6 +292,9 @@ def main() -> None:
     try:
         print(f"RabbitMQ {args.version}")
         base_url = broker.vhost("bench-e2e")
+        if not args.skip_tasks:
+            for line in asyncio.run(reports_and_sends(base_url, args.tasks)):
+                print(line, flush=True)
         rates: dict[str, list[float]] = {}
         for turn in range(0 if args.skip_tasks else args.repeat):  # alternated: the machine's load drifts
             for backend in args.backends.split(","):
