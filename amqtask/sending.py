@@ -77,7 +77,7 @@ class BrokerSender:
         else:
             publishing = runtime.publisher.publish(wire, route.exchange, route.routing_key)
         # A client's send announces the amqp ids it hands out to readers by id, beside the publish rather
-        # than after it, so the send takes no longer.
+        # than after it: the send waits for the slower confirm, not for both in turn.
         announcing = reporting.announcement(app, runtime, message, max(0.0, delay)) if outgoing.awaits_reply else None
         await (publishing if announcing is None else _with_announce(publishing, announcing))
         for middleware in app.middleware:
