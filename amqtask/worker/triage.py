@@ -3,12 +3,14 @@
 Every error that escapes the handling of a delivery is one of two kinds:
 
 - *transient* (:data:`TRANSIENT_ERRORS`): the connection or channel went, or the broker would not
-  take a send for now (unreachable until the publish deadline, or nacking). Nothing is wrong with the
-  message. Its delivery goes back to the queue (``basic.reject``, which counts against a quorum
-  queue's delivery limit, a bound if the broker keeps refusing) after a pause that holds the
-  delivery's slot, so the worker slows down instead of meeting the same delivery again at once. The
-  pause doubles while such errors go on and starts small again once a delivery is settled. A delivery
-  whose channel is gone needs nothing: the broker has requeued it already.
+  take a send for now (unreachable until the publish deadline, or nacking), or a wait timed out (an
+  :class:`~amqtask.errors.TimeoutError`, a builtin ``TimeoutError``, e.g. a chord lock another worker
+  kept too long). Nothing is wrong with the message. Its delivery goes back to the queue
+  (``basic.reject``, which counts against a quorum queue's delivery limit, a bound if the broker keeps
+  refusing) after a pause that holds the delivery's slot, so the worker slows down instead of meeting
+  the same delivery again at once. The pause doubles while such errors go on and starts small again
+  once a delivery is settled. A delivery whose channel is gone needs nothing: the broker has requeued
+  it already.
 - *about this message*: anything else (an eta the delay levels cannot hold, headers too large to send
   on, a follow-up the broker refuses, a bug met only by this message...). The message is copied into
   ``<queue>.dlq`` with a reason (``deadletter.py``) and the exception, its follow-ups fail, its caller
