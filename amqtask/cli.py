@@ -220,7 +220,12 @@ def call(
     routing_key: str | None, countdown: float | None, eta: dt.datetime | None, expires: dt.datetime | float | None,
     priority: int | None, serializer: str | None, wait: bool, timeout: float, loglevel: str,
 ) -> None:  # fmt: skip
-    """Send task NAME (by name) and print its id, or with --wait its result as JSON."""
+    """Send task NAME (by name) and print its id, or with --wait its result as JSON.
+
+    Exits 1 if the task failed or --wait timed out, 2 for a bad option (a queue, exchange or routing key
+    the broker cannot take), 3 if the broker is unreachable or returned the message (no queue is bound
+    to the routing key).
+    """
     setup_logging(loglevel)
     try:
         args, kwargs = json.loads(args_json), json.loads(kwargs_json)

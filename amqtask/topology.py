@@ -31,6 +31,38 @@ if TYPE_CHECKING:
 EXCHANGE_TYPES = ("direct", "topic", "fanout", "headers")
 QUEUE_TYPES = ("classic", "quorum")
 DLQ_SUFFIX = ".dlq"
+#: An AMQP short string (a name, a routing key) holds at most this many bytes of UTF-8.
+SHORTSTR_BYTES = 255
+#: The characters the AMQP client (pamqp) lets through in an exchange or queue name (RabbitMQ takes any).
+_NAME_CHARS = re.compile(r"[a-zA-Z0-9\-_.:@#,/+ ]*")
+
+
+def check_name(kind: str, name: object, spare: int = 0) -> None:
+    """Raise :class:`ConfigurationError` naming ``name`` unless the broker can take it as a ``kind``.
+
+    ``kind`` is ``"queue"``, ``"exchange"`` or ``"routing key"``; ``spare`` bytes are kept free for a
+    suffix the name gets later (a queue's ``.dlq``). Checked before anything is sent: the AMQP client
+    would otherwise refuse the frame with a bare ``ValueError``.
+    """
+    what = kind if kind == "routing key" else f"{kind} name"
+    if not isinstance(name, str):
+        raise ConfigurationError(f"{what} must be a string, got {name!r}")
+    shown = repr(name) if len(name) <= 60 else f"{name[:60]!r}..."
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:
+        raise ConfigurationError(f"{what} {shown} is not valid UTF-8") from None
+    if size > SHORTSTR_BYTES - spare:
+        room = f" (leaving room for {DLQ_SUFFIX!r})" if spare else ""
+        raise ConfigurationError(
+            f"{what} {shown} is {size} bytes long; AMQP allows at most {SHORTSTR_BYTES - spare}{room}"
+        )
+    if kind != "routing key" and not _NAME_CHARS.fullmatch(name):
+        bad = "".join(sorted({char for char in name if not _NAME_CHARS.fullmatch(char)}))
+        raise ConfigurationError(
+            f"{what} {shown} holds {bad!r}: such a name may hold only ASCII letters, digits, spaces "
+            "and - _ . : @ # , / +"
+        )
 
 
 @dataclass(frozen=True)
@@ -61,9 +93,13 @@ class QueueSpec:
     arguments: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_name("queue", self.name, spare=len(DLQ_SUFFIX))
         where = f"queue {self.name!r}"
         if not self.name or self.name.startswith("amq."):
             raise ConfigurationError(f"{where}: a queue name must be non-empty and not start with 'amq.'")
+        check_name("exchange", self.exchange)
+        for key in (*self.binding_keys, *([self.routing_key] if self.routing_key is not None else [])):
+            check_name("routing key", key)
         if self.exchange_type not in EXCHANGE_TYPES:
             raise ConfigurationError(
                 f"{where}: exchange_type must be one of {EXCHANGE_TYPES}, got {self.exchange_type!r}"
