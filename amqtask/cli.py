@@ -310,12 +310,11 @@ def topology_verify(app_spec: str | None, verbose: bool, timeout: float) -> None
     task_queues_strict is set). Bindings are not checked: AMQP cannot list them (`topology apply`
     re-adds them, which is harmless).
     """
-    from . import adoption
-    from . import topology as broker_topology
+    from . import adoption, verification
 
     app = load_app(app_spec)
 
-    async def verify() -> list[broker_topology.Check]:
+    async def verify() -> list[verification.Check]:
         runtime = app.runtime()
         try:
             return await adoption.verify(
@@ -325,7 +324,7 @@ def topology_verify(app_spec: str | None, verbose: bool, timeout: float) -> None
         finally:
             await app.aclose()
 
-    checks: list[broker_topology.Check] = run(app, lambda: asyncio.run(verify()))
+    checks: list[verification.Check] = run(app, lambda: asyncio.run(verify()))
     for check in checks:
         if verbose or check.problem:
             detail = f": {check.detail}" if check.detail else ""

@@ -6,27 +6,21 @@ that says what was refused: a queue that exists with other arguments raises
 arguments amqtask wanted. Every queue is durable (RabbitMQ 4.3 refuses transient non-exclusive queues).
 Each declaration runs on a channel of its own, because a refusal closes the channel it happened on.
 
-:func:`verify` checks the broker against the app without changing it: a passive declare says whether
-an object exists, and re-declaring an existing object with the wanted arguments is a read-only
-comparison (the broker either finds them equivalent and does nothing, or refuses and keeps its own).
-AMQP 0-9-1 has no way to list bindings, so bindings are not verified; ``declare_queue`` re-adds them.
+Checking the broker against the app without changing it is :mod:`amqtask.verification`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiormq
 from aio_pika.abc import AbstractChannel, ExchangeType
 
 from .connection import Broker
 from .errors import ConfigurationError, TopologyError, TopologyMismatchError, TopologyNotFoundError
-
-if TYPE_CHECKING:
-    from .delays import DelayTopology
 
 EXCHANGE_TYPES = ("direct", "topic", "fanout", "headers")
 QUEUE_TYPES = ("classic", "quorum")
@@ -373,93 +367,3 @@ async def server_version(broker: Broker) -> str:
     finally:
         await channel.close()
     return version.decode() if isinstance(version, bytes) else str(version)
-
-
-# ---------------------------------------------------------------------------------------------- verify
-
-
-@dataclass(frozen=True)
-class Check:
-    """What :func:`verify` found for one exchange or queue: ``problem`` is None, "missing" or "mismatch",
-    or "adopted": a task queue held with other arguments, which workers use as it is (see amqtask.adoption)."""
-
-    kind: str
-    name: str
-    problem: str | None = None
-    detail: str = ""
-
-    @property
-    def ok(self) -> bool:
-        """Whether the app can use the object: it exists as wanted, or is adopted as it is."""
-        return self.problem in (None, "adopted")
-
-
-async def _check(broker: Broker, kind: str, name: str, wanted: Any, passive: Any, active: Any) -> Check:
-    try:
-        await run_declaration(broker, kind, name, wanted, passive)
-    except TopologyNotFoundError:
-        return Check(kind, name, "missing")
-    try:
-        await run_declaration(broker, kind, name, wanted, active)
-    except TopologyMismatchError as exc:
-        return Check(kind, name, "mismatch", f"existing {exc.existing}, wanted {exc.wanted}")
-    return Check(kind, name)
-
-
-async def verify_exchange(
-    broker: Broker, name: str, exchange_type: str, arguments: Mapping[str, Any] | None = None
-) -> Check:
-    """Check that a durable exchange of this type (and arguments) exists, without declaring it."""
-
-    async def passive(channel: AbstractChannel) -> None:
-        await channel.declare_exchange(name, passive=True)
-
-    async def active(channel: AbstractChannel) -> None:
-        await channel.declare_exchange(
-            name, ExchangeType(exchange_type), durable=True, arguments=dict(arguments or {}) or None
-        )
-
-    wanted = {"type": ExchangeType(exchange_type).value, "durable": True, **(arguments or {})}
-    return await _check(broker, "exchange", name, wanted, passive, active)
-
-
-async def verify_queue_arguments(broker: Broker, name: str, arguments: Mapping[str, Any]) -> Check:
-    """Check that a durable queue with exactly these ``x-`` arguments exists, without declaring it."""
-
-    async def passive(channel: AbstractChannel) -> None:
-        await channel.declare_queue(name, passive=True)
-
-    async def active(channel: AbstractChannel) -> None:
-        await channel.declare_queue(name, durable=True, arguments=dict(arguments))
-
-    return await _check(broker, "queue", name, {"durable": True, **arguments}, passive, active)
-
-
-async def verify(
-    broker: Broker, specs: Iterable[QueueSpec], delay_topology: DelayTopology | None = None
-) -> list[Check]:
-    """Check every exchange and queue of ``specs`` (and of the delay levels) against the broker.
-
-    Nothing is created or changed. Each object appears once, in declaration order, whether it is
-    as wanted, missing, or exists with other arguments.
-    """
-    checks: dict[tuple[str, str], Check] = {}
-    for spec in specs:
-        if spec.exchange and ("exchange", spec.exchange) not in checks:
-            checks["exchange", spec.exchange] = await verify_exchange(broker, spec.exchange, spec.exchange_type)
-        checks["queue", spec.dlq_name] = await verify_queue_arguments(broker, spec.dlq_name, spec.dlq_arguments())
-        checks["queue", spec.name] = await verify_queue_arguments(broker, spec.name, spec.queue_arguments())
-    if delay_topology is not None:
-        # Imported here: delays builds on this module (it uses translate).
-        from .delays import supports_quorum_levels
-
-        quorum = delay_topology.quorum and supports_quorum_levels(await server_version(broker))
-        for exchange in delay_topology.exchanges():
-            checks["exchange", exchange.name] = await verify_exchange(
-                broker, exchange.name, exchange.type.value, exchange.arguments
-            )
-        for queue in delay_topology.queues():
-            checks["queue", queue.name] = await verify_queue_arguments(
-                broker, queue.name, delay_topology.queue_arguments(queue, quorum)
-            )
-    return list(checks.values())
