@@ -3,8 +3,8 @@
 from datetime import timedelta
 
 from django.utils import timezone
-from orders.models import Order
 
+from orders.models import Order
 from proj.amqtask import app
 
 
