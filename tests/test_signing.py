@@ -18,6 +18,7 @@ from typing import Any
 import aio_pika
 import pytest
 from support.broker import TestBroker
+from support.queues import cleanup
 from support.workers import get_raw, queue_depth, running_worker
 
 from amqtask import App, AsyncResult, GroupResult, Reject, TimeoutError, deadletter, protocol, serializers, signing
@@ -326,14 +327,8 @@ def test_a_result_record_whose_kind_is_altered_in_the_stream_is_ignored(broker_u
         finally:
             reader.close()
     finally:
+        asyncio.run(cleanup(app, [stream]))
         app.close()
-        asyncio.run(_delete_queue(broker_url, stream))
-
-
-async def _delete_queue(url: str, name: str) -> None:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        await (await connection.channel()).queue_delete(name)
 
 
 @pytest.mark.broker
