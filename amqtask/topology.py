@@ -11,6 +11,7 @@ Checking the broker against the app without changing it is :mod:`amqtask.verific
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,9 +39,18 @@ def check_name(kind: str, name: object, spare: int = 0) -> None:
     suffix the name gets later (a queue's ``.dlq``). Checked before anything is sent: the AMQP client
     would otherwise refuse the frame with a bare ``ValueError``.
     """
-    what = kind if kind == "routing key" else f"{kind} name"
     if not isinstance(name, str):
-        raise ConfigurationError(f"{what} must be a string, got {name!r}")
+        raise ConfigurationError(f"{_what(kind)} must be a string, got {name!r}")
+    _check_text(kind, name, spare)
+
+
+def _what(kind: str) -> str:
+    return kind if kind == "routing key" else f"{kind} name"
+
+
+@functools.lru_cache(maxsize=1024)  # every send checks its route's names: the same few, over and over
+def _check_text(kind: str, name: str, spare: int) -> None:
+    what = _what(kind)
     shown = repr(name) if len(name) <= 60 else f"{name[:60]!r}..."
     try:
         size = len(name.encode())
