@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo
 
 import aio_pika
 import pytest
-from support.django_example import PROJECT, example_env
+from support.django_example import PROJECT, example_env, manage
 from support.interop import delete_objects
 from support.workers import wait_for
 
@@ -116,7 +116,12 @@ def names(env: dict[str, str], broker_url: str, unique: str) -> Iterator[str]:
     delete_objects(broker_url, queues)
 
 
-def _beat(env: dict[str, str], unique: str, log: Path, *args: str) -> subprocess.Popen[bytes]:
+MANAGE_PY = ("manage.py", "amqtask")
+#: The same, outside manage.py: the source sets Django up from DJANGO_SETTINGS_MODULE.
+PLAIN_CLI = ("-m", "amqtask", "-A", "proj.amqtask:app")
+
+
+def _beat(env: dict[str, str], unique: str, log: Path, *args: str, via: tuple[str, ...]) -> subprocess.Popen[bytes]:
     beat_env = {
         **env,
         "EXAMPLE_QUEUE": f"{unique}-default",  # the hourly cleanup row's queue, should it come due
@@ -127,14 +132,16 @@ def _beat(env: dict[str, str], unique: str, log: Path, *args: str) -> subprocess
     }
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "manage.py", "amqtask", "beat", "-l", "info", *args],
+            [sys.executable, *via, "beat", "-l", "info", *args],
             cwd=PROJECT, env=beat_env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
 
 
 @contextlib.contextmanager
-def running_beat(env: dict[str, str], unique: str, log: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
-    process = _beat(env, unique, log, *args)
+def running_beat(
+    env: dict[str, str], unique: str, log: Path, *args: str, via: tuple[str, ...] = MANAGE_PY
+) -> Iterator[subprocess.Popen[bytes]]:
+    process = _beat(env, unique, log, *args, via=via)
     try:
         yield process
     finally:
@@ -174,6 +181,8 @@ def test_a_row_is_sent_on_its_interval_and_its_runs_are_written_back(
     assert first.headers["team"] == "ops" and first.headers["periodic_task_name"] == row.name
     assert set(_gaps(messages[:3])) == {timedelta(seconds=1)}
     assert row.last_run_at is not None and row.last_run_at >= messages[0].slot
+    listed = manage({**env, "AMQTASK_BEAT_STATE_NAME": f"{names}.beat.state"}, "amqtask", "beat", "list")
+    assert any(line.split()[:3] == [row.name, "reports.cleanup", "every"] for line in listed.splitlines()), listed
 
 
 def test_edits_in_the_tables_take_effect_without_restarting_beat(
@@ -211,7 +220,10 @@ def test_two_beats_send_each_run_once_and_one_of_them_writes_the_runs(
     _row(queue, queue, interval=_every(1))
     logs = (tmp_path / "one.log", tmp_path / "two.log")
     with Collector(broker_url, (queue,)) as inbox:
-        with running_beat(env, names, logs[0]), running_beat(env, names, logs[1]):
+        with (
+            running_beat(env, names, logs[0]),
+            running_beat(env, names, logs[1], "--scheduler", "django", via=PLAIN_CLI),
+        ):
             inbox.wait(queue, 4)
             leaders = sum("is the leader" in log.read_text() for log in logs)
         total = PeriodicTask.objects.get(name=queue).total_run_count

@@ -43,6 +43,7 @@ class Catalog:
         #: The schedule file's watcher, None without a file.
         self.watcher = ScheduleFileWatcher(path, default_tz=app.conf.timezone) if path else None
         self._source_entries: Mapping[str, Entry] = {}
+        self._source_error: str | None = None
         self.entries: dict[str, Entry] = self._collect(self.watcher.load() if self.watcher else {})
 
     async def load_source(self) -> None:
@@ -57,15 +58,7 @@ class Catalog:
         Never raises for bad content: an invalid file or an unreadable source keeps the entries (logged).
         """
         file_changed = self.watcher is not None and self.watcher.changed()
-        source_changed = False
-        if self.source is not None:
-            try:
-                if await self.source.changed():
-                    self._source_entries = await self.source.load()
-                    source_changed = True
-            except Exception as exc:  # a database briefly away must not stop the sends
-                log.error("reading %s failed (keeping the previous schedule): %s: %s", self.source.name,
-                          type(exc).__name__, exc)  # fmt: skip
+        source_changed = await self._refresh_source()
         if not (file_changed or source_changed):
             return None
         try:
@@ -81,6 +74,24 @@ class Catalog:
         log.info("%s reloaded: %d entries (added %s, removed %s)", where, len(entries), added, removed)
         self.entries = entries
         return added, removed
+
+    async def _refresh_source(self) -> bool:
+        if self.source is None:
+            return False
+        try:
+            changed = await self.source.changed()
+            if changed:
+                self._source_entries = await self.source.load()
+        except Exception as exc:  # a database briefly away must not stop the sends
+            problem = f"{type(exc).__name__}: {exc}"
+            if problem != self._source_error:  # once, not on every tick while it lasts
+                log.error("reading %s failed (keeping the previous schedule): %s", self.source.name, problem)
+            self._source_error = problem
+            return False
+        if self._source_error is not None:
+            log.warning("%s can be read again", self.source.name)
+            self._source_error = None
+        return changed
 
     async def record(self, fired: Sequence[Fired]) -> None:
         """Tell the source what was sent; a failure is logged (the sends stand, the state has them)."""

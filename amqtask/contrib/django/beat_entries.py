@@ -105,10 +105,10 @@ def entry_from_row(row: Any) -> Entry | None:
     if row.one_off and row.total_run_count > 0:
         return None
     options: dict[str, Any] = {
-        key: getattr(row, key) for key in ("queue", "exchange", "routing_key", "priority") if getattr(row, key)
+        key: value
+        for key in ("queue", "exchange", "routing_key", "priority")
+        if (value := getattr(row, key)) is not None and value != ""
     }
-    if row.priority == 0:
-        options["priority"] = 0
     expires = row.expire_seconds or row.expires
     if expires:
         options["expires"] = expires
