@@ -25,7 +25,7 @@ from support.workers import wait_for
 
 from amqtask import AsyncResult
 
-pytest.importorskip("django", reason="the Django tests need the django extra")
+pytest.importorskip("django_celery_beat", reason="the example project needs the django-beat extra")
 
 pytestmark = [pytest.mark.broker, pytest.mark.ecosystem]
 
