@@ -254,6 +254,7 @@ def test_a_crontab_row_runs_in_its_own_time_zone(env: dict[str, str]) -> None:
 
 
 def test_start_time_expiry_clocked_and_one_off_rows(env: dict[str, str]) -> None:
+    from django.utils.timezone import make_aware
     from django_celery_beat.models import ClockedSchedule, IntervalSchedule
 
     start, end = datetime(2026, 3, 1, 12, 0, 5, tzinfo=UTC), datetime(2026, 3, 1, 12, 1, tzinfo=UTC)
@@ -266,6 +267,8 @@ def test_start_time_expiry_clocked_and_one_off_rows(env: dict[str, str]) -> None
     assert clocked.schedule.next_after(at - timedelta(seconds=1)) == at
     assert clocked.schedule.next_after(at) > datetime(8000, 1, 1, tzinfo=UTC)
     assert _entry(env, interval=minutely, one_off=True, total_run_count=1) is None  # ran: nothing left
+    naive = _entry(env, interval=minutely, start_time=start.replace(tzinfo=None)).schedule  # USE_TZ = False
+    assert naive.next_after(start - timedelta(days=1)) == make_aware(start.replace(tzinfo=None))
     options = _entry(env, interval=minutely, expire_seconds=30, priority=0, exchange="ex", routing_key="rk").options
     assert {k: options[k] for k in ("expires", "priority", "exchange", "routing_key")} == {
         "expires": 30, "priority": 0, "exchange": "ex", "routing_key": "rk",

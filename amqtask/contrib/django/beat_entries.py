@@ -16,7 +16,8 @@ What each column becomes:
   the message's, as in Celery; ``expire_seconds`` (or ``expires``) becomes the message's ``expires``
   and the ``periodic_task_name`` header names the row, as Celery's scheduler sets it.
 
-Nothing here touches the database: the caller passes rows already read (with their schedule rows).
+Datetimes stored naive (``USE_TZ = False``) are read in Django's ``TIME_ZONE``, as Django itself
+does. Nothing here touches the database: the caller passes rows already read (with their schedule rows).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta, timezone
 from typing import Any
+
+from django.utils import timezone as django_timezone
 
 from ...beat.entries import Entry, make_entry
 from ...beat.schedules import Schedule, crontab, interval
@@ -109,7 +112,7 @@ def entry_from_row(row: Any) -> Entry | None:
         for key in ("queue", "exchange", "routing_key", "priority")
         if (value := getattr(row, key)) is not None and value != ""
     }
-    expires = row.expire_seconds or row.expires
+    expires = row.expire_seconds or (_aware(row.expires) if row.expires else None)
     if expires:
         options["expires"] = expires
     options["headers"] = {**_json(row.headers, dict, prefix, "headers"), "periodic_task_name": row.name}
@@ -120,18 +123,28 @@ def entry_from_row(row: Any) -> Entry | None:
     )  # fmt: skip
 
 
+def _aware(moment: datetime) -> datetime:
+    if moment.tzinfo is not None:
+        return moment
+    aware: datetime = django_timezone.make_aware(moment)
+    return aware
+
+
 def _schedule(row: Any, prefix: str) -> Schedule:
+    start = _aware(row.start_time) if row.start_time else None
+    end = _aware(row.expires) if row.expires else None
     if row.interval is not None:
         period = timedelta(**{row.interval.period: row.interval.every})
-        inner: Schedule = interval(period, anchor=row.start_time) if row.start_time else interval(period)
-        return Window(inner, end=row.expires) if row.expires else inner
+        inner: Schedule = interval(period, anchor=start) if start else interval(period)
+        return Window(inner, end=end) if end else inner
     if row.crontab is not None:
         cron = row.crontab
+        # By name: older django-timezone-field versions give pytz zones, which datetime cannot use directly.
         inner = crontab(
-            cron.minute, cron.hour, cron.day_of_week, cron.day_of_month, cron.month_of_year, tz=cron.timezone
+            cron.minute, cron.hour, cron.day_of_week, cron.day_of_month, cron.month_of_year, tz=str(cron.timezone)
         )
     elif row.clocked is not None:
-        inner = Once(row.clocked.clocked_time)
+        inner = Once(_aware(row.clocked.clocked_time))
     elif row.solar is not None:
         raise UnsupportedScheduleError(
             f"{prefix}: solar schedules (sunrise, sunset, ...) are not supported by amqtask beat; "
@@ -139,7 +152,7 @@ def _schedule(row: Any, prefix: str) -> Schedule:
         )
     else:
         raise UnsupportedScheduleError(f"{prefix}: no schedule (interval, crontab or clocked) is set")
-    return Window(inner, row.start_time, row.expires) if row.start_time or row.expires else inner
+    return Window(inner, start, end) if start or end else inner
 
 
 def _json(text: str | None, kind: type, prefix: str, column: str) -> Any:
