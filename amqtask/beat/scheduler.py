@@ -7,8 +7,8 @@ policy; then it loops: send what is due, write the state, sleep until the next s
 
 **No drift.** An entry's next fire is ``schedule.next_after(last slot)``, a pure function of the schedule
 (:mod:`amqtask.beat.schedules`), never "an interval after the last send finished". The loop sleeps until
-the earliest next slot, at most ``beat_max_loop_s`` (so edits to the schedule file and jumps of the wall
-clock are noticed), and wakes at once on :meth:`Scheduler.stop` or when the lock's connection closes.
+the earliest next slot, at most ``beat_max_loop_s`` (so edits to the schedule file or source and jumps
+of the wall clock are noticed), and wakes at once on :meth:`Scheduler.stop` or when the lock's connection closes.
 
 **Sending.** A due entry's message is built exactly as ``delay`` builds it (``app.build_message`` and
 ``app.sender``: same protocol, routing, middleware), with ``ignore_result`` unless the entry says
@@ -242,9 +242,9 @@ class Scheduler:
                     continue
                 fired.append(result)
                 self._record(entry, slot, result)
-            await self.catalog.record(fired)
         if self._dirty and time.monotonic() >= self._write_retry_at:
             await self._write_state(link)
+        await self.catalog.record(fired)  # after the state: the source's bookkeeping is for people to read
         return fired
 
     async def close(self) -> None:
