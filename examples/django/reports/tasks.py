@@ -1,4 +1,4 @@
-"""Tasks of the reports app: the periodic cleanup (CELERY_BEAT_SCHEDULE sends it hourly)."""
+"""Tasks of the reports app: the periodic cleanup (beat sends it hourly: a django-celery-beat row)."""
 
 from datetime import timedelta
 
