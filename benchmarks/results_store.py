@@ -130,7 +130,7 @@ async def first_reads(url: str, settings: Settings, lookback_s: float) -> str:
     writer = App("bench-writer", broker=url, result_backend="amqp", result_stream=settings.result_stream)
     recent = str(uuid.uuid4())
     report = protocol.encode_result(ResultMessage(recent, "SUCCESS", 42), JSON)
-    await stream.append(writer.runtime().publisher, writer.conf, report, {})  # as a worker writes a result
+    await stream.append(writer.runtime().publisher, writer.conf, report)  # as a worker writes a result
     await writer.aclose()
     app = App("bench-reader", broker=url, result_backend="amqp", result_stream=settings.result_stream,
               result_stream_lookback_s=lookback_s)  # fmt: skip

@@ -72,7 +72,7 @@ async def report(
     sends: list[Awaitable[Any]] = []
     if amqp:
         # One publish for the stream and the reply: confirmed once both hold it (see stream.append).
-        sends.append(stream.append(publisher, app.conf, out, {}, copy_to=reply_to))
+        sends.append(stream.append(publisher, app.conf, out, copy_to=reply_to))
         if app.conf.result_legacy_queues and report.status in READY_STATES:
             sends.append(legacy.write(publisher, app.conf, report))
     elif reply_to:

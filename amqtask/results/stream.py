@@ -89,9 +89,7 @@ async def declare_stream(broker: Broker, settings: Settings) -> None:
         raise topology.translate(exc, "queue", name, {"durable": True, **arguments}) from None
 
 
-async def append(
-    publisher: Publisher, settings: Settings, wire: WireMessage, headers: dict[str, Any], *, copy_to: str | None = None
-) -> None:
+async def append(publisher: Publisher, settings: Settings, wire: WireMessage, *, copy_to: str | None = None) -> None:
     """Append one record to the result stream, confirmed (the stream is declared once per connection).
 
     ``copy_to``: a queue (the caller's reply queue) that gets the same message from the same publish. The
@@ -106,8 +104,8 @@ async def append(
     if _declared.get(publisher) != generation or not generation:
         await declare_stream(publisher.broker, settings)
         _declared[publisher] = generation
-    extra = {**headers, "BCC": [copy_to]} if copy_to else headers
-    record = WireMessage(**{**wire.__dict__, "headers": {**wire.headers, **extra}})
+    # Added after signing, and removed by the broker before anyone reads the message.
+    record = WireMessage(**{**wire.__dict__, "headers": {**wire.headers, "BCC": [copy_to]}}) if copy_to else wire
     await publisher.publish(record, "", settings.result_stream)
 
 
@@ -116,9 +114,10 @@ async def append_record(
 ) -> None:
     """Append a record that is not a worker's state report: a sent task, a tombstone, a saved group, a marker."""
     wire = protocol.encode_result(report, JSON, persistent=kind != MARKER)
-    signing.seal(settings.signing_keys, wire, signing.Kind.RESULT)
     expiry = expiry_header(settings.result_expires_s if expires_s is None else expires_s)
-    await append(publisher, settings, wire, {KIND_HEADER: kind, **expiry})
+    wire.headers.update({KIND_HEADER: kind, **expiry})
+    signing.seal(settings.signing_keys, wire, signing.Kind.RESULT)  # after: the kind and expiry are signed too
+    await append(publisher, settings, wire)
 
 
 @dataclass
