@@ -264,3 +264,36 @@ def test_a_reader_reads_records_older_than_its_window_from_the_history(app: App,
                                                                                  "known": True}  # fmt: skip
     assert reads(reader(broker_url, stream, "known", "never-sent", **recent))[0]["known"] is False
     assert reads(reader(broker_url, stream, "group", members.id, **recent)) == [[1, 2], [1, 2]]
+
+
+def test_a_send_goes_out_when_its_id_cannot_be_announced(
+    broker_url: str, unique: str, stream: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = App(f"unannounced-{unique}", broker=broker_url, task_default_queue=f"q-{unique}", result_backend="amqp",
+              result_stream=stream)  # fmt: skip
+
+    async def occupy() -> None:
+        connection = await aio_pika.connect(broker_url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.declare_queue(stream, durable=True)  # a classic queue: the stream's declaration is refused
+
+    asyncio.run(occupy())
+    try:
+        with caplog.at_level("WARNING", logger="amqtask.sending"):
+            sent = app.send_task("t.add", (1, 2))  # the task is on its way: no error for the caller
+        assert "could not be announced" in caplog.text
+
+        async def queued() -> int:
+            connection = await aio_pika.connect(broker_url)
+            async with connection:
+                channel = await connection.channel()
+                queue = await channel.declare_queue(f"q-{unique}", passive=True)
+                count = queue.declaration_result.message_count or 0
+                await channel.queue_delete(f"q-{unique}")
+                await channel.queue_delete(f"q-{unique}.dlq")
+                return count
+
+        assert asyncio.run(queued()) == 1 and sent.id
+    finally:
+        app.close()
