@@ -174,6 +174,9 @@ def encode_task(msg: TaskMessage, codec: Codec) -> WireMessage:
         priority=msg.priority,
         correlation_id=msg.id,
         reply_to=msg.reply_to,
+        # The sent time, for the worker's queue-wait metric: AMQP's own timestamp property (whole seconds),
+        # as Celery's protocol v2 has no header for it and other clients pass a property by untouched.
+        timestamp=dt.datetime.now(dt.timezone.utc),
     )
 
 
