@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.utils.time import utcoffset as celery_utcoffset
+from support.queues import cleanup
 from support.workers import running_worker, wait_for
 
 from amqtask import App, Reject, Worker
@@ -199,6 +200,24 @@ def test_celery_receiver_sees_every_event_in_order(broker_url: str, unique: str)
     clocks = [e["clock"] for e in mine]
     assert clocks == sorted(clocks) and len(set(clocks)) == len(clocks)
     assert all(e["utcoffset"] == celery_utcoffset() and abs(e["timestamp"] - time.time()) < 120 for e in mine)
+
+
+@pytest.mark.broker
+def test_a_producer_that_closes_right_after_sending_has_sent_its_task_sent(broker_url: str, unique: str) -> None:
+    # The stall once seen in the batch pump was this: a producer's loop ended (aclose, asyncio.run returning)
+    # within the pump's 0.1 s gathering period, which cancelled the pump with task-sent still in its batch.
+    client = App("client", broker=broker_url, task_default_queue=unique, task_send_sent_event=True)
+
+    async def send_and_leave() -> str:
+        try:
+            return (await client.asend_task("tasks.add", (1, 2))).id
+        finally:
+            await cleanup(client, [unique])
+
+    with tapping(broker_url) as tap:
+        task_id = asyncio.run(send_and_leave())
+        wait_for(lambda: tap.sent(task_id), 10, "task-sent")
+    assert [event["name"] for event in tap.sent(task_id)] == ["tasks.add"]
 
 
 @pytest.mark.broker
