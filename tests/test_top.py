@@ -8,7 +8,12 @@ import asyncio
 import contextlib
 import io
 import json
+import os
+import pty
 import re
+import select
+import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -18,7 +23,7 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 from support.queues import cleanup, run_cli
-from support.workers import stop_process, wait_for, worker_process
+from support.workers import TESTS_DIR, stop_process, wait_for, worker_process
 from test_logs import send
 
 from amqtask import App
@@ -210,11 +215,15 @@ def watcher(broker_url: str, unique: str) -> Iterator[Watcher]:
     found.stop()
 
 
-def queues_json(broker_url: str, unique: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+def queues_cli(broker_url: str, unique: str, monkeypatch: pytest.MonkeyPatch, *args: str) -> str:
     monkeypatch.setenv("AMQTASK_TASK_DEFAULT_QUEUE", unique)
-    result = run_cli(broker_url, unique, "queues", "-A", "monitoring_tasks", "--json")
+    result = run_cli(broker_url, unique, "queues", "-A", "monitoring_tasks", *args)
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return result.stdout
+
+
+def queues_json(broker_url: str, unique: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    return json.loads(queues_cli(broker_url, unique, monkeypatch, "--json"))
 
 
 @pytest.mark.broker
@@ -241,7 +250,41 @@ def test_queues_and_top_against_a_real_worker_sending_events(
         assert [(t.name, t.succeeded) for t in snapshot.slowest] == [("mon.add", 3)]
         assert [(t.name, t.failed, t.last_exception) for t in snapshot.failing] == [("mon.fail", 1, "ValueError('x')")]
         assert queues_json(broker_url, unique, monkeypatch) == {unique: {"ready": 0, "consumers": 1}}
+        assert [line.split() for line in queues_cli(broker_url, unique, monkeypatch).splitlines()] == [
+            ["queue", "ready", "consumers"], [unique, "0", "1"]]  # fmt: skip
     finally:
         stop_process(process)
     wait_for(lambda: watcher.latest is not None and not watcher.latest.workers[0].up, 30, "the worker down")
     asyncio.run(cleanup(App("cleanup", broker=broker_url), [unique]))
+
+
+@pytest.mark.broker
+def test_top_draws_the_full_screen_in_a_terminal_and_quits_on_ctrl_c(broker_url: str, unique: str) -> None:
+    path = os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "AMQTASK_BROKER_URL": broker_url, "AMQTASK_TASK_DEFAULT_QUEUE": unique, "COLUMNS": "100",
+           "LINES": "40", "PYTHONPATH": path}  # fmt: skip
+    terminal, its_side = pty.openpty()  # a pseudo-terminal: rich draws full screen only on a terminal
+    process = subprocess.Popen([sys.executable, "-m", "amqtask", "top", "-A", "monitoring_tasks"], env=env,
+                               stdin=its_side, stdout=its_side, stderr=its_side)  # fmt: skip
+    os.close(its_side)
+    screen = bytearray()
+
+    def read() -> None:
+        if select.select([terminal], [], [], 0.1)[0]:
+            with contextlib.suppress(OSError):  # EIO once the child has gone
+                screen.extend(os.read(terminal, 65536))
+
+    try:
+        wait_for(lambda: read() or (b"Failing tasks" in screen and unique.encode() in screen), 30, "the screen")
+        process.send_signal(signal.SIGINT)
+        wait_for(lambda: read() or process.poll() is not None, 30, "top to quit")
+        read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(terminal)
+    assert process.returncode == 0
+    assert b"\x1b[?1049h" in screen and bytes(screen).rstrip().endswith(b"\x1b[?1049l")  # the terminal given back
+    assert b"missing" in screen  # nothing declared the queue: shown, not created
+    assert b"Traceback" not in screen
