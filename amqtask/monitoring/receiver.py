@@ -16,7 +16,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from ..connection import Broker, close_quietly
+from ..connection import CONNECTION_ERRORS, Broker, close_quietly
 from .events import EXCHANGE
 
 #: Celery's ``event_queue_ttl`` and ``event_queue_expires`` (seconds).
@@ -40,7 +40,10 @@ async def stream(
     while True:
         # A new inbox per channel: a late close callback of the last channel cannot end the next one.
         inbox: asyncio.Queue[bytes | None] = asyncio.Queue()  # None: the channel closed
-        channel = await _subscribe(broker, routing_key, inbox)
+        try:
+            channel = await _subscribe(broker, routing_key, inbox)
+        except CONNECTION_ERRORS:
+            continue  # lost again while binding: the next channel waits for the next connection
         try:
             if ready is not None:
                 ready()
