@@ -252,6 +252,9 @@ SPECS: dict[str, Spec] = {
                               "after the leader dies takes this, plus ~2x broker_heartbeat_s if its host vanished"),
     "beat_max_loop_s": Spec(5.0, _number(0.01), "longest beat sleeps between checks (schedule file, clock jumps)"),
     "beat_schedule_file": Spec(None, _opt_str, "TOML/JSON schedule file merged over beat_schedule, re-read on change"),
+    "beat_scheduler": Spec(None, _opt_str, "also read entries from here, re-read on change: 'django' (django-celery-"
+                           "beat's tables; Celery's 'django_celery_beat.schedulers:DatabaseScheduler' too) "
+                           "or 'module:factory'"),
     "worker_log_format": Spec("text", _choice("text", "json"), "worker log lines: text, or json (one object a line)"),
     "worker_metrics_port": Spec(None, _number(1, integer=True, allow_none=True),
                                 "serve Prometheus metrics on this port (needs amqtask[metrics])"),

@@ -93,8 +93,9 @@ async def append(publisher: Publisher, settings: Settings, wire: WireMessage, he
 async def append_record(publisher: Publisher, settings: Settings, report: ResultMessage, kind: str) -> None:
     """Append a record that is not a task's state report: a tombstone, a saved group, a reader's marker."""
     wire = protocol.encode_result(report, JSON, persistent=kind != MARKER)
-    signing.seal(settings.signing_keys, wire, signing.Kind.RESULT)
-    await append(publisher, settings, wire, {KIND_HEADER: kind, **expiry_header(settings.result_expires_s)})
+    wire.headers.update({KIND_HEADER: kind, **expiry_header(settings.result_expires_s)})
+    signing.seal(settings.signing_keys, wire, signing.Kind.RESULT)  # after: the kind and expiry are signed too
+    await append(publisher, settings, wire, {})
 
 
 class StreamReader(ResultConsumer):
