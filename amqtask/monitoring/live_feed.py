@@ -8,6 +8,7 @@ queue once per refresh. After each round of declares the caller gets a fresh sna
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from ..app import App
 
 REFRESH_S = 1.0
+QUEUE_OF_CACHE = 4096
 
 
 async def watch(
@@ -31,12 +33,13 @@ async def watch(
 ) -> None:
     """Call ``show`` with a snapshot every ``refresh_s`` seconds, until cancelled.
 
-    ``ready`` is called once events are being received. An error of the event stream (the broker went
-    away) ends the watch with that error.
+    ``ready`` is called once events are being received. An error of the event stream or of a probe (the
+    broker stayed away longer than ``publish_timeout_s``) ends the watch with that error.
     """
     broker = app.runtime().broker
-    names = known_queues(app)
-    state = LiveState(lambda name: task_queue(app, name), names, time.monotonic())
+    # Routed once per task name, not per event: a name's queue does not change while we watch.
+    queue_of = functools.lru_cache(maxsize=QUEUE_OF_CACHE)(functools.partial(task_queue, app))
+    state = LiveState(queue_of, known_queues(app), time.monotonic())
     listening = asyncio.Event()
 
     async def pump() -> None:
@@ -49,7 +52,8 @@ async def watch(
         if ready is not None:
             ready()
         while True:
-            for counts in await probe_all(broker, names):
+            # The known queues, and any that events routed a task to since (a task_routes rule may name one).
+            for counts in await probe_all(broker, list(state.queues)):
                 state.observe_queue(counts.name, counts.ready, counts.consumers, time.monotonic())
             if events.done():
                 events.result()  # raises what ended the stream
