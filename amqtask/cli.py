@@ -370,5 +370,5 @@ def _register_command_groups() -> None:
 
 
 #: Modules under ``amqtask/commands`` that each define one click ``command`` (a command or a group).
-COMMAND_MODULES: tuple[str, ...] = ("inspect", "control", "dlq", "beat", "events", "serve")
+COMMAND_MODULES: tuple[str, ...] = ("inspect", "control", "dlq", "beat", "events", "serve", "queues", "top")
 _register_command_groups()
