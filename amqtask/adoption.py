@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 from aio_pika.abc import AbstractChannel
 
-from . import topology
+from . import topology, verification
 from .connection import Broker
 from .errors import TopologyMismatchError
-from .topology import Check, QueueSpec
+from .topology import QueueSpec
+from .verification import Check
 
 if TYPE_CHECKING:
     from .delays import DelayTopology
@@ -170,10 +171,10 @@ async def declare_or_adopt(broker: Broker, spec: QueueSpec, *, strict: bool) -> 
 async def verify(
     broker: Broker, specs: Iterable[QueueSpec], delay_topology: DelayTopology | None = None, *, strict: bool
 ) -> list[Check]:
-    """:func:`amqtask.topology.verify`, with task queues held with other arguments reported as ``adopted``
+    """:func:`amqtask.verification.verify`, with task queues held with other arguments reported as ``adopted``
     (what a worker would do with them) unless ``strict``."""
     specs = list(specs)
-    checks = await topology.verify(broker, specs, delay_topology)
+    checks = await verification.verify(broker, specs, delay_topology)
     if strict:
         return checks
     by_name = {spec.name: spec for spec in specs}

@@ -220,7 +220,12 @@ def call(
     routing_key: str | None, countdown: float | None, eta: dt.datetime | None, expires: dt.datetime | float | None,
     priority: int | None, serializer: str | None, wait: bool, timeout: float, loglevel: str,
 ) -> None:  # fmt: skip
-    """Send task NAME (by name) and print its id, or with --wait its result as JSON."""
+    """Send task NAME (by name) and print its id, or with --wait its result as JSON.
+
+    Exits 1 if the task failed or --wait timed out, 2 for a bad option (a queue, exchange or routing key
+    the broker cannot take), 3 if the broker is unreachable or returned the message (no queue is bound
+    to the routing key).
+    """
     setup_logging(loglevel)
     try:
         args, kwargs = json.loads(args_json), json.loads(kwargs_json)
@@ -305,12 +310,11 @@ def topology_verify(app_spec: str | None, verbose: bool, timeout: float) -> None
     task_queues_strict is set). Bindings are not checked: AMQP cannot list them (`topology apply`
     re-adds them, which is harmless).
     """
-    from . import adoption
-    from . import topology as broker_topology
+    from . import adoption, verification
 
     app = load_app(app_spec)
 
-    async def verify() -> list[broker_topology.Check]:
+    async def verify() -> list[verification.Check]:
         runtime = app.runtime()
         try:
             return await adoption.verify(
@@ -320,7 +324,7 @@ def topology_verify(app_spec: str | None, verbose: bool, timeout: float) -> None
         finally:
             await app.aclose()
 
-    checks: list[broker_topology.Check] = run(app, lambda: asyncio.run(verify()))
+    checks: list[verification.Check] = run(app, lambda: asyncio.run(verify()))
     for check in checks:
         if verbose or check.problem:
             detail = f": {check.detail}" if check.detail else ""
@@ -366,5 +370,5 @@ def _register_command_groups() -> None:
 
 
 #: Modules under ``amqtask/commands`` that each define one click ``command`` (a command or a group).
-COMMAND_MODULES: tuple[str, ...] = ("inspect", "control", "dlq", "beat", "events", "serve")
+COMMAND_MODULES: tuple[str, ...] = ("inspect", "control", "dlq", "beat", "events", "serve", "queues", "top")
 _register_command_groups()

@@ -33,6 +33,10 @@ EXCEPTION_MESSAGE = PREFIX + "exception-message"
 TRACEBACK = PREFIX + "traceback"
 #: On a copy that had to leave the received headers out (too large to send with ours): how many.
 HEADERS_DROPPED = PREFIX + "headers-dropped"
+#: Every header :func:`build` and :func:`slim` add: notes for people, added after the message was verified,
+#: not signed again (``signing.py`` leaves them out) and never acted on (``dlq replay`` removes them).
+NOTES = frozenset({REASON, DETAIL, WORKER, FAILED_AT, QUEUE, EXCHANGE, ROUTING_KEY, EXCEPTION_TYPE,
+                   EXCEPTION_MESSAGE, TRACEBACK, HEADERS_DROPPED})  # fmt: skip
 
 # Reasons a worker gives (x-amqtask-reason).
 #: The task raised, after its last retry (or could not be retried).

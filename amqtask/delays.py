@@ -48,7 +48,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, Excha
 
 from .connection import CONNECTION_REFUSALS
 from .errors import ConfigurationError, DelayRangeError
-from .topology import translate
+from .topology import SHORTSTR_BYTES, translate
 
 log = logging.getLogger("amqtask.delays")
 
@@ -56,7 +56,7 @@ DEFAULT_LEVELS = 28
 MAX_LEVELS = 32  # 136 years; more only lengthens every routing key
 DELAY_QUEUE_HEADER = "amqtask-delay-queue"
 #: Routing keys are AMQP short strings.
-MAX_ROUTING_KEY_BYTES = 255
+MAX_ROUTING_KEY_BYTES = SHORTSTR_BYTES
 #: Message TTL on quorum queues arrived in RabbitMQ 3.10, with at-least-once dead-lettering.
 QUORUM_MIN_VERSION = (3, 10)
 

@@ -6,6 +6,7 @@ so users never import aio-pika to catch an error.
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 
 
@@ -87,8 +88,13 @@ class NotRegistered(Exception):
     """What a worker reports to the caller of a task it does not know (Celery's name, which its callers look for)."""
 
 
-class TimeoutError(AmqtaskError):
-    """A result did not arrive within the given time."""
+class TimeoutError(AmqtaskError, builtins.TimeoutError):
+    """A result did not arrive within the given time.
+
+    Also the builtin ``TimeoutError`` (which, from Python 3.11 on, ``asyncio.TimeoutError`` and
+    ``concurrent.futures.TimeoutError`` are), so ``except TimeoutError`` in caller code catches it. Like
+    the builtin, it is an ``OSError``: inside the worker it counts as transient (``worker/triage.py``).
+    """
 
 
 class TimeLimitExceeded(AmqtaskError):

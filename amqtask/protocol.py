@@ -48,7 +48,8 @@ class WireMessage:
     reply_to: str | None = None
     expiration: str | None = None
     # Kept when a worker copies a message (dead-letter queue, replay) so the copy still says where it came
-    # from; amqtask's own task messages leave them unset, as Celery's do.
+    # from; amqtask's own task messages leave them unset, as Celery's do, except the timestamp: the sent
+    # time, which the worker's queue-wait metric reads (see encode_task).
     message_id: str | None = None
     timestamp: dt.datetime | None = None
     app_id: str | None = None
@@ -188,6 +189,9 @@ def encode_task(msg: TaskMessage, codec: Codec) -> WireMessage:
         priority=msg.priority,
         correlation_id=msg.id,
         reply_to=msg.reply_to,
+        # The sent time, for the worker's queue-wait metric: AMQP's own timestamp property (whole seconds),
+        # as Celery's protocol v2 has no header for it and other clients pass a property by untouched.
+        timestamp=dt.datetime.now(dt.timezone.utc),
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from .errors import ConfigurationError
 from .settings import Settings
-from .topology import QueueSpec
+from .topology import QueueSpec, check_name
 
 RouteRule = Mapping[str, Any] | Callable[..., Any]
 _ROUTE_KEYS = ("queue", "exchange", "routing_key")
@@ -188,6 +188,10 @@ class Router:
         spec = self.queue(queue_name) if queue_name else None
         exchange = options.get("exchange")
         routing_key = options.get("routing_key")
+        if exchange is not None:
+            check_name("exchange", exchange)
+        if routing_key is not None:
+            check_name("routing key", routing_key)
         if exchange is None:
             if spec is None:
                 if not routing_key:

@@ -10,17 +10,23 @@ in a sender that runs the task inline instead, so nothing before this seam opens
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from . import protocol, serializers
 from .errors import ConfigurationError
 from .protocol import TaskMessage
+from .results import reporting
 from .routing import Route
 
 if TYPE_CHECKING:
     from .app import App, Runtime
+
+log = logging.getLogger("amqtask.sending")
 
 
 @dataclass(frozen=True)
@@ -62,14 +68,29 @@ class BrokerSender:
         if route.queue is not None and app.conf.task_create_missing_queues:
             await runtime.publisher.ensure_queue(route.queue)
         delay = (message.eta - dt.datetime.now(dt.timezone.utc)).total_seconds() if message.eta else 0.0
-        if delay > 0:
-            if route.queue is None:
-                raise ConfigurationError(
-                    f"task {message.task!r}: countdown/eta need a route to a queue (got exchange "
-                    f"{route.exchange!r} only)"
-                )
-            await runtime.publisher.publish_delayed(wire, route.queue, delay)
+        if delay > 0 and route.queue is None:
+            raise ConfigurationError(
+                f"task {message.task!r}: countdown/eta need a route to a queue (got exchange {route.exchange!r} only)"
+            )
+        if delay > 0 and route.queue is not None:
+            publishing = runtime.publisher.publish_delayed(wire, route.queue, delay)
         else:
-            await runtime.publisher.publish(wire, route.exchange, route.routing_key)
+            publishing = runtime.publisher.publish(wire, route.exchange, route.routing_key)
+        # A client's send announces the amqp ids it hands out to readers by id, beside the publish rather
+        # than after it: the send waits for the slower confirm, not for both in turn.
+        announcing = reporting.announcement(app, runtime, message, max(0.0, delay)) if outgoing.awaits_reply else None
+        await (publishing if announcing is None else _with_announce(publishing, announcing))
         for hook in app.hooks("after_publish"):
             await hook(app, message, route)
+
+
+async def _with_announce(publishing: Awaitable[None], announcing: Awaitable[None]) -> None:
+    """Both at once; a failed publish raises, a failed announcement only warns: the task is on its way, and
+    readers learn its id from its first state report (until then it reads as unknown)."""
+    sent, announced = await asyncio.gather(publishing, announcing, return_exceptions=True)
+    if isinstance(sent, BaseException):
+        raise sent
+    if isinstance(announced, BaseException):
+        if not isinstance(announced, Exception):
+            raise announced
+        log.warning("task sent, but its id could not be announced to readers by id: %s", announced)

@@ -218,6 +218,10 @@ SPECS: dict[str, Spec] = {
     "result_stream": Spec("amqtask.results", _str, "the stream amqp results are written to (one per app or vhost)"),
     "result_stream_max_bytes": Spec(2 * 1024**3, _number(1024 * 1024, integer=True),
                                     "disk the result stream may use before its oldest segments go"),
+    "result_stream_lookback_s": Spec(60, _number(0), "a process's first read of the result stream starts this "
+                                     "far back; older records are read in the background"),
+    "result_track_sent": Spec(True, _bool, "a client's send of an amqp task appends a PENDING record, so "
+                              "readers tell a queued task from an unknown id (one more publish per send)"),
     "result_legacy_queues": Spec(False, _bool, "amqp results also go to Celery's per-task queues "
                                  "(for celery-node and gocelery clients)"),
     "result_store_max_bytes": Spec(256 * 1024 * 1024, _number(1, integer=True),
@@ -252,6 +256,9 @@ SPECS: dict[str, Spec] = {
                               "after the leader dies takes this, plus ~2x broker_heartbeat_s if its host vanished"),
     "beat_max_loop_s": Spec(5.0, _number(0.01), "longest beat sleeps between checks (schedule file, clock jumps)"),
     "beat_schedule_file": Spec(None, _opt_str, "TOML/JSON schedule file merged over beat_schedule, re-read on change"),
+    "beat_scheduler": Spec(None, _opt_str, "also read entries from here, re-read on change: 'django' (django-celery-"
+                           "beat's tables; Celery's 'django_celery_beat.schedulers:DatabaseScheduler' too) "
+                           "or 'module:factory'"),
     "worker_log_format": Spec("text", _choice("text", "json"), "worker log lines: text, or json (one object a line)"),
     "worker_metrics_port": Spec(None, _number(1, integer=True, allow_none=True),
                                 "serve Prometheus metrics on this port (needs amqtask[metrics])"),

@@ -8,12 +8,26 @@ consumers drop such messages.
 
 The MAC covers the body, the ``content_type``, ``content_encoding``, ``correlation_id``, ``reply_to``
 and ``priority`` properties, and every header (task, id, eta, expires, retries, timelimit, root/parent/
-group ids, and any header a sender adds) except those the broker and amqtask add or change in
-transit: names starting with ``x-`` (``x-death``, delivery counters, dead-letter notes) and the delay
-levels' routing header. A task should not act on those when signing matters. What kind of message
-it is (task, result, control) is part of the MAC, so a signed message of one kind is no use as
-another. Each part is encoded with a type tag and a length prefix, so no two different messages
-encode alike.
+group ids, and any header a sender adds) except those the broker and amqtask add or change in transit,
+which nothing acts on (a task should not either, when signing matters):
+
+- names starting with ``x-`` that are not amqtask's: the broker's (``x-death`` and ``x-first-death-*``/
+  ``x-last-death-*``, which the worker strips before it sends a message on and only ``dlq list`` shows;
+  ``x-delivery-count``/``x-acquired-count``, which ``dlq replay`` removes; ``x-stream-offset``, set on
+  each stream delivery, where a result reader resumes after a reconnect) and any a sender adds;
+- the signature itself, and the notes a worker adds when it dead-letters a message (``x-amqtask-reason``
+  and the rest of :data:`amqtask.deadletter.NOTES`): written after the message was verified, shown by
+  ``dlq list``, removed by ``dlq replay``, which sends only to the queue the DLQ belongs to or ``--to``;
+- the delay levels' routing header (``amqtask-delay-queue``): it picks the queue a due message enters,
+  as a routing key does for any message, and neither is signed: a holder of a captured signed message
+  can publish it to any queue anyway.
+
+amqtask's other ``x-amqtask-*`` headers drive an action where they arrive, so they are covered: the
+requeue count of ``Reject(requeue=True)`` (the worker dead-letters at ``task_requeue_limit``; it signs
+the message again when it counts one more), and a result record's kind and expiry (a ``forget`` record
+deletes a result; an expired one is dropped). What kind of message it is (task, result, control) is
+part of the MAC, so a signed message of one kind is no use as another. Each part is encoded with a
+type tag and a length prefix, so no two different messages encode alike.
 
 Key rotation: put the new key first (it signs) and keep the old one after it (it still verifies)
 until every old message is gone, then drop it. Workers sign a result or a control reply with the key
@@ -35,6 +49,7 @@ from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+from . import deadletter
 from .delays import DELAY_QUEUE_HEADER
 from .middleware import Middleware
 from .protocol import TaskMessage, WireMessage
@@ -43,10 +58,12 @@ if TYPE_CHECKING:
     from .app import App
 
 SIGNATURE_HEADER = "x-amqtask-signature"
-#: Headers with this prefix are transport bookkeeping, changed in transit, and not covered.
+#: Headers with this prefix are transport bookkeeping, changed in transit, and not covered...
 UNCOVERED_PREFIX = "x-"
-#: The one header amqtask adds in transit without that prefix (a delayed message's destination).
-UNCOVERED_HEADERS = frozenset({DELAY_QUEUE_HEADER})
+#: ...except amqtask's own, which are covered unless named in UNCOVERED_HEADERS.
+COVERED_PREFIX = deadletter.PREFIX
+#: What amqtask adds in transit: a delayed message's destination, the signature, dead-letter notes.
+UNCOVERED_HEADERS = frozenset({DELAY_QUEUE_HEADER, SIGNATURE_HEADER, *deadletter.NOTES})
 _VERSION = b"amqtask-mac-v2"
 
 
@@ -97,11 +114,16 @@ def canonical(value: Any) -> bytes:
     return _framed(b"r", repr(value).encode())
 
 
+def is_covered(header: str) -> bool:
+    """Whether the MAC covers ``header`` (see the module doc for why each that is not is harmless)."""
+    if header in UNCOVERED_HEADERS:
+        return False
+    return header.startswith(COVERED_PREFIX) or not header.startswith(UNCOVERED_PREFIX)
+
+
 def covered(wire: WireMessage, kind: Kind) -> bytes:
     """The bytes the MAC is computed over (see the module doc for what they cover)."""
-    headers = {
-        k: v for k, v in wire.headers.items() if not str(k).startswith(UNCOVERED_PREFIX) and k not in UNCOVERED_HEADERS
-    }
+    headers = {k: v for k, v in wire.headers.items() if is_covered(str(k))}
     # An absent property arrives as None or as its zero value, depending on the client: both mean "none".
     parts = (
         kind.value,
@@ -184,6 +206,7 @@ __all__ = [
     "SigningMiddleware",
     "canonical",
     "covered",
+    "is_covered",
     "problem",
     "replying_keys",
     "seal",

@@ -6,18 +6,16 @@ that says what was refused: a queue that exists with other arguments raises
 arguments amqtask wanted. Every queue is durable (RabbitMQ 4.3 refuses transient non-exclusive queues).
 Each declaration runs on a channel of its own, because a refusal closes the channel it happened on.
 
-:func:`verify` checks the broker against the app without changing it: a passive declare says whether
-an object exists, and re-declaring an existing object with the wanted arguments is a read-only
-comparison (the broker either finds them equivalent and does nothing, or refuses and keeps its own).
-AMQP 0-9-1 has no way to list bindings, so bindings are not verified; ``declare_queue`` re-adds them.
+Checking the broker against the app without changing it is :mod:`amqtask.verification`.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiormq
 from aio_pika.abc import AbstractChannel, ExchangeType
@@ -25,12 +23,50 @@ from aio_pika.abc import AbstractChannel, ExchangeType
 from .connection import Broker
 from .errors import ConfigurationError, TopologyError, TopologyMismatchError, TopologyNotFoundError
 
-if TYPE_CHECKING:
-    from .delays import DelayTopology
-
 EXCHANGE_TYPES = ("direct", "topic", "fanout", "headers")
 QUEUE_TYPES = ("classic", "quorum")
 DLQ_SUFFIX = ".dlq"
+#: An AMQP short string (a name, a routing key) holds at most this many bytes of UTF-8.
+SHORTSTR_BYTES = 255
+#: The characters the AMQP client (pamqp) lets through in an exchange or queue name (RabbitMQ takes any).
+_NAME_CHARS = re.compile(r"[a-zA-Z0-9\-_.:@#,/+ ]*")
+
+
+def check_name(kind: str, name: object, spare: int = 0) -> None:
+    """Raise :class:`ConfigurationError` naming ``name`` unless the broker can take it as a ``kind``.
+
+    ``kind`` is ``"queue"``, ``"exchange"`` or ``"routing key"``; ``spare`` bytes are kept free for a
+    suffix the name gets later (a queue's ``.dlq``). Checked before anything is sent: the AMQP client
+    would otherwise refuse the frame with a bare ``ValueError``.
+    """
+    if not isinstance(name, str):
+        raise ConfigurationError(f"{_what(kind)} must be a string, got {name!r}")
+    _check_text(kind, name, spare)
+
+
+def _what(kind: str) -> str:
+    return kind if kind == "routing key" else f"{kind} name"
+
+
+@functools.lru_cache(maxsize=1024)  # every send checks its route's names: the same few, over and over
+def _check_text(kind: str, name: str, spare: int) -> None:
+    what = _what(kind)
+    shown = repr(name) if len(name) <= 60 else f"{name[:60]!r}..."
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:
+        raise ConfigurationError(f"{what} {shown} is not valid UTF-8") from None
+    if size > SHORTSTR_BYTES - spare:
+        room = f" (leaving room for {DLQ_SUFFIX!r})" if spare else ""
+        raise ConfigurationError(
+            f"{what} {shown} is {size} bytes long; AMQP allows at most {SHORTSTR_BYTES - spare}{room}"
+        )
+    if kind != "routing key" and not _NAME_CHARS.fullmatch(name):
+        bad = "".join(sorted({char for char in name if not _NAME_CHARS.fullmatch(char)}))
+        raise ConfigurationError(
+            f"{what} {shown} holds {bad!r}: such a name may hold only ASCII letters, digits, spaces "
+            "and - _ . : @ # , / +"
+        )
 
 
 @dataclass(frozen=True)
@@ -61,9 +97,13 @@ class QueueSpec:
     arguments: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_name("queue", self.name, spare=len(DLQ_SUFFIX))
         where = f"queue {self.name!r}"
         if not self.name or self.name.startswith("amq."):
             raise ConfigurationError(f"{where}: a queue name must be non-empty and not start with 'amq.'")
+        check_name("exchange", self.exchange)
+        for key in (*self.binding_keys, *([self.routing_key] if self.routing_key is not None else [])):
+            check_name("routing key", key)
         if self.exchange_type not in EXCHANGE_TYPES:
             raise ConfigurationError(
                 f"{where}: exchange_type must be one of {EXCHANGE_TYPES}, got {self.exchange_type!r}"
@@ -337,93 +377,3 @@ async def server_version(broker: Broker) -> str:
     finally:
         await channel.close()
     return version.decode() if isinstance(version, bytes) else str(version)
-
-
-# ---------------------------------------------------------------------------------------------- verify
-
-
-@dataclass(frozen=True)
-class Check:
-    """What :func:`verify` found for one exchange or queue: ``problem`` is None, "missing" or "mismatch",
-    or "adopted": a task queue held with other arguments, which workers use as it is (see amqtask.adoption)."""
-
-    kind: str
-    name: str
-    problem: str | None = None
-    detail: str = ""
-
-    @property
-    def ok(self) -> bool:
-        """Whether the app can use the object: it exists as wanted, or is adopted as it is."""
-        return self.problem in (None, "adopted")
-
-
-async def _check(broker: Broker, kind: str, name: str, wanted: Any, passive: Any, active: Any) -> Check:
-    try:
-        await run_declaration(broker, kind, name, wanted, passive)
-    except TopologyNotFoundError:
-        return Check(kind, name, "missing")
-    try:
-        await run_declaration(broker, kind, name, wanted, active)
-    except TopologyMismatchError as exc:
-        return Check(kind, name, "mismatch", f"existing {exc.existing}, wanted {exc.wanted}")
-    return Check(kind, name)
-
-
-async def verify_exchange(
-    broker: Broker, name: str, exchange_type: str, arguments: Mapping[str, Any] | None = None
-) -> Check:
-    """Check that a durable exchange of this type (and arguments) exists, without declaring it."""
-
-    async def passive(channel: AbstractChannel) -> None:
-        await channel.declare_exchange(name, passive=True)
-
-    async def active(channel: AbstractChannel) -> None:
-        await channel.declare_exchange(
-            name, ExchangeType(exchange_type), durable=True, arguments=dict(arguments or {}) or None
-        )
-
-    wanted = {"type": ExchangeType(exchange_type).value, "durable": True, **(arguments or {})}
-    return await _check(broker, "exchange", name, wanted, passive, active)
-
-
-async def verify_queue_arguments(broker: Broker, name: str, arguments: Mapping[str, Any]) -> Check:
-    """Check that a durable queue with exactly these ``x-`` arguments exists, without declaring it."""
-
-    async def passive(channel: AbstractChannel) -> None:
-        await channel.declare_queue(name, passive=True)
-
-    async def active(channel: AbstractChannel) -> None:
-        await channel.declare_queue(name, durable=True, arguments=dict(arguments))
-
-    return await _check(broker, "queue", name, {"durable": True, **arguments}, passive, active)
-
-
-async def verify(
-    broker: Broker, specs: Iterable[QueueSpec], delay_topology: DelayTopology | None = None
-) -> list[Check]:
-    """Check every exchange and queue of ``specs`` (and of the delay levels) against the broker.
-
-    Nothing is created or changed. Each object appears once, in declaration order, whether it is
-    as wanted, missing, or exists with other arguments.
-    """
-    checks: dict[tuple[str, str], Check] = {}
-    for spec in specs:
-        if spec.exchange and ("exchange", spec.exchange) not in checks:
-            checks["exchange", spec.exchange] = await verify_exchange(broker, spec.exchange, spec.exchange_type)
-        checks["queue", spec.dlq_name] = await verify_queue_arguments(broker, spec.dlq_name, spec.dlq_arguments())
-        checks["queue", spec.name] = await verify_queue_arguments(broker, spec.name, spec.queue_arguments())
-    if delay_topology is not None:
-        # Imported here: delays builds on this module (it uses translate).
-        from .delays import supports_quorum_levels
-
-        quorum = delay_topology.quorum and supports_quorum_levels(await server_version(broker))
-        for exchange in delay_topology.exchanges():
-            checks["exchange", exchange.name] = await verify_exchange(
-                broker, exchange.name, exchange.type.value, exchange.arguments
-            )
-        for queue in delay_topology.queues():
-            checks["queue", queue.name] = await verify_queue_arguments(
-                broker, queue.name, delay_topology.queue_arguments(queue, quorum)
-            )
-    return list(checks.values())

@@ -10,9 +10,16 @@ stopped at the end) so the figures compare like with like:
 - publish-to-readable latency (median and p95 of sequential writes): a per-task queue is readable once
   declared and the message confirmed (a ``basic.get`` then finds it); a stream record once a follower
   received it;
-- how long a new reader takes to catch up with N stream records (what a process pays on its first read);
-- amqtask end to end: tasks per second with ``rpc`` results against ``amqp`` results (a worker in
-  this process, the sender waiting for every result), and one task's round trip each way.
+- with N records in the stream: publish-to-readable latency on it, and a new reader's first read of a
+  result written after the others had left its window (``result_stream_lookback_s``) against its first read
+  of an id outside the window (the whole retention read, what every first read cost before the window);
+- amqtask end to end: tasks per second with ``rpc`` results against ``amqp`` results, with and without
+  ``result_track_sent`` (a worker in this process, the sender waiting for every result), and one task's
+  round trip each way.
+
+Per-task queues are filled only up to ``--queue-cap`` (default 10,000): at 100,000 they stalled a
+RabbitMQ 3.10 node near its memory alarm (see docs/results.md), which on a shared machine starves every
+other job.
 """
 
 from __future__ import annotations
@@ -30,10 +37,14 @@ from typing import Any
 
 import aio_pika
 
-from amqtask import App, AsyncResult, Worker, topology
+from amqtask import App, AsyncResult, Worker, protocol, topology
+from amqtask.protocol import ResultMessage
+from amqtask.results import reporting, stream
 from amqtask.results.legacy import legacy_queue_name
 from amqtask.results.stream import stream_arguments
+from amqtask.serializers import JSON
 from amqtask.settings import Settings
+from amqtask.topology import QueueSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "deploy" / "rabbitmq.sh"
@@ -110,14 +121,29 @@ async def stream_records(url: str, count: int, settings: Settings) -> float:
     return rate
 
 
-async def catch_up_s(url: str, settings: Settings) -> float:
-    """A new process's first read: follow the stream until everything written before is in its store."""
-    app = App("bench-reader", broker=url, result_backend="amqp", result_stream=settings.result_stream)
+async def first_reads(url: str, settings: Settings, lookback_s: float) -> str:
+    """A new process's first read of a recent result, then of an id outside its window (the whole history).
+
+    The records already in the stream are older than ``lookback_s`` when this starts (the caller waited);
+    one more result is written now, as a worker would have just written it.
+    """
+    writer = App("bench-writer", broker=url, result_backend="amqp", result_stream=settings.result_stream)
+    recent = str(uuid.uuid4())
+    report = protocol.encode_result(ResultMessage(recent, "SUCCESS", 42), JSON)
+    await stream.append(writer.runtime().publisher, writer.conf, report)  # as a worker writes a result
+    await writer.aclose()
+    app = App("bench-reader", broker=url, result_backend="amqp", result_stream=settings.result_stream,
+              result_stream_lookback_s=lookback_s)  # fmt: skip
     start = time.perf_counter()
-    await AsyncResult(str(uuid.uuid4()), app).arefresh(timeout=600)
-    elapsed = time.perf_counter() - start
+    assert await AsyncResult(recent, app).aget(timeout=600) == 42
+    window = time.perf_counter() - start
+    unknown = str(uuid.uuid4())
+    start = time.perf_counter()
+    await AsyncResult(unknown, app).arefresh(timeout=600)  # what `.known` does: window, then the history
+    history = time.perf_counter() - start
+    assert app.result_store.get(unknown) is None
     await app.aclose()
-    return elapsed
+    return f"first read of a recent result {window * 1000:.0f} ms; of an unknown id (whole history) {history:.2f} s"
 
 
 def quantiles(samples: list[float]) -> str:
@@ -143,6 +169,7 @@ async def latency_queue(url: str, samples: int) -> str:
 
 
 async def latency_stream(url: str, settings: Settings, samples: int) -> str:
+    """Sequential appends to the stream (as it is: empty or holding N records), each until a follower got it."""
     connection = await aio_pika.connect(url)
     writer = await connection.channel(publisher_confirms=True)
     follower = await connection.channel()
@@ -162,7 +189,8 @@ async def latency_stream(url: str, settings: Settings, samples: int) -> str:
         key = str(uuid.uuid4())
         arrived[key] = asyncio.get_running_loop().create_future()
         start = time.perf_counter()
-        await writer.default_exchange.publish(aio_pika.Message(BODY, correlation_id=key), settings.result_stream)
+        record = aio_pika.Message(BODY, content_type="application/json", correlation_id=key)
+        await writer.default_exchange.publish(record, settings.result_stream)
         times.append(await asyncio.wait_for(arrived[key], 30) - start)
         del arrived[key]
     await connection.close()
@@ -170,10 +198,14 @@ async def latency_stream(url: str, settings: Settings, samples: int) -> str:
 
 
 async def tasks_per_second(url: str, backend: str, count: int) -> tuple[float, float]:
-    """``count`` no-op tasks sent in windows, every result awaited by the sender; and one round trip."""
+    """``count`` no-op tasks sent in windows, every result awaited by the sender; and one round trip.
+
+    ``backend``: ``rpc``, ``amqp``, or ``amqp-untracked`` (amqp without ``result_track_sent``).
+    """
     queue = f"bench-results-{uuid.uuid4().hex[:8]}"
-    app = App(f"bench-{backend}", broker=url, task_default_queue=queue, result_backend=backend,
-              result_stream=f"bench-results-{backend}")  # fmt: skip
+    untracked = {"result_track_sent": False} if backend == "amqp-untracked" else {}  # (older trees lack it)
+    app = App(f"bench-{backend}", broker=url, task_default_queue=queue, result_backend=backend.split("-")[0],
+              result_stream=f"bench-results-{backend}", **untracked)  # fmt: skip
 
     @app.task(name="bench.noop")
     async def noop() -> int:
@@ -197,6 +229,50 @@ async def tasks_per_second(url: str, backend: str, count: int) -> tuple[float, f
     return rate, round_trip
 
 
+async def in_flight(count: int, one: Callable[[int], Awaitable[Any]], width: int = 64) -> str:
+    """``count`` calls, ``width`` at a time: their rate, and this process's CPU time per call (less sensitive
+    to the machine's load than the rate)."""
+    slots = asyncio.Semaphore(width)
+
+    async def limited(i: int) -> None:
+        async with slots:
+            await one(i)
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(limited(i) for i in range(count)))
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return f"{count / wall:.0f}/s, CPU {cpu / count * 1e6:.0f} us each"
+
+
+async def reports_and_sends(url: str, count: int) -> list[str]:
+    """A worker's reports of amqp results (to the stream and a reply queue), and a client's sends of amqp
+    tasks with and without ``result_track_sent``: the publishing costs the result store adds."""
+    tag = uuid.uuid4().hex[:8]
+    app = App(f"bench-{tag}", broker=url, result_backend="amqp", result_stream=f"bench-{tag}",
+              task_default_queue=f"bench-{tag}")  # fmt: skip
+    runtime = app.runtime()
+    await stream.declare_stream(runtime.broker, app.conf)
+    reply = f"bench-reply-{tag}"
+    await runtime.publisher.ensure_queue(QueueSpec(reply, dead_letter=False))
+
+    def report(i: int) -> Awaitable[None]:
+        done = ResultMessage(str(uuid.uuid4()), "SUCCESS", i)
+        return reporting.report(app, runtime, done, task=None, reply_to=reply, content_type="application/json")
+
+    lines = [f"a worker's reports of amqp results: {await in_flight(count, report)}"]
+    for width in (64, 1):  # many clients at once (a web server, a canvas), or one after another
+        for tracked in (True, False):
+            app.conf.update({"result_track_sent": tracked})
+            sends = await in_flight(
+                count // (1 if width > 1 else 4), lambda i: app.asend_task("bench.none", (i,)), width
+            )
+            lines.append(f"sends of amqp tasks, {width} at a time, result_track_sent={tracked}: {sends}")
+    for name in (reply, f"{reply}.dlq", f"bench-{tag}", f"bench-{tag}.dlq", app.conf.result_stream):
+        await topology.delete_queue(runtime.broker, name)
+    await app.aclose()
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--version", default="3.10", choices=("3.10", "4.3"))
@@ -204,18 +280,38 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--layouts", default="queues,stream", help="which layouts to fill (queues, stream)")
+    parser.add_argument("--repeat", type=int, default=1, help="turns of the task rates, backends alternated")
+    parser.add_argument("--backends", default="rpc,amqp,amqp-untracked", help="which result backends' rates")
+    parser.add_argument("--queue-cap", type=int, default=10_000, help="fill per-task queues only up to this count")
+    parser.add_argument("--lookback", type=float, default=5.0, help="the readers' result_stream_lookback_s")
     parser.add_argument("--skip-tasks", action="store_true", help="skip the end-to-end task rates")
+    parser.add_argument("--skip-latency", action="store_true", help="skip the publish-to-readable latencies")
     args = parser.parse_args()
     broker = Broker(args.version)
     settings = Settings()
     try:
         print(f"RabbitMQ {args.version}")
         base_url = broker.vhost("bench-e2e")
-        for backend in () if args.skip_tasks else ("rpc", "amqp"):
-            rate, round_trip = asyncio.run(tasks_per_second(base_url, backend, args.tasks))
-            print(f"tasks with {backend} results: {rate:.0f}/s; one round trip {round_trip * 1000:.1f} ms")
-        for count in (int(c) for c in args.counts.split(",")):
+        if not args.skip_tasks:
+            for line in asyncio.run(reports_and_sends(base_url, args.tasks)):
+                print(line, flush=True)
+        rates: dict[str, list[float]] = {}
+        for turn in range(0 if args.skip_tasks else args.repeat):  # alternated: the machine's load drifts
+            for backend in args.backends.split(","):
+                rate, round_trip = asyncio.run(tasks_per_second(base_url, backend, args.tasks))
+                rates.setdefault(backend, []).append(rate)
+                print(f"[{turn + 1}] tasks with {backend} results: {rate:.0f}/s; round trip {round_trip * 1000:.1f} ms")
+        for backend, measured in rates.items():
+            ratios = [rate / rpc for rate, rpc in zip(measured, rates.get("rpc", measured), strict=True)]
+            print(
+                f"{backend}: median {statistics.median(measured):.0f}/s, {statistics.median(ratios):.2f} x rpc "
+                f"(per turn: {', '.join(f'{ratio:.2f}' for ratio in ratios)})"
+            )
+        for count in (int(c) for c in args.counts.split(",") if c):
             for layout in args.layouts.split(","):
+                if layout == "queues" and count > args.queue_cap:
+                    print(f"{count} results in queues: skipped (above --queue-cap {args.queue_cap})", flush=True)
+                    continue
                 vhost = f"bench-{layout}-{count}"
                 url = broker.vhost(vhost)
                 before = broker.usage(vhost)
@@ -223,11 +319,15 @@ def main() -> None:
                 rate = asyncio.run(write(url, count, settings))
                 after = broker.usage(vhost)
                 delta = {k: round(after[k] - before[k], 1) for k in after}
-                line = f"{count} results in {layout}: written {rate:.0f}/s; broker +{delta}"
+                print(f"{count} results in {layout}: written {rate:.0f}/s; broker +{delta}", flush=True)
                 if layout == "stream":
-                    line += f"; a new reader catches up in {asyncio.run(catch_up_s(url, settings)):.2f} s"
-                print(line, flush=True)
+                    latency = asyncio.run(latency_stream(url, settings, args.samples))
+                    print(f"  publish-to-readable with {count} records in the stream: {latency}", flush=True)
+                    time.sleep(args.lookback + 1.5)  # every record older than the window (1 s resolution)
+                    print(f"  {asyncio.run(first_reads(url, settings, args.lookback))}", flush=True)
                 broker.ctl("delete_vhost", vhost)
+        if args.skip_latency:
+            return
         url = broker.vhost("bench-latency")
         asyncio.run(stream_records(url, 1, settings))
         print(f"publish-to-readable, per-task queue: {asyncio.run(latency_queue(url, args.samples))}")

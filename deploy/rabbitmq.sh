@@ -10,7 +10,8 @@
 # or creates it. It returns once every node has booted and accepts AMQP, and prints the
 # AMQP URL (for a cluster: the nodes' URLs, comma-separated) as the last line of stdout;
 # everything else goes to stderr. With --tls, CERTDIR holds ca.pem, server.pem and
-# server-key.pem, and an extra line AMQPS=<url> goes to stderr. stop deletes the broker's
+# server-key.pem, and an extra line AMQPS=<url> goes to stderr (a running broker of that name
+# serving other certificates is an error, not reused). stop deletes the broker's
 # data, so the next start gives a fresh broker; stop-node keeps it (restart tests).
 # NAME defaults to amqtask-<version without dot>, so --version alone also names the broker.
 #
@@ -502,6 +503,11 @@ create_broker() {
     log "$NAME ready in $((SECONDS - started))s"
 }
 
+same_certificates() {
+    local f
+    for f in ca.pem server.pem; do cmp -s "$OPT_TLS/$f" "$ROOT$BDIR/tls/$f" || return 1; done
+}
+
 ensure_running() {
     local i todo=()
     for ((i = 0; i < NODES; i++)); do node_running "$i" || todo+=("$i"); done
@@ -528,6 +534,9 @@ cmd_start() {
             die "$NAME exists on port ${P[0]}, not $OPT_PORT (stop it first, or pick another --name)"
         [ -z "$OPT_TLS" ] || [ -n "$AMQPS_URL" ] ||
             die "$NAME exists without TLS (stop it first, or pick another --name)"
+        # A client trusting the CA in CERTDIR cannot verify a broker serving another CA's certificate.
+        [ -z "$OPT_TLS" ] || same_certificates ||
+            die "$NAME serves other TLS certificates than $OPT_TLS (stop it first, or pick another --name)"
         ensure_running
     else
         if [ -f "$STATE" ]; then

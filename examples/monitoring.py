@@ -1,6 +1,7 @@
 """Watching workers: Celery's events (Flower), Prometheus metrics and JSON logs with task fields.
 
-Run a worker with all three on (needs ``pip install 'amqtask[metrics]'``):
+Run a worker with all three on (needs ``pip install 'amqtask[metrics]'``; ``amqtask top`` needs
+``amqtask[top]``):
 
     amqtask worker -A monitoring -E --metrics-port 9808 --log-format json
 
@@ -8,6 +9,8 @@ and, beside it:
 
     python monitoring.py                          # sends a few tasks that succeed, fail and retry
     amqtask events -A monitoring                  # the event stream, one line per event
+    amqtask top -A monitoring                     # live view: workers, queues, slowest and failing tasks
+    amqtask queues -A monitoring --json           # the queue counts, once
     curl -s localhost:9808/metrics | grep amqtask_tasks_total
     celery --broker=amqp://guest:guest@localhost:5672// flower   # Flower shows the worker and its tasks
 

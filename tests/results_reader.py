@@ -1,8 +1,9 @@
 """A separate process that reads amqp results by id: ``python results_reader.py URL STREAM ACTION ID``.
 
-ACTION is ``get`` (wait for the outcome), ``peek`` (read state without waiting) or ``group`` (restore a
-saved group and get its values). Prints one JSON line per read; each read is made twice, to show reading
-never consumes.
+ACTION is ``get`` (wait for the outcome), ``peek`` (read state without waiting), ``known`` (read state and
+whether the id is known at all) or ``group`` (restore a saved group and get its values). Settings come from
+``AMQTASK_*`` variables too (e.g. ``AMQTASK_RESULT_STREAM_LOOKBACK_S``). Prints one JSON line per read; each
+read is made twice, to show reading never consumes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def main() -> None:
         result: AsyncResult[Any] = AsyncResult(task_id, app=app)
         if action == "get":
             result.get(timeout=30, propagate=False)
+        if action == "known":
+            print(json.dumps({"id": task_id, "state": result.state, "known": result.known}), flush=True)
+            continue
         print(json.dumps(describe(result)), flush=True)
     app.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
@@ -11,7 +12,9 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from amqtask import App, ConfigurationError, crontab, interval
+from amqtask.beat.catalog import Catalog
 from amqtask.beat.entries import ENTRY_HEADER, SLOT_HEADER, Entry, collect, make_entry
+from amqtask.beat.sources import SCHEDULER_ALIASES, resolve_source
 from amqtask.beat.state import BeatState, EntryState, _newest, decode_state, encode_state, reconcile
 
 UTC = timezone.utc
@@ -227,3 +230,68 @@ def test_state_round_trip_and_newest_wins() -> None:
     for bad in (b"[]", b'{"format": 2}', b'{"format": 1, "seq": 1, "entries": {"a": {"slot": "2024-01-01"}}}'):
         with pytest.raises(ValueError):
             decode_state(bad)
+
+
+def test_a_schedule_source_is_named_by_alias_or_module_factory(app: App) -> None:
+    assert SCHEDULER_ALIASES["django_celery_beat.schedulers:DatabaseScheduler"] == SCHEDULER_ALIASES["django"]
+    with pytest.raises(ConfigurationError, match=r"expected one of .* or 'module:factory'"):
+        resolve_source(app, "nonsense")
+    with pytest.raises(ConfigurationError, match="cannot import 'no_such_module'"):
+        resolve_source(app, "no_such_module:make")
+    with pytest.raises(ConfigurationError, match="did not return a ScheduleSource"):
+        resolve_source(app, "builtins:repr")
+
+
+class _TableSource:
+    """A schedule source as a user would write one (``--scheduler module:factory``), over a dict."""
+
+    name = "the table"
+
+    def __init__(self) -> None:
+        self.rows: dict[str, Entry] = {}
+        self.version, self.read_version = 0, -1
+        self.broken: Exception | None = None
+
+    async def load(self) -> dict[str, Entry]:
+        self.read_version = self.version
+        return dict(self.rows)
+
+    async def changed(self) -> bool:
+        if self.broken is not None:
+            raise self.broken
+        return self.version != self.read_version
+
+    async def record(self, fired: Any) -> None:
+        raise AssertionError("not called by the catalog alone")
+
+
+def test_a_source_is_merged_last_and_an_unreadable_one_keeps_the_schedule(
+    app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    app.conf.beat_schedule = {"shared": {"task": "from.settings", "schedule": 60}}
+    source = _TableSource()
+    source.rows = {
+        "shared": make_entry("shared", "from.source", 30),
+        "bad": make_entry("bad", "t.bad", 30, args=[object()]),  # cannot be encoded: left out, logged
+    }
+    catalog = Catalog(app, None, source)
+    assert catalog.entries["shared"].task == "from.settings"  # the source is read by load_source()
+
+    async def scenario() -> None:
+        await catalog.load_source()
+        assert {name: entry.task for name, entry in catalog.entries.items()} == {"shared": "from.source"}
+        assert "'bad': cannot build its message" in caplog.text
+        assert await catalog.refresh() is None  # nothing changed
+        source.rows["new"], source.version = make_entry("new", "t.new", 5), 1
+        assert await catalog.refresh() == (["new"], [])
+        source.broken = OSError("database away")
+        caplog.clear()
+        for _ in range(3):
+            assert await catalog.refresh() is None
+        assert set(catalog.entries) == {"shared", "new"}
+        assert caplog.text.count("database away") == 1  # once, not on every tick
+        source.broken = None
+        await catalog.refresh()
+        assert "the table can be read again" in caplog.text
+
+    asyncio.run(scenario())

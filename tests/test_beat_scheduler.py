@@ -382,7 +382,8 @@ def test_schedule_file_changes_are_picked_up(app: App, unique: str, inbox: Inbox
             )
             await inbox.wait(1)
             schedule.write_text("[entries.broken\n")  # invalid: logged, the previous schedule stays
-            await eventually(_true(lambda: scheduler._watcher and scheduler._watcher.error), 5, "the bad file")
+            watcher = scheduler.catalog.watcher
+            await eventually(_true(lambda: watcher and watcher.error), 5, "the bad file")
             count = len(inbox.messages)
             messages = await inbox.wait(count + 2)
         finally:

@@ -9,6 +9,7 @@ with SIGKILL while it works.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +20,9 @@ from support.broker import TestBroker
 from support.queues import QueueStats, delete
 from support.workers import stop_process, wait_for, worker_process
 
-from amqtask import App, GroupResult, Signature, chord, protocol, topology
+from amqtask import App, GroupResult, Signature, TimeoutError, chord, protocol, topology
 from amqtask.chords import ChordKeeper, Outcome, Part, queue_name
+from amqtask.worker.triage import TRANSIENT_ERRORS
 
 pytestmark = pytest.mark.broker
 TIMEOUT = 15
@@ -132,6 +134,34 @@ def test_a_completer_that_dies_holding_the_lock_gives_the_parts_back(app: App, b
         await app.aclose()
 
     asyncio.run(main())
+
+
+def test_a_lock_held_past_its_deadline_is_a_transient_timeout(broker_url: str, unique: str) -> None:
+    """A chord lock another worker keeps too long ends the check with amqtask's TimeoutError, which is
+    the builtin TimeoutError and, in the worker, transient: the header's delivery is given back for a
+    later try (its rerun checks the chord again) instead of being dead-lettered with the chord unfinished."""
+    quick = App(f"chord-lock-{unique}", broker=broker_url, publish_timeout_s=0.5, broker_heartbeat_s=1)
+
+    async def main() -> None:
+        runtime, keeper, finish, group_id = quick.runtime(), ChordKeeper(), Finisher(), f"g-{unique}"
+        for index in range(2):
+            await keeper.record(runtime, group_id, part(index))
+        holder = await aio_pika.connect(broker_url)
+        channel = await holder.channel()
+        queue = await channel.declare_queue(queue_name(group_id), passive=True)
+        held: asyncio.Queue[object] = asyncio.Queue()
+        await queue.consume(held.put, exclusive=True)  # holds the lock and the parts, never lets go
+        with pytest.raises(TimeoutError, match="stayed locked by another worker") as caught:
+            await keeper.complete(runtime, group_id, 2, finish)
+        assert isinstance(caught.value, builtins.TimeoutError) and isinstance(caught.value, TRANSIENT_ERRORS)
+        assert finish.calls == []
+        await holder.close()
+        assert await keeper.complete(runtime, group_id, 2, finish) is Outcome.COMPLETED
+        await keeper.close()
+        await quick.aclose()
+
+    asyncio.run(main())
+    quick.close()
 
 
 def test_the_chord_queue_expires_when_the_chord_is_abandoned(

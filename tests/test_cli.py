@@ -69,6 +69,16 @@ def test_unreachable_broker_exits_3_without_the_password() -> None:
     assert "hunter2" not in failed.stderr + failed.stdout
 
 
+def test_call_to_a_routing_key_no_queue_is_bound_to_exits_3_saying_so(broker_url: str, unique: str) -> None:
+    sent = amqtask("call", "core.add", "--exchange", "amq.direct", "--routing-key", f"nowhere-{unique}",
+                   env={"AMQTASK_BROKER_URL": broker_url})  # fmt: skip
+    assert (sent.returncode, sent.stdout) == (3, ""), sent.stderr
+    assert sent.stderr == (
+        f"error: UnroutableError: no queue is bound to exchange 'amq.direct' for routing key 'nowhere-{unique}'; "
+        "the message was returned by the broker, not delivered\n"
+    )
+
+
 def test_check_reports_health(broker_url: str, unique: str) -> None:
     env = {"AMQTASK_BROKER_URL": broker_url, "AMQTASK_TASK_DEFAULT_QUEUE": f"q-{unique}"}
     missing = amqtask("check", "-A", "core_tasks", env=env)

@@ -172,3 +172,22 @@ def test_a_dead_broker_fails_the_command_within_its_timeout_in_one_line_exit_3(n
     assert dead_broker_url.replace(PASSWORD, "***") in err and PASSWORD not in err, err
     assert "is RabbitMQ running" in err, err
     assert elapsed < BOUND_S + STARTUP_ALLOWANCE_S
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--queue", "bad!name"], "queue name 'bad!name' holds '!'"),
+        (["--exchange", "amq.direct", "--routing-key", "k" * 300], "routing key 'kkkk"),
+        (["--exchange", "no*", "--routing-key", "k"], "exchange name 'no*' holds '*'"),
+    ],
+    ids=["queue", "routing-key", "exchange"],
+)
+def test_a_name_the_broker_cannot_take_is_exit_2_before_connecting(
+    options: list[str], message: str, dead_broker_url: str
+) -> None:
+    """The name is checked before anything is sent: against a dead broker the answer is still exit 2."""
+    process = amqtask("call", "core.add", *options, "--timeout", "5", env={"AMQTASK_BROKER_URL": dead_broker_url})
+    code, out, err = finished(process)
+    assert (code, out) == (2, ""), err
+    assert err.startswith("error: ConfigurationError: ") and message in err and len(err.splitlines()) == 1, err

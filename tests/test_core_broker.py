@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -68,6 +70,28 @@ def test_sync_delay_get_and_result_api(app: App) -> None:
         assert amqtask.AsyncResult(result.id, app=app).get(timeout=1) == 8
         by_name = app.send_task("t.add", args=(1, 2))
         assert by_name.get(timeout=10) == 3
+
+
+def test_a_result_that_does_not_arrive_in_time_is_the_builtin_timeout_error_too(app: App) -> None:
+    """Callers write ``except TimeoutError`` (or, in async code, ``asyncio.TimeoutError``): both catch
+    amqtask's, which stays an AmqtaskError and survives pickling (a process pool hands it back)."""
+    waiting = app.send_task("t.nobody-runs-this")  # no worker: the result never arrives
+    try:
+        waiting.get(timeout=0.1)
+    except TimeoutError as exc:  # the builtin
+        caught: BaseException = exc
+    assert isinstance(caught, amqtask.TimeoutError) and isinstance(caught, amqtask.AmqtaskError)
+    assert f"result of task {waiting.id} did not arrive within 0.1s" == str(caught)
+    copy = pickle.loads(pickle.dumps(caught))
+    assert type(copy) is amqtask.TimeoutError and str(copy) == str(caught)
+
+    async def awaited() -> None:
+        # asyncio.TimeoutError is the builtin from Python 3.11 on; on 3.10 it is a class of its own.
+        with pytest.raises(asyncio.TimeoutError if sys.version_info >= (3, 11) else TimeoutError):
+            await waiting.aget(timeout=0.1)
+        await app.aclose()
+
+    asyncio.run(awaited())
 
 
 def test_async_api_and_async_tasks(app: App) -> None:

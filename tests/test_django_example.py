@@ -11,7 +11,6 @@ connections after each task.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import threading
@@ -20,33 +19,24 @@ from typing import Any
 
 import aio_pika
 import pytest
+from support.django_example import PROJECT, example_env, manage
 from support.interop import delete_objects, depth
-from support.workers import REPO_DIR, wait_for
+from support.workers import wait_for
 
 from amqtask import AsyncResult
 
-pytest.importorskip("django", reason="the Django tests need the django extra")
+pytest.importorskip("django_celery_beat", reason="the example project needs the django-beat extra")
 
 pytestmark = [pytest.mark.broker, pytest.mark.ecosystem]
 
-PROJECT = REPO_DIR / "examples" / "django"
 TIMEOUT = 30.0
 
 
 @pytest.fixture(scope="module")
 def project(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """The example's environment (own sqlite file, own queue), migrated, with a worker running."""
-    directory = tmp_path_factory.mktemp("django-example")
-    env = {
-        **os.environ,
-        "CELERY_BROKER_URL": broker_url,
-        "EXAMPLE_QUEUE": f"django-{directory.name}",
-        "EXAMPLE_DB": str(directory / "db.sqlite3"),
-        "DJANGO_SETTINGS_MODULE": "proj.settings",
-        "PYTHONPATH": os.pathsep.join([str(PROJECT), str(REPO_DIR), os.environ.get("PYTHONPATH", "")]),
-    }
-    _manage(env, "migrate", "--no-input")
-    log = directory / "worker.log"
+    """The example's environment (migrated, Django set up here), with a worker running."""
+    env = example_env(broker_url)
+    log = tmp_path_factory.mktemp("django-example") / "worker.log"
     with log.open("wb") as out:
         worker = subprocess.Popen(
             [sys.executable, "manage.py", "amqtask", "worker", "-c", "2", "-l", "info"],
@@ -55,7 +45,6 @@ def project(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     try:
         wait_for(lambda: "consuming" in log.read_text() or worker.poll() is not None, 60, "the Django worker")
         assert worker.poll() is None, log.read_text()
-        os.environ.update({k: env[k] for k in ("CELERY_BROKER_URL", "EXAMPLE_QUEUE", "EXAMPLE_DB")})
         yield {**env, "LOG": str(log)}
     finally:
         worker.terminate()
@@ -63,23 +52,9 @@ def project(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         delete_objects(broker_url, (env["EXAMPLE_QUEUE"], env["EXAMPLE_QUEUE"] + "-idle"))
 
 
-def _manage(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "manage.py", *args], cwd=PROJECT, env=env, capture_output=True, text=True,
-        timeout=120, check=False, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
-
-
 @pytest.fixture(scope="module")
 def django_here(project: dict[str, str]) -> Any:
-    """Django set up in this process with the example's settings (the worker's database and queue)."""
-    sys.path[:0] = [str(PROJECT)]
-    os.environ["DJANGO_SETTINGS_MODULE"] = "proj.settings"
-    import django
-
-    django.setup()
+    """The example's app, in this process (Django set up with the worker's database and queue)."""
     import proj
 
     yield proj.app
@@ -127,7 +102,7 @@ def test_tasks_of_both_apps_run_on_the_worker_and_the_command_runs_the_cleanup(
 ) -> None:
     # An unregistered task would come back as a failure: both apps' tasks are registered in the worker.
     assert django_here.send_task("reports.cleanup", kwargs={"days": 0}).get(timeout=TIMEOUT) >= 0
-    out = _manage(project, "cleanup_orders", "--days", "0", "--in-background")
+    out = manage(project, "cleanup_orders", "--days", "0", "--in-background")
     assert out.startswith("deleted ") and out.endswith(" order(s)\n")
 
 
@@ -151,4 +126,4 @@ def test_unchanged_celery_settings_are_read(django_here: Any, project: dict[str,
     conf = django_here.conf
     assert conf.imports == ("reports.tasks",)
     assert conf.task_default_queue == project["EXAMPLE_QUEUE"]
-    assert "cleanup-processed-orders" in conf.beat_schedule
+    assert conf.beat_scheduler == "django_celery_beat.schedulers:DatabaseScheduler"

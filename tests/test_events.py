@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.utils.time import utcoffset as celery_utcoffset
+from support.proxy import FaultProxy
+from support.queues import cleanup, eventually
 from support.workers import running_worker, wait_for
 
 from amqtask import App, Reject, Worker
@@ -199,6 +201,64 @@ def test_celery_receiver_sees_every_event_in_order(broker_url: str, unique: str)
     clocks = [e["clock"] for e in mine]
     assert clocks == sorted(clocks) and len(set(clocks)) == len(clocks)
     assert all(e["utcoffset"] == celery_utcoffset() and abs(e["timestamp"] - time.time()) < 120 for e in mine)
+
+
+@pytest.mark.broker
+def test_a_producer_that_closes_right_after_sending_has_sent_its_task_sent(broker_url: str, unique: str) -> None:
+    # The stall once seen in the batch pump was this: a producer's loop ended (aclose, asyncio.run returning)
+    # within the pump's 0.1 s gathering period, which cancelled the pump with task-sent still in its batch.
+    client = App("client", broker=broker_url, task_default_queue=unique, task_send_sent_event=True)
+
+    async def send_and_leave() -> str:
+        try:
+            return (await client.asend_task("tasks.add", (1, 2))).id
+        finally:
+            await cleanup(client, [unique])
+
+    with tapping(broker_url) as tap:
+        task_id = asyncio.run(send_and_leave())
+        wait_for(lambda: tap.sent(task_id), 10, "task-sent")
+    assert [event["name"] for event in tap.sent(task_id)] == ["tasks.add"]
+
+
+@pytest.mark.fault
+@pytest.mark.broker
+def test_the_event_stream_goes_on_after_its_connection_is_lost(broker_url: str, unique: str) -> None:
+    # Read by `amqtask events` and `amqtask top`: before, the stream went silent for good after a reconnect.
+    with FaultProxy.for_url(broker_url) as proxy:
+        reader = App("reader", broker=proxy.url(broker_url))
+        sender = App("sender", broker=broker_url)
+        seen: list[str] = []
+
+        async def scenario() -> None:
+            bound = asyncio.Event()
+
+            async def collect() -> None:
+                async for event in receiver.stream(reader.runtime().broker, ready=bound.set):
+                    seen.append(event["hostname"])
+
+            reading = asyncio.create_task(collect())
+            await bound.wait()
+            try:
+                for moment in ("before", "after"):
+                    publisher = EventPublisher(sender.runtime().broker, f"{unique}@{moment}")
+
+                    async def arrived(publisher: EventPublisher = publisher) -> bool:
+                        await publisher.send_now("worker-heartbeat", freq=2.0)
+                        return publisher.hostname in seen
+
+                    await eventually(arrived, 30, f"an event {moment} the connection was lost")
+                    await publisher.close()
+                    if moment == "before":
+                        assert proxy.drop() >= 1
+                assert not reading.done()
+            finally:
+                reading.cancel()
+                await asyncio.gather(reading, return_exceptions=True)
+                await reader.aclose()
+                await sender.aclose()
+
+        asyncio.run(asyncio.wait_for(scenario(), 60))
 
 
 @pytest.mark.broker

@@ -95,8 +95,12 @@ def test_send_run_and_read_over_http(setup: tuple[App, str]) -> None:
         error = outcome(http, failed)
         assert error["state"] == "FAILURE" and error["error"]["type"] == "ValueError"
         assert error["error"]["message"] == "bad input" and "ValueError" in error["error"]["traceback"]
-        unknown = http.get("/tasks/no-such-task").json()
-        assert unknown == {"id": "no-such-task", "state": "PENDING", "result": None, "meta": None}
+        unknown = http.get("/tasks/no-such-task")
+        assert unknown.status_code == 404 and "no such task known" in unknown.json()["error"]
+        queued = http.post("/tasks/gw.add", json={"args": [1, 1], "options": {"countdown": 3600}}).json()["id"]
+        waiting = http.get(f"/tasks/{queued}")  # sent, not started: known, so PENDING rather than 404
+        assert waiting.status_code == 200 and waiting.json()["state"] == "PENDING"
+        assert http.delete(f"/tasks/{queued}").status_code == 202
     script = REPO_DIR / "examples" / "gateway_client.sh"  # the curl client of the docs
     done = subprocess.run(["sh", str(script), "gw.add", "[20, 22]"], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "GATEWAY": base, "TOKEN": TOKEN, "WAIT": "2"})  # fmt: skip

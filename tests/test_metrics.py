@@ -4,11 +4,14 @@ one process, and ``-P 2`` (one endpoint, the sum of both children, surviving a c
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import urllib.request
+import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -16,7 +19,7 @@ from support.workers import stop_process, wait_for, worker_process
 from test_flower import free_port
 from test_logs import send
 
-from amqtask import App
+from amqtask import App, protocol, serializers
 from amqtask.errors import ConfigurationError
 from amqtask.monitoring import metrics as metrics_module
 
@@ -61,6 +64,29 @@ def check_counts(samples: Samples, queue: str) -> None:
     assert value(samples, tasks) == 6
     assert value(samples, "amqtask_task_runtime_seconds_count", task="mon.add", queue=queue) == 3
     assert value(samples, "amqtask_tasks_in_flight", queue=queue) == 0
+    # Every run started is timed from its message's sent time: the retried task twice.
+    waits = "amqtask_task_queue_wait_seconds_count"
+    assert value(samples, waits, task="mon.add", queue=queue) == 3
+    assert value(samples, waits, task="mon.fail", queue=queue) == 1
+    assert value(samples, waits, task="mon.flaky", queue=queue) == 2
+    # Every publish the worker made, timed to its confirm: 6 replies (the retry's too), the retry's new
+    # message, and the failed task's copy in the dead-letter queue.
+    assert value(samples, "amqtask_publish_confirm_seconds_count") == 8
+
+
+def send_untimed(broker_url: str, queue: str, name: str, args: tuple[Any, ...]) -> None:
+    """Send a task message with no AMQP timestamp, as Celery does."""
+
+    async def publish() -> None:
+        app = App("client", broker=broker_url)
+        try:
+            wire = protocol.encode_task(protocol.TaskMessage(name, str(uuid.uuid4()), list(args)), serializers.JSON)
+            wire.timestamp = None
+            await app.runtime().publisher.publish(wire, "", queue)
+        finally:
+            await app.aclose()
+
+    asyncio.run(publish())
 
 
 @pytest.fixture
@@ -79,6 +105,12 @@ def test_one_process_serves_exact_counts(broker_url: str, unique: str, metrics_p
         check_counts(samples, unique)
         assert value(samples, "amqtask_prefetch", queue=unique) == 8
         assert value(samples, "amqtask_broker_connected") == 1
+        # A message without a sent time (as Celery sends them) runs, and is not timed.
+        send_untimed(broker_url, unique, "mon.add", (4, 4))
+        wait_for(lambda: value(scrape(metrics_port), "amqtask_tasks_total") >= 7, 60, "seventh outcome")
+        samples = scrape(metrics_port)
+        assert value(samples, "amqtask_tasks_total", task="mon.add", outcome="succeeded") == 4
+        assert value(samples, "amqtask_task_queue_wait_seconds_count", task="mon.add") == 3
     finally:
         stop_process(process)
 

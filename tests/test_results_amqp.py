@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,10 +51,10 @@ def app(broker_url: str, unique: str, stream: str) -> Iterator[App]:
     application.close()
 
 
-def reader(broker_url: str, stream: str, action: str, task_id: str) -> subprocess.Popen[str]:
+def reader(broker_url: str, stream: str, action: str, task_id: str, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, str(TESTS_DIR / "results_reader.py"), broker_url, stream, action, task_id],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env},
     )  # fmt: skip
 
 
@@ -221,5 +223,77 @@ def test_with_signing_an_unsigned_record_in_the_stream_is_ignored(broker_url: st
             assert AsyncResult(forged_id, app=reader_app).state == "PENDING"
         finally:
             reader_app.close()
+    finally:
+        app.close()
+
+
+def test_an_id_nobody_sent_is_told_from_a_task_sent_but_not_started(app: App, broker_url: str, stream: str) -> None:
+    tasks = define(app)
+    queued = tasks["add"].delay(1, 2)  # no worker yet: it waits in its queue
+    chained = chain(tasks["add"].s(1, 2), tasks["add"].s(10)).apply_async()  # the caller holds the last step's id
+    members = group(tasks["add"].s(i, i) for i in range(3)).apply_async()  # announced together, in one record
+    assert reads(reader(broker_url, stream, "known", queued.id))[0] == {"id": queued.id, "state": "PENDING",
+                                                                          "known": True}  # fmt: skip
+    assert reads(reader(broker_url, stream, "known", chained.id))[0]["known"] is True
+    assert all(reads(reader(broker_url, stream, "known", member.id))[0]["known"] for member in members.results)
+    assert reads(reader(broker_url, stream, "known", "never-sent"))[0] == {"id": "never-sent", "state": "PENDING",
+                                                                             "known": False}  # fmt: skip
+    assert queued.known and not AsyncResult("never-sent", app=app).known
+    with worker_thread(app):
+        assert AsyncResult(chained.id, app=app).get(timeout=TIMEOUT) == 13
+        assert members.get(timeout=TIMEOUT) == [0, 2, 4]
+    AsyncResult(queued.id, app=app).forget()
+    assert reads(reader(broker_url, stream, "known", queued.id))[0]["known"] is False
+
+
+def test_a_reader_reads_records_older_than_its_window_from_the_history(app: App, broker_url: str, stream: str) -> None:
+    tasks = define(app)
+    with worker_thread(app):
+        done = tasks["add"].delay(4, 4)
+        assert done.get(timeout=TIMEOUT) == 8
+        members = group(tasks["add"].s(i, 1) for i in range(2)).apply_async()
+        members.save()
+        assert members.get(timeout=TIMEOUT) == [1, 2]
+    written = time.time()
+    # A stream offset given as a time has one-second resolution: past that, a reader starting 0 s back has
+    # every record above behind its first one, so only its history reader can find them.
+    wait_for(lambda: time.time() > written + 1.5, 5, "the records to be older than the window")
+    recent = {"AMQTASK_RESULT_STREAM_LOOKBACK_S": "0"}
+    assert reads(reader(broker_url, stream, "get", done.id, **recent))[0]["result"] == 8  # get() waits for it
+    assert reads(reader(broker_url, stream, "known", done.id, **recent))[0] == {"id": done.id, "state": "SUCCESS",
+                                                                                 "known": True}  # fmt: skip
+    assert reads(reader(broker_url, stream, "known", "never-sent", **recent))[0]["known"] is False
+    assert reads(reader(broker_url, stream, "group", members.id, **recent)) == [[1, 2], [1, 2]]
+
+
+def test_a_send_goes_out_when_its_id_cannot_be_announced(
+    broker_url: str, unique: str, stream: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = App(f"unannounced-{unique}", broker=broker_url, task_default_queue=f"q-{unique}", result_backend="amqp",
+              result_stream=stream)  # fmt: skip
+
+    async def occupy() -> None:
+        connection = await aio_pika.connect(broker_url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.declare_queue(stream, durable=True)  # a classic queue: the stream's declaration is refused
+
+    asyncio.run(occupy())
+    try:
+        with caplog.at_level("WARNING", logger="amqtask.sending"):
+            sent = app.send_task("t.add", (1, 2))  # the task is on its way: no error for the caller
+        assert "could not be announced" in caplog.text
+
+        async def queued() -> int:
+            connection = await aio_pika.connect(broker_url)
+            async with connection:
+                channel = await connection.channel()
+                queue = await channel.declare_queue(f"q-{unique}", passive=True)
+                count = queue.declaration_result.message_count or 0
+                await channel.queue_delete(f"q-{unique}")
+                await channel.queue_delete(f"q-{unique}.dlq")
+                return count
+
+        assert asyncio.run(queued()) == 1 and sent.id
     finally:
         app.close()

@@ -288,6 +288,39 @@ def test_reserved_or_empty_queue_names_are_refused(name: str) -> None:
         QueueSpec(name)
 
 
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        ({"queue": "bad!name"}, r"queue name 'bad!name' holds '!'"),
+        ({"queue": "q" * 252}, r"queue name 'q{60}'\.\.\. is 252 bytes long; AMQP allows at most 251 \(leaving room"),
+        ({"queue": "\u00e9" * 126}, r"is 252 bytes long"),
+        ({"queue": "tab\there"}, r"holds '\\t'"),
+        ({"queue": 5}, r"queue name must be a string, got 5"),
+        ({"exchange": "ex/ok but *", "routing_key": "k"}, r"exchange name 'ex/ok but \*' holds '\*'"),
+        ({"exchange": "x" * 256, "routing_key": "k"}, r"exchange name 'x{60}'\.\.\. is 256 bytes long"),
+        ({"exchange": "amq.topic", "routing_key": "k" * 256}, r"routing key 'k{60}'\.\.\. is 256 bytes long"),
+        ({"routing_key": "\ud800"}, r"routing key '\\ud800' is not valid UTF-8"),
+    ],
+    ids=["char", "too-long-for-its-dlq", "utf8-bytes", "control-char", "not-a-string", "exchange-char",
+         "exchange-long", "routing-key-long", "surrogate"],
+)  # fmt: skip
+def test_names_the_broker_cannot_take_are_configuration_errors_naming_them(call: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        router().route("tasks.add", call, {})
+
+
+@pytest.mark.parametrize("name", ["with space", "a-b_c.d:e@f#g,h/i+j", "q" * 251, "celery"])
+def test_names_with_the_characters_celery_users_use_are_taken(name: str) -> None:
+    assert router().route("tasks.add", {"queue": name}, {}).routing_key == name
+
+
+def test_a_configured_queue_with_a_bad_exchange_or_binding_key_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match=r"exchange name 'ex\$' holds '\$'"):
+        router(task_queues={"q": {"exchange": "ex$"}})
+    with pytest.raises(ConfigurationError, match=r"routing key 'k{60}'\.\.\. is 300 bytes long"):
+        router(task_queues={"q": {"exchange": "ex", "binding_keys": ["k" * 300]}})
+
+
 # -------------------------------------------------------------------------------------- queue arguments
 
 

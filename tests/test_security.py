@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from support.broker import TestBroker
+from support.broker import BrokerError, TestBroker
 from support.faults import consumer_count, spawn_worker, stop
 from support.workers import get_raw, running_worker, wait_for
 
@@ -31,7 +31,10 @@ def _openssl(*args: str) -> None:
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA, a server certificate for DNS:localhost, and a client certificate, made for this test run."""
-    d = tmp_path_factory.mktemp("certs")
+    return _make_certificates(tmp_path_factory.mktemp("certs"))
+
+
+def _make_certificates(d: Path) -> Path:
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=amqtask-test-ca",
              "-keyout", str(d / "ca-key.pem"), "-out", str(d / "ca.pem"))  # fmt: skip
     for name, extension in (("server", "subjectAltName=DNS:localhost"), ("client", "extendedKeyUsage=clientAuth")):
@@ -46,11 +49,33 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tls_broker(certificates: Path, pytestconfig: pytest.Config) -> Iterator[TestBroker]:
+    """A TLS broker serving this process's certificates. Named after the process: under a shared name,
+    another test process (an xdist worker, a parallel run) reused a broker made with its own CA, and
+    verification failed ("self-signed certificate in certificate chain"), or stopped it mid-test."""
     version = pytestconfig.getoption("--rabbitmq")
-    broker = TestBroker(name=f"amqtask-tls-{version.replace('.', '')}", tls=str(certificates))
+    broker = TestBroker(name=_tls_broker_name(version), tls=str(certificates))
     broker.start(version)
     yield broker
     broker.stop()
+
+
+def _tls_broker_name(version: str) -> str:
+    return f"amqtask-tls-{version.replace('.', '')}-{os.getpid()}"
+
+
+@pytest.mark.broker
+def test_a_running_tls_broker_is_reused_only_with_the_certificates_it_serves(
+    tls_broker: TestBroker, certificates: Path, tmp_path: Path, pytestconfig: pytest.Config
+) -> None:
+    """deploy/rabbitmq.sh refuses to hand out a TLS broker made with another CA: a client trusting that
+    CA could not verify it (the flaky CERTIFICATE_VERIFY_FAILED of parallel test processes)."""
+    version = pytestconfig.getoption("--rabbitmq")
+    other = TestBroker(name=_tls_broker_name(version), tls=str(_make_certificates(tmp_path)))
+    with pytest.raises(BrokerError, match="serves other TLS certificates than"):
+        other.start(version)
+    same = TestBroker(name=_tls_broker_name(version), tls=str(certificates))
+    same.start(version)
+    assert same.amqps_url == tls_broker.amqps_url
 
 
 def _tls_app(broker: TestBroker, certificates: Path, host: str, **ssl: object) -> App:

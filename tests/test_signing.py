@@ -18,13 +18,15 @@ from typing import Any
 import aio_pika
 import pytest
 from support.broker import TestBroker
+from support.queues import cleanup
 from support.workers import get_raw, queue_depth, running_worker
 
-from amqtask import App, TimeoutError, protocol, serializers, signing
+from amqtask import App, AsyncResult, GroupResult, Reject, TimeoutError, deadletter, protocol, serializers, signing
 from amqtask import dlq as dlq_module
 from amqtask.chords import ChordKeeper, Outcome, Part, queue_name
 from amqtask.producer import to_amqp, wire_of
 from amqtask.protocol import TaskMessage, WireMessage
+from amqtask.worker import triage
 
 KEYS = ["new-key", "old-key"]
 
@@ -91,6 +93,11 @@ def _tampered_copies(wire: WireMessage) -> dict[str, WireMessage]:
         "shadow": "renamed",
         "ignore_result": True,
         "tenant": "someone-else",  # any header a sender adds
+        # amqtask's own x- headers that drive an action where they arrive
+        "x-amqtask-requeues": 19,  # the worker dead-letters at task_requeue_limit
+        "x-amqtask-record": "forget",  # a result reader deletes the result
+        "x-amqtask-expires": 1,  # a result reader drops it as expired
+        "x-amqtask-anything-new": "covered by default",
     }
     copies = {name: dataclasses.replace(wire, headers=dict(wire.headers), **change) for name, change in props.items()}
     for name, value in headers.items():
@@ -103,7 +110,9 @@ def test_every_covered_field_changes_the_signature_and_transit_headers_do_not() 
     assert signing.verify(KEYS, wire)
     for name, copy in _tampered_copies(wire).items():
         assert not signing.verify(KEYS, copy), name
-    transit = {"x-death": [{"count": 1}], "x-delivery-count": 3, "amqtask-delay-queue": "q", "x-amqtask-reason": "r"}
+    transit = {"x-death": [{"count": 1}], "x-first-death-reason": "expired", "x-delivery-count": 3,
+               "x-acquired-count": 2, "x-stream-offset": 5, "x-user-note": "n", "amqtask-delay-queue": "q",
+               **dict.fromkeys(deadletter.NOTES, "a note")}  # fmt: skip
     assert signing.verify(KEYS, dataclasses.replace(wire, headers={**wire.headers, **transit}))
     assert not signing.verify(KEYS, wire, signing.Kind.RESULT), "a task's signature is no use on a result"
     assert signing.verify(["old-key"], signed_wire("sig.add", [1], keys=["old-key"])) and signing.verify(
@@ -240,6 +249,86 @@ def test_retries_are_signed_again_by_the_worker_and_results_verified(broker_url:
         await app.aclose()
 
     run(scenario)
+
+
+@pytest.mark.broker
+def test_requeues_are_signed_again_and_bounded_and_a_forged_count_is_rejected(broker_url: str, unique: str) -> None:
+    """The requeue count drives the worker (dead-letter at ``task_requeue_limit``), so it is signed: each
+    requeue is signed again by the worker, and a count altered on the way fails verification."""
+    queue = f"{unique}-q"
+    app = _signed_app(broker_url, queue)
+    app.conf.task_requeue_limit = 2
+    runs: list[int] = []
+
+    @app.task(name="sig.twice", bind=True)
+    def twice(self: Any) -> int:
+        runs.append(1)
+        if len(runs) < 2:
+            raise Reject("not yet", requeue=True)
+        return len(runs)
+
+    @app.task(name="sig.never")
+    def never() -> None:
+        raise Reject("never", requeue=True)
+
+    async def scenario() -> None:
+        forged = signed_wire("sig.twice", [])
+        forged.headers[triage.REQUEUES_HEADER] = 1  # after signing, as a man in the middle would
+        async with running_worker(app):
+            assert await (await app.asend_task("sig.twice")).aget(timeout=20) == 2
+            bounded = await app.asend_task("sig.never")
+            await publish_raw(broker_url, queue, forged)
+            dead = await take_all(broker_url, f"{queue}.dlq", 2)
+        reasons = {message.correlation_id: message.headers["x-amqtask-reason"] for message in dead}
+        assert reasons == {bounded.id: "requeue-limit", forged.correlation_id: "rejected"}
+        bounded_copy = next(message for message in dead if message.correlation_id == bounded.id)
+        assert bounded_copy.headers[triage.REQUEUES_HEADER] == 2 and signing.verify(KEYS, wire_of(bounded_copy))
+        assert runs == [1, 1], "the forged copy did not run"
+        await app.aclose()
+
+    run(scenario)
+
+
+@pytest.mark.broker
+def test_a_result_record_whose_kind_is_altered_in_the_stream_is_ignored(broker_url: str, unique: str) -> None:
+    """A signed result copied into the result stream as a ``forget`` (or a saved group) record deletes
+    (or forges) nothing: a record's kind is signed."""
+    queue, spy, stream = f"{unique}-q", f"{unique}-spy", f"{unique}-results"
+    app = App("sig", broker=broker_url, task_default_queue=queue, signing_keys=KEYS, result_backend="amqp",
+              result_stream=stream)  # fmt: skip
+
+    @app.task(name="sig.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    task = signed_wire("sig.add", [2, 2], reply_to=spy)
+
+    async def scenario() -> None:
+        connection = await aio_pika.connect(broker_url)
+        async with connection:
+            await (await connection.channel()).declare_queue(spy, durable=True)
+        async with running_worker(app):
+            await publish_raw(broker_url, queue, task)
+            # The worker sends the same signed report to the caller and to the stream: a reader of
+            # either can copy it.
+            genuine = wire_of(await get_raw(broker_url, spy, timeout=20))
+        assert signing.verify(KEYS, genuine, signing.Kind.RESULT)
+        copies = [dataclasses.replace(genuine, headers={**genuine.headers, "x-amqtask-record": kind})
+                  for kind in ("forget", "group")]  # fmt: skip
+        await publish_raw(broker_url, stream, *copies)
+        await app.aclose()
+
+    try:
+        run(scenario)
+        reader = App("reader", broker=broker_url, result_backend="amqp", result_stream=stream, signing_keys=KEYS)
+        try:
+            assert AsyncResult(task.correlation_id, app=reader).get(timeout=20) == 4
+            assert GroupResult.restore(task.correlation_id, app=reader) is None
+        finally:
+            reader.close()
+    finally:
+        asyncio.run(cleanup(app, [stream]))
+        app.close()
 
 
 @pytest.mark.broker

@@ -72,6 +72,14 @@ async def async_overruns() -> None:
     await asyncio.Event().wait()
 
 
+def own_timeout() -> None:
+    raise TimeoutError("the result it waited for did not arrive")
+
+
+async def async_own_timeout() -> None:
+    await asyncio.wait_for(asyncio.Event().wait(), 0.01)
+
+
 TASKS: dict[str, tuple[Callable[[], object], dict[str, float]]] = {
     "limits.cleans_up": (cleans_up, {"soft_time_limit": SOFT}),
     "limits.overruns": (overruns, {"soft_time_limit": SOFT}),
@@ -82,6 +90,10 @@ TASKS: dict[str, tuple[Callable[[], object], dict[str, float]]] = {
     "limits.async_cleans_up": (async_cleans_up, {"soft_time_limit": SOFT}),
     "limits.async_overruns": (async_overruns, {"soft_time_limit": SOFT}),
     "limits.async_hard": (async_overruns, {"time_limit": SOFT}),
+    "limits.own_timeout": (own_timeout, {}),
+    "limits.own_timeout_limited": (own_timeout, {"time_limit": 30}),
+    "limits.async_own_timeout": (async_own_timeout, {}),
+    "limits.async_own_timeout_limited": (async_own_timeout, {"time_limit": 30}),
 }
 
 
@@ -118,6 +130,23 @@ def test_a_task_that_does_not_catch_its_soft_limit_fails_with_it(app: App, name:
     error = _outcome(app, name)
     assert isinstance(error, RemoteTaskError) and error.exc_type == "SoftTimeLimitExceeded"
     assert f"soft time limit of {SOFT}s" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("name", "module"),
+    [
+        ("limits.own_timeout", "amqtask.errors"),
+        ("limits.own_timeout_limited", "amqtask.errors"),
+        ("limits.async_own_timeout", "builtins"),
+        ("limits.async_own_timeout_limited", "builtins"),
+    ],
+)
+def test_a_timeout_the_task_raises_itself_is_its_failure_not_a_time_limit(app: App, name: str, module: str) -> None:
+    """amqtask's TimeoutError is the builtin one too: the worker must not take it for its own time limit."""
+    error = _outcome(app, name)
+    assert isinstance(error, RemoteTaskError)
+    assert (error.exc_type, error.exc_module) == ("TimeoutError", module)
+    assert "time limit" not in str(error)
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import broker_tasks
 import pytest
 from support.queues import delete, run_cli
 
-from amqtask import App, ConfigurationError, QueueSpec, TopologyMismatchError, Worker, topology
+from amqtask import App, ConfigurationError, QueueSpec, TopologyMismatchError, Worker, topology, verification
 
 pytestmark = pytest.mark.broker
 
@@ -60,7 +60,7 @@ def test_declaring_twice_is_idempotent_and_verifies_clean(app: App, unique: str)
             for _ in range(2):
                 for spec in specs:
                     await topology.declare_queue(broker, spec)
-            checks = await topology.verify(broker, specs)
+            checks = await verification.verify(broker, specs)
             assert [(c.kind, c.name) for c in checks if not c.ok] == []
             assert len(checks) == 2 * len(specs) + 1  # each queue, its DLQ, and the one exchange
         finally:
@@ -144,7 +144,7 @@ def test_verify_reports_missing_and_mismatched_objects(app: App, unique: str) ->
             await topology.declare_queue(broker, good)
             await topology.declare_queue(broker, QueueSpec(wrong.name, max_priority=3))
             await topology.declare_exchange(broker, f"{unique}-x", "fanout")
-            checks = {(c.kind, c.name): c for c in await topology.verify(broker, [good, absent, wrong, routed])}
+            checks = {(c.kind, c.name): c for c in await verification.verify(broker, [good, absent, wrong, routed])}
             assert checks["queue", good.name].ok and checks["queue", good.dlq_name].ok
             assert checks["queue", absent.name].problem == "missing"
             assert checks["queue", wrong.name].problem == "mismatch"

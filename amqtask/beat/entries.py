@@ -275,13 +275,20 @@ def add_periodic_task(
 
 
 def collect(
-    app: App, file_entries: Mapping[str, Mapping[str, Any]] | None = None, *, file_name: str = "schedule file"
+    app: App,
+    file_entries: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    file_name: str = "schedule file",
+    source: tuple[str, Mapping[str, Entry]] | None = None,
 ) -> dict[str, Entry]:
-    """All entries beat runs for ``app``: ``beat_schedule``, then code-registered entries, then the file's.
+    """All entries beat runs for ``app``: ``beat_schedule``, code-registered entries, the file's, then
+    ``source``'s (a :class:`~amqtask.beat.sources.ScheduleSource`'s name and entries).
 
     A later source replaces an earlier entry of the same name (logged). Crontabs without a zone of their
     own use ``app.conf.timezone``. Every entry's message is built and encoded once, unsent, so a bad
-    route, option or argument raises :class:`~amqtask.errors.ConfigurationError` naming the entry now.
+    route, option or argument raises :class:`~amqtask.errors.ConfigurationError` naming the entry now;
+    except for ``source``'s entries, each edited on its own (in an admin screen): a bad one is logged
+    and left out, the others run.
     """
     configured = app.conf.beat_schedule or {}
     sources: list[tuple[str, dict[str, Entry]]] = [
@@ -289,6 +296,8 @@ def collect(
         ("add_periodic_task", dict(app.periodic_entries)),
         (file_name, {n: _entry_from_config(n, raw, file_name) for n, raw in (file_entries or {}).items()}),
     ]
+    if source is not None:
+        sources.append((source[0], {n: e for n, e in source[1].items() if _usable(app, e, source[0])}))
     merged: dict[str, tuple[str, Entry]] = {}
     for where, entries in sources:
         for entry_name, entry in entries.items():
@@ -303,6 +312,15 @@ def collect(
             raise ConfigurationError(f"{where} entry {entry_name!r}: {exc}") from None
         _check_sendable(app, result[entry_name], where)
     return result
+
+
+def _usable(app: App, entry: Entry, where: str) -> bool:
+    try:
+        _check_sendable(app, entry.with_default_tz(app.conf.timezone), where)
+    except (ConfigurationError, InvalidScheduleError) as exc:
+        log.error("%s (left out)", exc)
+        return False
+    return True
 
 
 def _check_sendable(app: App, entry: Entry, where: str) -> None:

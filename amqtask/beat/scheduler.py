@@ -7,8 +7,8 @@ policy; then it loops: send what is due, write the state, sleep until the next s
 
 **No drift.** An entry's next fire is ``schedule.next_after(last slot)``, a pure function of the schedule
 (:mod:`amqtask.beat.schedules`), never "an interval after the last send finished". The loop sleeps until
-the earliest next slot, at most ``beat_max_loop_s`` (so edits to the schedule file and jumps of the wall
-clock are noticed), and wakes at once on :meth:`Scheduler.stop` or when the lock's connection closes.
+the earliest next slot, at most ``beat_max_loop_s`` (so edits to the schedule file or source and jumps
+of the wall clock are noticed), and wakes at once on :meth:`Scheduler.stop` or when the lock's connection closes.
 
 **Sending.** A due entry's message is built exactly as ``delay`` builds it (``app.build_message`` and
 ``app.sender``: same protocol, routing, middleware), with ``ignore_result`` unless the entry says
@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .. import serializers
 from ..app import Runtime
@@ -44,9 +44,10 @@ from ..connection import CONNECTION_ERRORS
 from ..errors import BrokerConnectionError, ConfigurationError, TopologyNotFoundError
 from ..producer import Publisher
 from ..sending import Outgoing
-from .entries import Entry, collect
+from .catalog import Catalog
+from .entries import Entry
 from .leader import FencedBroker, LeaderLock, NotLeaderError, lock_name
-from .schedule_file import ScheduleFileWatcher
+from .sources import Fired, ScheduleSource, resolve_source
 from .state import BeatState, EntryState, StateStore, reconcile, state_name
 
 if TYPE_CHECKING:
@@ -82,15 +83,6 @@ class _Link:
     runtime: Runtime
 
 
-@dataclass(frozen=True)
-class Fired:
-    """One message beat sent: which entry, for which slot, with which task id."""
-
-    entry: str
-    slot: datetime
-    task_id: str
-
-
 @dataclass
 class _Failure:
     attempts: int
@@ -101,8 +93,10 @@ class Scheduler:
     """The beat loop of one process for ``app``; see the module documentation.
 
     ``schedule_file`` (default: the ``beat_schedule_file`` setting) is merged over ``beat_schedule``
-    and re-read when it changes. ``clock`` returns the current time as an aware datetime (tests pass a
-    settable one). Entries are validated here, so a bad schedule fails before any connection is made.
+    and re-read when it changes; so is ``source`` (default: the one the ``beat_scheduler`` setting
+    names, see :mod:`amqtask.beat.sources`), read when :meth:`run` starts. ``clock`` returns the
+    current time as an aware datetime (tests pass a settable one). Entries are validated here, so a bad
+    schedule fails before any connection is made.
     """
 
     def __init__(
@@ -110,6 +104,7 @@ class Scheduler:
         app: App,
         *,
         schedule_file: str | os.PathLike[str] | None = None,
+        source: ScheduleSource | None = None,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.app = app
@@ -118,9 +113,10 @@ class Scheduler:
         conf = app.conf
         self.lock_name = lock_name(app)
         self.state_name = state_name(app)
-        path = schedule_file if schedule_file is not None else conf.beat_schedule_file
-        self._watcher = ScheduleFileWatcher(path, default_tz=conf.timezone) if path else None
-        self.entries: dict[str, Entry] = collect(app, self._file_entries(initial=True), file_name=self._file_name)
+        if source is None and conf.beat_scheduler:
+            source = resolve_source(app, conf.beat_scheduler)
+        #: Where the entries come from, and their re-reading.
+        self.catalog = Catalog(app, schedule_file, source)
         #: When this scheduler last took the lock (None while it is not leading).
         self.leader_since: datetime | None = None
         self._states: dict[str, EntryState] = {}
@@ -133,6 +129,11 @@ class Scheduler:
         self._link: _Link | None = None
 
     # ------------------------------------------------------------------------------------------ public
+    @property
+    def entries(self) -> dict[str, Entry]:
+        """The entries this scheduler runs (replaced when their file or source changes)."""
+        return self.catalog.entries
+
     @property
     def leading(self) -> bool:
         """Whether this scheduler holds the lock on its current connection and has loaded the state."""
@@ -162,6 +163,7 @@ class Scheduler:
 
         Closes the connection on the way out, which releases the lock at once.
         """
+        await self.catalog.load_source()
         log.info(
             "beat starting: %d entries (%s); lock %r, state %r",
             len(self.entries), ", ".join(self.entries) or "none", self.lock_name, self.state_name,
@@ -220,7 +222,7 @@ class Scheduler:
         """
         link = self._connect()
         link.broker.check()
-        self._reload_file()
+        await self._reload()
         now = self.clock()
         due = self._due(now)
         fired: list[Fired] = []
@@ -242,6 +244,7 @@ class Scheduler:
                 self._record(entry, slot, result)
         if self._dirty and time.monotonic() >= self._write_retry_at:
             await self._write_state(link)
+        await self.catalog.record(fired)  # after the state: the source's bookkeeping is for people to read
         return fired
 
     async def close(self) -> None:
@@ -269,6 +272,8 @@ class Scheduler:
     async def _take_over(self) -> None:
         link = self._connect()
         state = await link.store.read() or BeatState()
+        if self.catalog.source is not None:
+            await self.catalog.refresh()  # a standby's view of the source may be hours old
         now = self.clock()
         self._seq = state.seq
         self._states = reconcile(self.entries, state.entries, now, taking_over=True)
@@ -362,39 +367,23 @@ class Scheduler:
         if self._stopping:
             self._wake.set()  # stay awake: every later wait returns at once
 
-    # ------------------------------------------------------------------------------------------ schedule file
-    @property
-    def _file_name(self) -> str:
-        return f"schedule file {self._watcher.path}" if self._watcher is not None else "schedule file"
-
-    def _file_entries(self, *, initial: bool = False) -> dict[str, dict[str, Any]]:
-        if self._watcher is None:
-            return {}
-        return self._watcher.load() if initial else self._watcher.schedule
-
-    def _reload_file(self) -> None:
-        """Pick up a changed schedule file; an invalid one keeps the current entries (and is logged)."""
-        if self._watcher is None or not self._watcher.changed():
+    async def _reload(self) -> None:
+        """Pick up changed entries; an invalid change keeps the current ones (logged by the catalog)."""
+        change = await self.catalog.refresh()
+        if change is None:
             return
-        try:
-            entries = collect(self.app, self._file_entries(), file_name=self._file_name)
-        except ConfigurationError as exc:
-            log.error("%s (keeping the previous schedule)", exc)
-            return
-        added = sorted(set(entries) - set(self.entries))
-        removed = sorted(set(self.entries) - set(entries))
-        log.info("schedule file reloaded: %d entries (added %s, removed %s)", len(entries), added, removed)
-        self.entries = entries
-        for name in removed:
+        for name in change[1]:
             self._failures.pop(name, None)
-        states = reconcile(entries, self._states, self.clock(), taking_over=False)
+        states = reconcile(self.entries, self._states, self.clock(), taking_over=False)
         self._dirty = self._dirty or states != self._states
         self._states = states
 
 
-async def serve(app: App, *, schedule_file: str | os.PathLike[str] | None = None) -> None:
+async def serve(
+    app: App, *, schedule_file: str | os.PathLike[str] | None = None, source: ScheduleSource | None = None
+) -> None:
     """Run a :class:`Scheduler` until SIGTERM or SIGINT (``amqtask beat``); a second signal aborts."""
-    scheduler = Scheduler(app, schedule_file=schedule_file)
+    scheduler = Scheduler(app, schedule_file=schedule_file, source=source)
     loop = asyncio.get_running_loop()
     runner = asyncio.current_task()
 

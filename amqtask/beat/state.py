@@ -48,9 +48,10 @@ from ..errors import AmqtaskError, TopologyNotFoundError, UnroutableError
 from ..producer import Publisher
 from ..protocol import WireMessage
 from ..topology import translate
-from .entries import Entry, collect
+from .catalog import Catalog
+from .entries import Entry
 from .leader import lock_is_held, lock_name
-from .schedule_file import load_schedule_file
+from .sources import ScheduleSource, resolve_source
 
 if TYPE_CHECKING:
     from ..app import App
@@ -307,16 +308,22 @@ class Status:
 
 
 async def status(
-    app: App, *, schedule_file: str | os.PathLike[str] | None = None, now: datetime | None = None
+    app: App,
+    *,
+    schedule_file: str | os.PathLike[str] | None = None,
+    source: ScheduleSource | None = None,
+    now: datetime | None = None,
 ) -> Status:
     """The entries beat would run for ``app``, with next runs and, from the broker, last runs and the lock.
 
     Reads the state without taking it (get + requeue) and never takes the lock. When the broker cannot
     be reached, ``error`` says why and the states are unknown.
     """
-    path = schedule_file if schedule_file is not None else app.conf.beat_schedule_file
-    file_entries = load_schedule_file(path, default_tz=app.conf.timezone) if path else {}
-    entries = collect(app, file_entries, file_name=f"schedule file {path}")
+    if source is None and app.conf.beat_scheduler:
+        source = resolve_source(app, app.conf.beat_scheduler)
+    catalog = Catalog(app, schedule_file, source)
+    await catalog.load_source()
+    entries = catalog.entries
     lock_queue, state_queue = lock_name(app), state_name(app)
     moment = now or datetime.now(timezone.utc)
     broker = app.runtime().broker

@@ -5,8 +5,9 @@ The app comes from ``-A/--app`` given after the command (``amqtask worker -A pro
 need only the broker (``call``, ``purge``, ``dlq``, ``inspect``, ``control``) work without one: the
 settings then come from ``AMQTASK_*`` alone.
 
-Exit codes: 0 ok, 1 task failed or timed out, 2 usage or configuration error, 3 broker problem. Every
-failure is one line on stderr, credentials masked. A one-shot command bounds its whole broker work,
+Exit codes: 0 ok, 1 task failed or timed out, 2 usage or configuration error (a name the broker cannot
+take included), 3 broker problem (unreachable, or it refused or returned a message: a routing key no queue
+is bound to). Every failure is one line on stderr, credentials masked. A one-shot command bounds its whole broker work,
 connecting included, by its ``--timeout``, and keeps the library's reconnect warnings to itself: its
 one line says what went wrong last.
 """

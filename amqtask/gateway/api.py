@@ -70,7 +70,11 @@ class Gateway:
             # Long poll: woken by the result's arrival in the stream, not by asking the broker again.
             with contextlib.suppress(TimeoutError):
                 await self.app.result_store.wait(task_id, wait_s)
-        return JSONResponse(describe(task_id, self.app.result_store.get(task_id)))
+        report = self.app.result_store.get(task_id)
+        if report is None and self.app.conf.result_track_sent:
+            # Sent tasks are announced: nothing at all means never sent (or expired, or forgotten).
+            raise HTTPError(404, "no such task known (never sent with amqp results, expired or forgotten)")
+        return JSONResponse(describe(task_id, report))
 
     async def revoke(self, request: Request) -> JSONResponse:
         self.check(request)
@@ -127,7 +131,9 @@ def build(app: App) -> Starlette:
     async def refused(request: Request, exc: Exception) -> JSONResponse:
         if isinstance(exc, HTTPError):
             return JSONResponse({"error": exc.message}, status_code=exc.status)
-        status = 503 if isinstance(exc, BrokerConnectionError | PublishError) else 400
+        # A timeout: the broker did not confirm a send, or a first read of the stream's history is still
+        # under way (it goes on in the background; a retry finds it read).
+        status = 503 if isinstance(exc, BrokerConnectionError | PublishError | TimeoutError) else 400
         return JSONResponse({"error": mask_text(f"{type(exc).__name__}: {exc}", app.conf.broker_url)}, status)
 
     async def crashed(request: Request, exc: Exception) -> JSONResponse:

@@ -127,7 +127,7 @@ def document(app: App) -> dict[str, Any]:
             },
             "/tasks/{task_id}": {
                 "get": {
-                    "summary": "A task's state and result (wait: long-poll up to that many seconds)",
+                    "summary": "A task's state and result (wait: long-poll up to that many seconds; 404: unknown id)",
                     "parameters": [task_id, wait],
                     "responses": {"200": _json("the latest state", "TaskState"), **_errors(401, 404, 422, 501)},
                 },

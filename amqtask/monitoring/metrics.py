@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import datetime as dt
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONNECTION_POLL_S = 1.0
 OUTCOMES = ("succeeded", "failed", "retried", "dead_lettered", "revoked", "rejected")
+#: Queue wait buckets (seconds). The sent time travels as the AMQP timestamp, in whole seconds, so finer
+#: buckets would only show its rounding.
+QUEUE_WAIT_BUCKETS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, float("inf"))
 #: Start time of the task of the current delivery (set when it starts, cleared by its outcome).
 _started: contextvars.ContextVar[float | None] = contextvars.ContextVar("amqtask_metrics_started", default=None)
 
@@ -58,6 +62,11 @@ class Metrics:
         self.tasks = client.Counter("amqtask_tasks", "Tasks finished, by outcome", ["task", "queue", "outcome"],
                                     **registry)  # fmt: skip
         self.runtime = client.Histogram("amqtask_task_runtime_seconds", "Task run time", ["task", "queue"], **registry)
+        self.queue_wait = client.Histogram("amqtask_task_queue_wait_seconds",
+                                           "From a task's sending (or its eta) until a worker starts it",
+                                           ["task", "queue"], buckets=QUEUE_WAIT_BUCKETS, **registry)  # fmt: skip
+        self.publish_confirm = client.Histogram("amqtask_publish_confirm_seconds",
+                                                "From a publish until the broker confirmed it", **registry)  # fmt: skip
         self.in_flight = client.Gauge("amqtask_tasks_in_flight", "Tasks running now", ["queue"],
                                       multiprocess_mode="livesum", **registry)  # fmt: skip
         self.prefetch = client.Gauge("amqtask_prefetch", "Prefetch of the worker's consumers", ["queue"],
@@ -101,6 +110,35 @@ def child_exited(pid: int) -> None:
     multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
+def _time_confirms(worker: Worker, metrics: Metrics) -> None:
+    # Also from before_process: deliveries already waiting run (and retry, dead-letter) before
+    # on_worker_start.
+    publisher = worker.runtime.publisher
+    if publisher.on_confirmed is None:
+        publisher.on_confirmed = metrics.publish_confirm.observe
+
+
+def queue_wait_s(message: TaskMessage, wire: WireMessage) -> float | None:
+    """Seconds since the message was sent, or since its eta when that came later; ``None`` when unknown.
+
+    The sent time is the AMQP ``timestamp`` property, which amqtask's producers set: Celery's protocol v2
+    has no sent-time header, and a property of AMQP's own needs no header of ours that other clients
+    would carry along or have to ignore. Messages sent without one (by Celery, say) are not observed. A
+    task whose eta is still ahead is not observed either: it goes back to the delay levels, and is
+    observed when it is delivered again, due.
+    """
+    sent = wire.timestamp
+    if sent is None:
+        return None
+    now = dt.datetime.now(dt.timezone.utc)
+    if sent.tzinfo is None:
+        sent = sent.replace(tzinfo=dt.timezone.utc)  # AMQP timestamps are POSIX time: UTC
+    due = max(sent, message.eta) if message.eta is not None else sent
+    if due > now + dt.timedelta(seconds=1):
+        return None  # not due yet: sent on to the delay levels (a second's grace for clocks that differ)
+    return max(0.0, (now - due).total_seconds())
+
+
 class MetricsMiddleware(Middleware):
     """Counts outcomes and times tasks for workers of apps with ``worker_metrics_port`` set."""
 
@@ -118,11 +156,13 @@ class MetricsMiddleware(Middleware):
         metrics = process_metrics()
         for queue in worker.queues:
             metrics.prefetch.labels(queue.name).set(worker.prefetch)
+        _time_confirms(worker, metrics)
         self._watchers[worker] = asyncio.create_task(self._watch_connection(worker, metrics))
         if not serving and not os.environ.get(MULTIPROC_ENV):
             metrics.serve(port)
 
     async def on_worker_stop(self, worker: Worker) -> None:
+        worker.runtime.publisher.on_confirmed = None
         watcher = self._watchers.pop(worker, None)
         if watcher is not None:
             watcher.cancel()
@@ -142,7 +182,12 @@ class MetricsMiddleware(Middleware):
         metrics = self._metrics(worker)
         if metrics is not None:
             _started.set(time.perf_counter())
-            metrics.in_flight.labels(current_queue.get()).inc()
+            _time_confirms(worker, metrics)
+            queue = current_queue.get()
+            metrics.in_flight.labels(queue).inc()
+            waited = queue_wait_s(message, wire)
+            if waited is not None:
+                metrics.queue_wait.labels(message.task, queue).observe(waited)
 
     @staticmethod
     def _count(metrics: Metrics, message: TaskMessage, outcome: str, *, timed: bool = False) -> None:

@@ -6,6 +6,7 @@ receivers: a slow or vanished reader never makes the broker hoard events.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import uuid
@@ -13,8 +14,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from ..connection import Broker, close_quietly
+from ..connection import CONNECTION_ERRORS, Broker, close_quietly
 from .events import EXCHANGE
 
 #: Celery's ``event_queue_ttl`` and ``event_queue_expires`` (seconds).
@@ -30,9 +32,41 @@ async def stream(
 ) -> AsyncIterator[dict[str, Any]]:
     """Events as they arrive (``task.multi`` batches unpacked), until the caller stops iterating.
 
-    ``ready`` is called once the queue is bound: events sent from then on are seen.
+    ``ready`` is called once the queue is bound: events sent from then on are seen. A lost connection
+    is ridden out: once the broker is back (within ``publish_timeout_s``, else
+    :class:`~amqtask.errors.BrokerConnectionError`), a new queue is bound and the stream goes on; events
+    sent while no queue was bound are gone, as for any event reader.
     """
+    while True:
+        # A new inbox per channel: a late close callback of the last channel cannot end the next one.
+        inbox: asyncio.Queue[bytes | None] = asyncio.Queue()  # None: the channel closed
+        try:
+            channel = await _subscribe(broker, routing_key, inbox)
+        except CONNECTION_ERRORS:
+            continue  # lost again while binding: the next channel waits for the next connection
+        try:
+            if ready is not None:
+                ready()
+                ready = None
+            while (body := await inbox.get()) is not None:
+                for event in _events(body):
+                    yield event
+        finally:
+            await close_quietly(channel)
+
+
+async def _subscribe(broker: Broker, routing_key: str, inbox: asyncio.Queue[bytes | None]) -> AbstractChannel:
+    """A channel consuming a new queue bound to ``celeryev``, putting bodies in ``inbox`` and None when it closes.
+
+    Consumed with a callback rather than aio-pika's queue iterator: the iterator of a channel whose
+    connection was lost waits forever instead of ending.
+    """
+
+    async def deliver(message: AbstractIncomingMessage) -> None:
+        inbox.put_nowait(message.body)
+
     channel = await broker.channel(confirms=False)
+    channel.close_callbacks.add(lambda *_: inbox.put_nowait(None))
     try:
         exchange = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
         queue = await channel.declare_queue(
@@ -40,14 +74,11 @@ async def stream(
             arguments={"x-message-ttl": int(QUEUE_TTL_S * 1000), "x-expires": int(QUEUE_EXPIRES_S * 1000)},
         )  # fmt: skip
         await queue.bind(exchange, routing_key)
-        if ready is not None:
-            ready()
-        async with queue.iterator(no_ack=True) as messages:
-            async for message in messages:
-                for event in _events(message.body):
-                    yield event
-    finally:
+        await queue.consume(deliver, no_ack=True)
+    except BaseException:
         await close_quietly(channel)
+        raise
+    return channel
 
 
 def _events(body: bytes) -> list[dict[str, Any]]:

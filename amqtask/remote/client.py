@@ -1,6 +1,7 @@
 """The remote-control client: ``app.control`` sends requests to the workers and collects their replies.
 
-The wire format is :mod:`amqtask.remote.wire`; the worker's side is :mod:`amqtask.remote.node`.
+The wire format is :mod:`amqtask.remote.wire`; the worker's side is :mod:`amqtask.remote.node`;
+the read-only queries, ``app.control.inspect()``, are :mod:`amqtask.remote.inspect`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..connection import SETTLE_ERRORS, close_quietly
 from ..errors import ConfigurationError
 from ..serializers import CONTROL_LIMITS
 from . import wire
+from .inspect import Inspect
 from .wire import EXCHANGE, QUEUE_ARGUMENTS, REPLY_EXCHANGE, LamportClock, declare_exchange, encode_message
 
 if TYPE_CHECKING:
@@ -32,17 +34,6 @@ log = logging.getLogger("amqtask.control")
 REPLY_PREFETCH = 64
 #: The most replies one call keeps (one per worker; more than this many workers is not a real vhost).
 MAX_REPLIES = 10_000
-
-
-def flatten(replies: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """``[{node: reply}, ...]`` as one ``{node: reply}``; a name seen twice means two workers share it."""
-    merged: dict[str, Any] = {}
-    for item in replies:
-        for node, reply in item.items():
-            if node in merged:
-                log.warning("two workers answered as %r; give each worker its own hostname (-n)", node)
-            merged[node] = reply
-    return merged
 
 
 class Control:
@@ -264,109 +255,6 @@ class Control:
         return Inspect(self, timeout=timeout, destination=destination, limit=limit)
 
 
-class Inspect:
-    """Read-only queries to the workers; each returns ``{node: reply}`` (empty when nobody answered)."""
-
-    def __init__(
-        self,
-        control: Control,
-        *,
-        timeout: float = 1.0,
-        destination: Sequence[str] | None = None,
-        limit: int | None = None,
-    ) -> None:
-        self.control = control
-        self.timeout = timeout
-        self.destination = destination
-        self.limit = limit
-
-    async def _arequest(self, method: str, **arguments: Any) -> dict[str, Any]:
-        replies = await self.control.abroadcast(
-            method,
-            arguments,
-            destination=self.destination,
-            reply=True,
-            timeout=self.timeout,
-            limit=self.limit,
-        )
-        return flatten(replies)
-
-    def _request(self, method: str, **arguments: Any) -> dict[str, Any]:
-        return self.control.app.portal.run(self._arequest(method, **arguments))
-
-    async def aping(self) -> dict[str, Any]:
-        """``{node: {"ok": "pong"}}``."""
-        return await self._arequest("ping")
-
-    def ping(self) -> dict[str, Any]:
-        """:meth:`aping` for synchronous code."""
-        return self._request("ping")
-
-    async def aregistered(self, *taskinfoitems: str) -> dict[str, Any]:
-        """``{node: [task name, ...]}``; with option names, ``"name [option=value ...]"`` (as Celery)."""
-        return await self._arequest("registered", taskinfoitems=list(taskinfoitems))
-
-    def registered(self, *taskinfoitems: str) -> dict[str, Any]:
-        """:meth:`aregistered` for synchronous code."""
-        return self._request("registered", taskinfoitems=list(taskinfoitems))
-
-    async def aactive(self, safe: bool = False) -> dict[str, Any]:
-        """``{node: [task info, ...]}`` for the tasks running now; ``safe`` sends argument reprs instead."""
-        return await self._arequest("active", safe=safe)
-
-    def active(self, safe: bool = False) -> dict[str, Any]:
-        """:meth:`aactive` for synchronous code."""
-        return self._request("active", safe=safe)
-
-    async def astats(self) -> dict[str, Any]:
-        """``{node: {pid, total, pool, broker, uptime, ...}}``."""
-        return await self._arequest("stats")
-
-    def stats(self) -> dict[str, Any]:
-        """:meth:`astats` for synchronous code."""
-        return self._request("stats")
-
-    async def aactive_queues(self) -> dict[str, Any]:
-        """``{node: [queue, ...]}``: the queues each worker consumes, in kombu's ``Queue.as_dict`` shape."""
-        return await self._arequest("active_queues")
-
-    def active_queues(self) -> dict[str, Any]:
-        """:meth:`aactive_queues` for synchronous code."""
-        return self._request("active_queues")
-
-    async def aconf(self) -> dict[str, Any]:
-        """``{node: {setting: value}}``: each worker's settings (secrets left out, broker URLs masked)."""
-        return await self._arequest("conf")
-
-    def conf(self) -> dict[str, Any]:
-        """:meth:`aconf` for synchronous code."""
-        return self._request("conf")
-
-    async def areserved(self, safe: bool = False) -> dict[str, Any]:
-        """``{node: [task info, ...]}`` for the deliveries each worker holds but has not started."""
-        return await self._arequest("reserved", safe=safe)
-
-    def reserved(self, safe: bool = False) -> dict[str, Any]:
-        """:meth:`areserved` for synchronous code."""
-        return self._request("reserved", safe=safe)
-
-    async def ascheduled(self) -> dict[str, Any]:
-        """``{node: []}`` from amqtask workers: tasks with an eta wait in the broker, never in a worker."""
-        return await self._arequest("scheduled")
-
-    def scheduled(self) -> dict[str, Any]:
-        """:meth:`ascheduled` for synchronous code."""
-        return self._request("scheduled")
-
-    async def arevoked(self) -> dict[str, Any]:
-        """``{node: [revoked task id, ...]}``, oldest first."""
-        return await self._arequest("revoked")
-
-    def revoked(self) -> dict[str, Any]:
-        """:meth:`arevoked` for synchronous code."""
-        return self._request("revoked")
-
-
 class _Collector:
     """One call's private reply queue and the replies that arrived on it."""
 
@@ -426,4 +314,4 @@ class _Collector:
                 await message.ack()
 
 
-__all__ = ["Control", "Inspect", "flatten"]
+__all__ = ["Control"]

@@ -39,6 +39,7 @@ class AsyncResult(Generic[R]):
         self.parent: AsyncResult[Any] | None = None
         # The sender's replies come on its reply queue, as fast as over rpc: no need to follow the stream.
         self._by_stream = not sent_here and reporting.backend_of(self.app, task_name) == "amqp"
+        self._sent_here = sent_here
 
     def __repr__(self) -> str:
         known = self.app.result_store.get(self.id)
@@ -61,7 +62,17 @@ class AsyncResult(Generic[R]):
         Needed only in async code reading an ``amqp`` result it did not send (sync reads do it by themselves).
         """
         if self._by_stream:
-            await self.app.runtime().stream.follow(timeout if timeout is not None else self.app.conf.publish_timeout_s)
+            await self.app.runtime().stream.lookup(self.id, self._timeout(timeout))
+
+    def _timeout(self, timeout: float | None) -> float:
+        return timeout if timeout is not None else self.app.conf.publish_timeout_s
+
+    @property
+    def known(self) -> bool:
+        """Whether this id was sent or reported: False for an id no amqtask client sent (as an ``amqp`` task,
+        with ``result_track_sent``), or whose results expired or were forgotten; ``state`` is PENDING for both.
+        """
+        return self._sent_here or self._latest() is not None
 
     def forget(self) -> None:
         """Delete the result: this process forgets it and, for ``amqp`` results, so does every reader."""
@@ -126,7 +137,10 @@ class AsyncResult(Generic[R]):
 
     async def aget(self, timeout: float | None = None, propagate: bool = True) -> R:
         """Wait for the outcome: the return value, or raise the task's failure (see :class:`RemoteTaskError`)."""
-        await self.arefresh(timeout)
+        if self._by_stream:
+            # Only the stream's recent window: an older record, if any, resolves the wait when the history
+            # (read in the background) reaches it.
+            await self.app.runtime().stream.follow(self._timeout(timeout))
         latest = self.app.result_store.get(self.id)
         if not self._by_stream and (latest is None or latest.status not in READY_STATES):
             # The reply may still be on its way into this process's reply queue: make sure this loop consumes it

@@ -124,8 +124,7 @@ class GroupResult(AsyncResult[list[Any]]):
     @classmethod
     async def arestore(cls, id: str, app: App) -> GroupResult | None:
         """:meth:`restore` for async code."""
-        await app.runtime().stream.follow(app.conf.publish_timeout_s)
-        saved = app.result_store.get(stream.GROUP_KEY + id)
+        saved = await app.runtime().stream.lookup(stream.GROUP_KEY + id, app.conf.publish_timeout_s)
         if saved is None:
             return None
         return cls(id, [AsyncResult(member, app) for member in saved.children], app)

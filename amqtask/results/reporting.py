@@ -1,20 +1,22 @@
 """Where a task's state reports go: the caller's reply queue, and for ``amqp`` tasks the result stream.
 
 The one path for every report a worker makes (STARTED, ``update_state``, RETRY, SUCCESS, FAILURE, REVOKED).
-The reply goes out beside the stream record, not after it, so the sender learns the outcome as fast as
-with ``rpc`` alone; the delivery is acked only after both were confirmed.
+For an ``amqp`` task the reply and the stream record are one publish (the reply queue named in ``BCC``),
+so the sender learns the outcome as fast as with ``rpc`` alone, and the delivery is acked only after the
+broker confirmed that both queues hold it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .. import protocol, serializers, signing
 from ..errors import SerializationError
 from ..failures import encode_exception
-from ..protocol import READY_STATES, ResultMessage
+from ..protocol import READY_STATES, ResultMessage, TaskMessage
 from . import legacy, stream
 from .rpc import expiry_header
 
@@ -68,14 +70,46 @@ async def report(
         out.headers.update(expiry_header(expires_of(app, task)))  # the sender's copy expires when the stream's does
     signing.seal(app.conf.signing_keys if keys is None else keys, out, signing.Kind.RESULT)
     sends: list[Awaitable[Any]] = []
-    if reply_to:
-        # Not mandatory: a caller that went away (its reply queue expired) is nobody to tell.
-        sends.append(publisher.publish(out, "", reply_to, mandatory=False))
     if amqp:
-        sends.append(stream.append(publisher, app.conf, out, {}))
+        # One publish for the stream and the reply: confirmed once both hold it (see stream.append).
+        sends.append(stream.append(publisher, app.conf, out, copy_to=reply_to))
         if app.conf.result_legacy_queues and report.status in READY_STATES:
             sends.append(legacy.write(publisher, app.conf, report))
+    elif reply_to:
+        # Not mandatory: a caller that went away (its reply queue expired) is nobody to tell.
+        sends.append(publisher.publish(out, "", reply_to, mandatory=False))
     await asyncio.gather(*sends)
 
 
-__all__ = ["backend_of", "expires_of", "report", "result_codec"]
+def promised_ids(message: TaskMessage) -> list[tuple[str, str]]:
+    """The ids (with their task names) a client's send hands out: the task's own, its chain's later steps
+    (a chain's caller holds the last one's id) and a chord's body (announced by the first header task only)."""
+    steps = [*(message.chain or []), *([message.chord] if message.chord and not message.group_index else [])]
+    promised = [(message.id, message.task)]
+    for step in steps:
+        options, name = step.get("options"), step.get("task")
+        task_id = options.get("task_id") if isinstance(options, dict) else None
+        if isinstance(task_id, str) and isinstance(name, str):
+            promised.append((task_id, name))
+    return promised
+
+
+def announcement(app: App, runtime: Runtime, message: TaskMessage, delay_s: float) -> Awaitable[Any] | None:
+    """Announcing the ``amqp`` ids this send hands out in a SENT record (None: no such id).
+
+    Without it an id nobody sent and a task still waiting in its queue would both read PENDING; with it a
+    reader can tell them apart (``AsyncResult.known``, the gateway's 404). A record lasts as long as the
+    task's results would, counted from when the task is due.
+    """
+    if not app.conf.result_track_sent:
+        return None
+    by_lifetime: dict[int, list[str]] = {}
+    for task_id, name in promised_ids(message):
+        if backend_of(app, name) == "amqp":
+            # Whole seconds: sends with a countdown share a batch with those of the same second.
+            by_lifetime.setdefault(math.ceil(delay_s + expires_of(app, name)), []).append(task_id)
+    records = [stream.announce(runtime.publisher, app.conf, ids, expires) for expires, ids in by_lifetime.items()]
+    return asyncio.gather(*records) if records else None
+
+
+__all__ = ["announcement", "backend_of", "expires_of", "promised_ids", "report", "result_codec"]

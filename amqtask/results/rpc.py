@@ -28,7 +28,7 @@ from .. import protocol, signing
 from ..connection import CONNECTION_ERRORS, SETTLE_ERRORS, Broker, raise_if_cancelled
 from ..errors import AmqtaskError, BrokerConnectionError, MessageError, TimeoutError
 from ..producer import wire_of
-from ..protocol import READY_STATES, ResultMessage
+from ..protocol import READY_STATES, ResultMessage, WireMessage
 from ..serializers import limits_of, normalize_accept
 from ..settings import Settings
 
@@ -246,13 +246,17 @@ class ResultConsumer:
         except _RESUME_ERRORS as exc:
             log.warning("could not resume consuming results: %s", exc)
 
+    def _decode(self, wire: WireMessage) -> ResultMessage:
+        """Verify (when signing is on) and decode a result: the one check every reader of results makes."""
+        unverified = signing.problem(self.settings.signing_keys, wire, signing.Kind.RESULT)
+        if unverified is not None:
+            raise MessageError(unverified)
+        return protocol.decode_result(wire, self._accept, self._limits)
+
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         wire = wire_of(message)
-        unverified = signing.problem(self.settings.signing_keys, wire, signing.Kind.RESULT)
         try:
-            if unverified is not None:
-                raise MessageError(unverified)
-            report = protocol.decode_result(wire, self._accept, self._limits)
+            report = self._decode(wire)
             self.store.put(report, len(message.body), remaining_s(wire.headers))
         except (MessageError, AmqtaskError) as exc:
             log.error("dropping a result (correlation_id=%.100s): %s", message.correlation_id, exc)

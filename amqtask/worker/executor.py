@@ -89,6 +89,8 @@ class _Limits:
         try:
             return await asyncio.wait_for(self._outcome(call), self.time_limit or None)
         except asyncio.TimeoutError:
+            if call.done() and not call.cancelled():
+                raise  # the task's own TimeoutError (a result it waited for, a socket): not its limit
             if self.interruptible is not None:  # an async task was cancelled; ask the thread to end too
                 self.interruptible.interrupt(TimeLimitExceeded)
             raise TimeLimitExceeded(f"{self.what} exceeded its time limit of {self.time_limit or 0:g}s") from None

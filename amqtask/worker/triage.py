@@ -3,12 +3,14 @@
 Every error that escapes the handling of a delivery is one of two kinds:
 
 - *transient* (:data:`TRANSIENT_ERRORS`): the connection or channel went, or the broker would not
-  take a send for now (unreachable until the publish deadline, or nacking). Nothing is wrong with the
-  message. Its delivery goes back to the queue (``basic.reject``, which counts against a quorum
-  queue's delivery limit, a bound if the broker keeps refusing) after a pause that holds the
-  delivery's slot, so the worker slows down instead of meeting the same delivery again at once. The
-  pause doubles while such errors go on and starts small again once a delivery is settled. A delivery
-  whose channel is gone needs nothing: the broker has requeued it already.
+  take a send for now (unreachable until the publish deadline, or nacking), or a wait timed out (an
+  :class:`~amqtask.errors.TimeoutError`, a builtin ``TimeoutError``, e.g. a chord lock another worker
+  kept too long). Nothing is wrong with the message. Its delivery goes back to the queue
+  (``basic.reject``, which counts against a quorum queue's delivery limit, a bound if the broker keeps
+  refusing) after a pause that holds the delivery's slot, so the worker slows down instead of meeting
+  the same delivery again at once. The pause doubles while such errors go on and starts small again
+  once a delivery is settled. A delivery whose channel is gone needs nothing: the broker has requeued
+  it already.
 - *about this message*: anything else (an eta the delay levels cannot hold, headers too large to send
   on, a follow-up the broker refuses, a bug met only by this message...). The message is copied into
   ``<queue>.dlq`` with a reason (``deadletter.py``) and the exception, its follow-ups fail, its caller
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
-from .. import deadletter, delays, protocol
+from .. import deadletter, delays, protocol, signing
 from ..connection import CONNECTION_ERRORS
 from ..errors import BrokerConnectionError, DelayRangeError, RequeueLimitError
 from ..failures import format_traceback
@@ -126,12 +128,11 @@ class Triage:
         ``x-delivery-count`` exists only on quorum queues, and ``redelivered`` is a flag. So the count
         travels in the message (:data:`REQUEUES_HEADER`), whichever worker receives it next: the bound
         holds across workers and restarts. The copy is confirmed before the delivery is acked, so a
-        crash in between leaves a duplicate with its own bounded count, never a loss. Signing leaves
-        ``x-`` headers out of the MAC, so the copy keeps its signature; a forged count gains no more
-        than sending the captured message again would (which signing does not stop either), and one
-        that is negative or not a number counts as 0. The pause (0.1 s doubling to 5 s with the count)
-        holds the delivery's slot, so a worker meeting such a message again slows down; the tasks
-        queued behind it run meanwhile.
+        crash in between leaves a duplicate with its own bounded count, never a loss. The count is
+        signed: the copy is signed again, with the key that signed the message, and a count altered
+        on the way fails verification; one that is negative or not a number counts as 0. The pause
+        (0.1 s doubling to 5 s with the count) holds the delivery's slot, so a worker meeting such a
+        message again slows down; the tasks queued behind it run meanwhile.
         """
         requeues = requeues_of(wire.headers)
         limit: int = self.handler.app.conf.task_requeue_limit
@@ -146,7 +147,10 @@ class Triage:
         await asyncio.sleep(pause)
         headers = delays.strip_death_headers(wire.headers)
         headers[REQUEUES_HEADER] = requeues + 1
-        await self.handler.publisher.publish(dataclasses.replace(wire, headers=headers), "", queue.name)
+        again = dataclasses.replace(wire, headers=headers)
+        signing.seal(signing.replying_keys(self.handler.app.conf.signing_keys, wire, signing.Kind.TASK), again,
+                     signing.Kind.TASK)  # fmt: skip
+        await self.handler.publisher.publish(again, "", queue.name)
         self.handler.ack(message)
 
     async def dead_letter(self, message: AbstractIncomingMessage, queue: QueueSpec, exc: Exception) -> None:

@@ -1,10 +1,10 @@
-"""Tasks of the reports app: the periodic cleanup (CELERY_BEAT_SCHEDULE sends it hourly)."""
+"""Tasks of the reports app: the periodic cleanup (beat sends it hourly: a django-celery-beat row)."""
 
 from datetime import timedelta
 
 from django.utils import timezone
-from orders.models import Order
 
+from orders.models import Order
 from proj.amqtask import app
 
 

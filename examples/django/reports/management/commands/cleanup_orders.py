@@ -15,8 +15,5 @@ class Command(BaseCommand):
         parser.add_argument("--in-background", action="store_true")
 
     def handle(self, *args: Any, days: int, in_background: bool, **options: Any) -> None:
-        if in_background:
-            deleted = cleanup.delay(days=days).get(timeout=60)
-        else:
-            deleted = cleanup(days=days)
+        deleted = cleanup.delay(days=days).get(timeout=60) if in_background else cleanup(days=days)
         self.stdout.write(f"deleted {deleted} order(s)")
