@@ -107,7 +107,7 @@ def test_nacks_and_rejects_between_coalesced_acks_keep_their_meaning(broker_url:
         async with connection:
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=10)
-            queue = await channel.declare_queue(f"acks-{unique}")
+            queue = await channel.declare_queue(f"acks-{unique}", durable=True)  # 4.3 refuses transient ones
             for n in range(1, 7):
                 await channel.default_exchange.publish(aio_pika.Message(str(n).encode()), routing_key=queue.name)
             deliveries: list[aio_pika.abc.AbstractIncomingMessage] = []
