@@ -55,6 +55,19 @@ def scrape_or_empty(port: int) -> Samples:
 WORKLOAD = [("mon.add", (1, 1)), ("mon.add", (2, 2)), ("mon.add", (3, 3)), ("mon.fail", ()), ("mon.flaky", ())]
 
 
+def settled(samples: Samples, queue: str) -> bool:
+    """The workload's six outcomes are counted and everything they published is confirmed.
+
+    A task's outcome is counted when it ends, before its reply or dead-letter copy is confirmed:
+    checking exact counts on the outcomes alone would race the last confirm.
+    """
+    return (
+        value(samples, "amqtask_tasks_total") >= 6
+        and value(samples, "amqtask_publish_confirm_seconds_count") >= 8
+        and value(samples, "amqtask_tasks_in_flight", queue=queue) == 0
+    )
+
+
 def check_counts(samples: Samples, queue: str) -> None:
     tasks = "amqtask_tasks_total"
     assert value(samples, tasks, task="mon.add", queue=queue, outcome="succeeded") == 3
@@ -100,7 +113,7 @@ def test_one_process_serves_exact_counts(broker_url: str, unique: str, metrics_p
     env = {"AMQTASK_TASK_DEFAULT_QUEUE": unique, "AMQTASK_WORKER_CONCURRENCY": "2"}
     process = worker_process("monitoring_tasks", broker_url, "--metrics-port", str(metrics_port), env=env)
     try:
-        wait_for(lambda: value(scrape_or_empty(metrics_port), "amqtask_tasks_total") >= 6, 60, "six outcomes")
+        wait_for(lambda: settled(scrape_or_empty(metrics_port), unique), 60, "six outcomes settled")
         samples = scrape(metrics_port)
         check_counts(samples, unique)
         assert value(samples, "amqtask_prefetch", queue=unique) == 8
@@ -125,7 +138,7 @@ def test_two_processes_serve_the_sum_and_survive_a_child_restart(
         # Both children consuming: each reports its prefetch (1 x 4), summed.
         wait_for(lambda: value(scrape_or_empty(metrics_port), "amqtask_prefetch", queue=unique) == 8, 60, "children")
         send(broker_url, unique, WORKLOAD)
-        wait_for(lambda: value(scrape(metrics_port), "amqtask_tasks_total") >= 6, 60, "six outcomes")
+        wait_for(lambda: settled(scrape(metrics_port), unique), 60, "six outcomes settled")
         check_counts(scrape(metrics_port), unique)
         children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
         assert len(children) == 2
