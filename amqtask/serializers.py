@@ -229,7 +229,8 @@ def decode(body: bytes, content_type: str | None, accept: frozenset[str], limits
         raise SerializationError(f"{found.name} body nests deeper than the limit of {limits.max_depth}", body) from None
     except Exception as exc:
         raise SerializationError(f"cannot decode {found.name} body: {exc}", body) from exc
-    if not depth_checked and _depth_exceeds(value, limits.max_depth):
+    # Each level of nesting takes at least one byte: a body no longer than the limit needs no walk.
+    if not depth_checked and len(body) > limits.max_depth and _depth_exceeds(value, limits.max_depth):
         raise SerializationError(f"{found.name} body nests deeper than the limit of {limits.max_depth}", body)
     return value
 
