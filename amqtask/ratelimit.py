@@ -100,17 +100,17 @@ class RateLimits:
         if name in self._buckets:
             self._buckets[name].set_rate(rate)
 
-    async def wait(self, name: Any) -> None:
-        """Wait until a task called ``name`` may start here; at once for unknown names and unlimited tasks."""
+    def bucket(self, name: Any) -> TokenBucket | None:
+        """The bucket a task called ``name`` takes its token from here; None for unknown names and unlimited tasks."""
         if not isinstance(name, str) or name not in self.app.tasks:
-            return
+            return None
         bucket = self._buckets.get(name)
         if bucket is None:
             rate = self.rate_of(name)
             if rate is None:
-                return
+                return None
             bucket = self._buckets[name] = TokenBucket(rate)
-        await bucket.take()
+        return bucket
 
 
 __all__ = ["UNITS", "RateLimits", "TokenBucket", "parse_rate"]

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from celery import Celery
 from support.broker import TestBroker
-from support.queues import QueueStats, cleanup
-from support.workers import TESTS_DIR, running_worker
+from support.queues import QueueStats, cleanup, eventually
+from support.workers import TESTS_DIR, queue_depth, running_worker
 
 from amqtask import App, ConfigurationError
 from amqtask.errors import TimeoutError as ResultTimeout
@@ -133,3 +133,33 @@ def test_control_rate_limit_changes_the_limit_at_runtime(broker_url: str, unique
     assert disabled == {hostname: {"ok": "rate limit disabled successfully"}}
     assert limited == [{hostname: {"ok": "new rate limit set successfully"}}]
     assert f"{name} [rate_limit=100/s]" in registered[hostname]
+
+
+@pytest.mark.broker
+def test_forged_messages_naming_a_limited_task_spend_none_of_its_tokens(broker_url: str, unique: str) -> None:
+    name = f"{unique}.hourly"
+    app = App("limited", broker=broker_url, task_default_queue=unique, signing_keys=["the-key"])
+    forger = App("forger", broker=broker_url, task_default_queue=unique)
+    for sender in (app, forger):
+        sender.task(name=name, rate_limit="1/h")(lambda: "ran")
+
+    async def dead_lettered() -> int:
+        depth = await queue_depth(broker_url, f"{unique}.dlq")
+        return depth if depth >= 3 else 0
+
+    async def scenario() -> tuple[int, str]:
+        async with running_worker(app):
+            for _ in range(3):
+                await forger.tasks[name].adelay()
+            await forger.aclose()
+            # Sent after the forged ones: had they spent the token, the next start would be an hour away.
+            real = await app.tasks[name].adelay()
+            ran = await real.aget(timeout=30)
+            return await eventually(dead_lettered, what="the forged messages dead-lettered"), ran
+
+    try:
+        dead, ran = asyncio.run(asyncio.wait_for(scenario(), 120))
+    finally:
+        asyncio.run(cleanup(app, [unique, f"{unique}.dlq"]))
+    assert ran == "ran"
+    assert dead == 3

@@ -86,6 +86,10 @@ class DeliveryHandler:
             for hook in self.app.hooks("after_delivery"):
                 await hook(self.worker)
 
+    def verifies(self, message: AbstractIncomingMessage) -> bool:
+        """Whether ``message`` may cause anything here (always, when signing is off)."""
+        return signing.problem(self.app.conf.signing_keys, wire_of(message), signing.Kind.TASK) is None
+
     async def handle(self, message: AbstractIncomingMessage, queue: QueueSpec) -> None:
         """Verify, decode, check and run one delivery, then settle it."""
         current_queue.set(queue.name)

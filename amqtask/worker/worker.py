@@ -207,7 +207,11 @@ class Worker:
         slot = _Slot(self._slots)
         try:
             # Before taking a slot: a task waiting for its rate limit must not keep other tasks from running.
-            await self.rate_limits.wait(message.headers.get("task"))
+            bucket = self.rate_limits.bucket(message.headers.get("task"))
+            if bucket is not None and self.handler.verifies(message):
+                # Only a message that verifies spends a token: forged ones naming a limited task would
+                # otherwise use up its budget (and stall the real ones) before they are dead-lettered.
+                await bucket.take()
             await slot.acquire()
             _slot.set(slot)
             self._waiting.pop(message, None)
