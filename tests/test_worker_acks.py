@@ -148,3 +148,46 @@ def test_nacks_and_rejects_between_coalesced_acks_keep_their_meaning(broker_url:
             await channel.queue_delete(queue.name)
 
     asyncio.run(scenario())
+
+
+def test_an_ack_with_nothing_else_in_hand_goes_out_at_once_not_after_the_batch_delay(
+    rabbitmq: TestBroker, broker_vhost: str, broker_url: str, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sender waits for this ack: RabbitMQ confirms a persistent message once it is on disk or acked, so
+    ``delay()`` of a task that finished before the disk write returns only when the worker acks it."""
+    monkeypatch.setattr("amqtask.worker.acks.ACK_DELAY_S", 3600.0)  # only the idle rule can send it
+    stats = QueueStats(rabbitmq, broker_vhost)
+
+    async def scenario() -> None:
+        connection = await aio_pika.connect(broker_url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=10)
+            queue = await channel.declare_queue(f"acks-{unique}", durable=True)
+            for n in range(1, 3):
+                await channel.default_exchange.publish(aio_pika.Message(str(n).encode()), routing_key=queue.name)
+            deliveries: list[aio_pika.abc.AbstractIncomingMessage] = []
+            got_all = asyncio.Event()
+
+            async def take(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+                deliveries.append(message)
+                if len(deliveries) == 2:
+                    got_all.set()
+
+            tag = await queue.consume(take)
+            await got_all.wait()
+            await queue.cancel(tag)
+            acks = ChannelAcks(await channel.get_underlay_channel(), hold_max=10, batch=10)
+            for delivery in deliveries:
+                acks.received(delivery)
+            acks.ack(deliveries[0])  # the second is still in hand: this one waits to share a frame with it
+            acks.ack(deliveries[1])  # now nothing is in hand: both go out at once, well before the delay
+
+            async def acked() -> bool:
+                return await asyncio.to_thread(stats.counts, queue.name) == (0, 0)
+
+            await eventually(acked, what="both deliveries acked")
+            await acks.close()
+            await channel.queue_delete(queue.name)
+
+    asyncio.run(scenario())

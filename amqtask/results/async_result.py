@@ -5,6 +5,7 @@ It reads the process's result store, which the reply-queue consumer (:mod:`amqta
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -151,6 +152,13 @@ class AsyncResult(Generic[R]):
 
     def get(self, timeout: float | None = None, propagate: bool = True) -> R:
         """Block until the outcome is known; like :meth:`aget` for synchronous code."""
+        if not self._by_stream and not _on_event_loop():
+            # The reply often arrives before ``delay()`` returns (its confirm can wait for the worker's
+            # ack): an outcome already here is read from the thread-safe store, without a trip
+            # through the portal's loop and back. (On an event loop the portal refuses the call, always.)
+            latest = self.app.result_store.get(self.id)
+            if latest is not None and latest.status in READY_STATES:
+                return self._outcome(latest, propagate)  # type: ignore[no-any-return]
         return self.app.portal.run(self.aget(timeout, propagate))
 
     def wait(self, timeout: float | None = None, propagate: bool = True) -> R:
@@ -159,6 +167,14 @@ class AsyncResult(Generic[R]):
 
     def __await__(self) -> Generator[Any, None, R]:
         return self.aget().__await__()
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 __all__ = ["AsyncResult"]

@@ -78,7 +78,10 @@ async def report(
     elif reply_to:
         # Not mandatory: a caller that went away (its reply queue expired) is nobody to tell.
         sends.append(publisher.publish(out, "", reply_to, mandatory=False))
-    await asyncio.gather(*sends)
+    if len(sends) == 1:
+        await sends[0]  # the usual case: no task (and no gather) per report
+    else:
+        await asyncio.gather(*sends)
 
 
 def promised_ids(message: TaskMessage) -> list[tuple[str, str]]:

@@ -3,9 +3,12 @@
 An ack per delivery costs a frame, a socket write (a system call) and a drain on the event loop:
 about a sixth of a worker's loop time on no-op tasks. Acks are therefore recorded, not sent at once,
 and go out together once ``batch`` of them wait or :data:`ACK_DELAY_S` has passed, whichever comes
-first. The delay costs a caller nothing (a reply goes out before its ack, not with it), and ``batch``
-is a quarter of the prefetch, so finished deliveries waiting for their ack never take much of the
-prefetch window.
+first, or at once when every delivery the channel has received is settled: then no other ack is
+coming to share the frame, and waiting would only cost a caller time. A caller does wait for the
+ack: RabbitMQ confirms a persistent message to a durable queue once it is on disk *or* acked, so the
+sender of a task (its ``delay()`` returns after the confirm) often waits for this ack, even though
+the task's reply left before it. ``batch`` is a quarter of the prefetch, so finished deliveries
+waiting for their ack never take much of the prefetch window.
 
 The ack is ``multiple=True`` up to the highest delivery tag below which *every* delivery of the
 channel is settled. That is the only safe bound: ``multiple=True`` acks every outstanding delivery up
@@ -52,6 +55,7 @@ class ChannelAcks:
         self.hold_max = max(1, hold_max)
         self.batch = max(1, batch)
         self._next = 1  # every tag below this one is settled, its ack (if any) sent
+        self._received = 0  # the highest tag received (see :meth:`received`)
         #: Settled tags at or above ``_next``: the delivery while its ack is still to send, else None.
         self._settled: dict[int, AbstractIncomingMessage | None] = {}
         self._held = 0  # deliveries in ``_settled`` whose ack is still to send
@@ -63,6 +67,15 @@ class ChannelAcks:
         self._gone = False  # the channel closed: its tags mean nothing any more
 
     # ------------------------------------------------------------------------------------------ settling
+    def received(self, message: AbstractIncomingMessage) -> None:
+        """Note a delivery as it arrives, so that an ack with nothing else in hand goes out at once.
+
+        Only the timing of acks depends on it, never which deliveries they cover.
+        """
+        tag = message.delivery_tag
+        if tag is not None and tag > self._received:
+            self._received = tag
+
     def ack(self, message: AbstractIncomingMessage) -> None:
         """Record that ``message`` may be acked; the ack goes out with the next batch, within ACK_DELAY_S."""
         if self._gone:
@@ -108,7 +121,10 @@ class ChannelAcks:
         if self._flushing is not None or self._gone:
             return  # the flush under way takes the next step when it is done
         grows = self._next in self._settled  # the run of settled deliveries from the lowest one can grow
-        if self._held >= self.hold_max or (self._release and self._held) or (grows and self._held >= self.batch):
+        # Every tag from the lowest unsettled one up to the last received is settled: nothing in hand.
+        idle = len(self._settled) > self._received - self._next
+        full = self._held >= self.batch or idle
+        if self._held >= self.hold_max or (self._release and self._held) or (grows and full):
             self._flush_soon()
         elif grows:
             if self._delay is None:

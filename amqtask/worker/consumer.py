@@ -133,6 +133,8 @@ class Consumer:
 
     def _callback(self, spec: QueueSpec) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def deliver(message: AbstractIncomingMessage) -> None:
+            if self.acks is not None:
+                self.acks.received(message)
             await self._on_message(message, spec)
 
         return deliver
