@@ -35,11 +35,13 @@ leaving (celery#9867).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -239,18 +241,32 @@ async def _server_version(channel: AbstractChannel) -> str:
     return version.decode() if isinstance(version, bytes) else str(version)
 
 
-async def _declare(channel: AbstractChannel, topology: DelayTopology, quorum: bool) -> None:
-    for exchange in topology.exchanges():
+Step = Callable[[AbstractChannel], Awaitable[None]]
+#: How many channels :func:`declare_delay_topology_spread` declares on at once: every declaration is a round
+#: trip, and a channel carries one at a time (~116 of them for 28 levels, most of a worker's start-up).
+SPREAD_CHANNELS = 8
+
+
+def _exchange_step(exchange: ExchangeDecl) -> Step:
+    async def step(channel: AbstractChannel) -> None:
         wanted = {"type": exchange.type.value, "durable": True, **exchange.arguments}
         with _refusals("exchange", exchange.name, wanted):
-            await channel.declare_exchange(
-                exchange.name, exchange.type, durable=True, arguments=exchange.arguments or None
-            )
-    for queue in topology.queues():
-        args = topology.queue_arguments(queue, quorum)
+            await channel.declare_exchange(exchange.name, exchange.type, durable=True,
+                                           arguments=exchange.arguments or None)  # fmt: skip
+
+    return step
+
+
+def _queue_step(queue: QueueDecl, args: dict[str, Any]) -> Step:
+    async def step(channel: AbstractChannel) -> None:
         with _refusals("queue", queue.name, {"durable": True, **args}):
             await channel.declare_queue(queue.name, durable=True, arguments=args)
-    for binding in topology.bindings():
+
+    return step
+
+
+def _binding_step(binding: BindingDecl) -> Step:
+    async def step(channel: AbstractChannel) -> None:
         kind = "exchange" if binding.to_exchange else "queue"
         with _refusals(f"binding of {kind}", binding.destination, {binding.source: binding.routing_key}):
             target: AbstractExchange | AbstractQueue
@@ -259,6 +275,33 @@ async def _declare(channel: AbstractChannel, topology: DelayTopology, quorum: bo
             else:
                 target = await channel.get_queue(binding.destination, ensure=False)
             await target.bind(binding.source, binding.routing_key)
+
+    return step
+
+
+def _phases(topology: DelayTopology, quorum: bool) -> list[list[Step]]:
+    """The declarations in three phases, each needing the ones before: exchanges, queues, bindings."""
+    return [
+        [_exchange_step(exchange) for exchange in topology.exchanges()],
+        [_queue_step(queue, topology.queue_arguments(queue, quorum)) for queue in topology.queues()],
+        [_binding_step(binding) for binding in topology.bindings()],
+    ]
+
+
+async def _levels_quorum(channel: AbstractChannel, topology: DelayTopology) -> bool:
+    """Whether the levels are quorum queues: when asked for and the broker can run them."""
+    if not topology.quorum:
+        return False
+    version = await _server_version(channel)
+    if not supports_quorum_levels(version):
+        log.warning("RabbitMQ %s has no message TTL on quorum queues; delay levels are classic queues", version)
+        return False
+    return True
+
+
+async def _run_steps(steps: list[Step], channel: AbstractChannel) -> None:
+    for step in steps:
+        await step(channel)
 
 
 async def declare_delay_topology(channel: AbstractChannel, topology: DelayTopology) -> None:
@@ -269,13 +312,29 @@ async def declare_delay_topology(channel: AbstractChannel, topology: DelayTopolo
     ``channel`` and raises :class:`~amqtask.errors.TopologyError` (a mismatch, e.g. levels declared
     earlier with another type, raises :class:`~amqtask.errors.TopologyMismatchError`).
     """
-    quorum = topology.quorum
-    if quorum:
-        version = await _server_version(channel)
-        if not supports_quorum_levels(version):
-            log.warning("RabbitMQ %s has no message TTL on quorum queues; delay levels are classic queues", version)
-            quorum = False
-    await _declare(channel, topology, quorum)
+    for phase in _phases(topology, await _levels_quorum(channel, topology)):
+        await _run_steps(phase, channel)
+
+
+async def declare_delay_topology_spread(
+    run: Callable[[Callable[[AbstractChannel], Awaitable[Any]]], Awaitable[Any]], topology: DelayTopology
+) -> None:
+    """:func:`declare_delay_topology` on up to :data:`SPREAD_CHANNELS` channels at once, each from ``run``
+    (``Broker.run``: a fresh channel per call, the call repeated on a new connection if this one goes).
+
+    Each phase is cut into consecutive runs of declarations, one per channel, and finishes before the
+    next starts. A refusal raises the same error as declaring one by one would: the earliest run that
+    failed holds the earliest failing declaration, and its error is raised once every run has ended.
+    """
+    quorum: bool = await run(lambda channel: _levels_quorum(channel, topology))
+    for phase in _phases(topology, quorum):
+        size = math.ceil(len(phase) / SPREAD_CHANNELS)
+        runs = [phase[i : i + size] for i in range(0, len(phase), size)]
+        outcomes = await asyncio.gather(*(run(functools.partial(_run_steps, steps)) for steps in runs),
+                                        return_exceptions=True)  # fmt: skip
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
 
 async def bind_destination(channel: AbstractChannel, topology: DelayTopology, queue: str) -> None:
@@ -316,6 +375,7 @@ __all__ = [
     "DelayTopology",
     "bind_destination",
     "declare_delay_topology",
+    "declare_delay_topology_spread",
     "delete_delay_topology",
     "strip_death_headers",
     "supports_quorum_levels",

@@ -308,7 +308,7 @@ class Publisher:
         """Declare the delay levels once per connection."""
         if self._delay_ready_generation == self.broker.generation and self.broker.generation:
             return
-        await self.broker.run(lambda channel: delays.declare_delay_topology(channel, self.delay_topology))
+        await delays.declare_delay_topology_spread(self.broker.run, self.delay_topology)
         self._delay_ready_generation = self.broker.generation
 
     async def _bind_delays(self, queue: str) -> None:

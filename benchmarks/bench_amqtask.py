@@ -75,6 +75,7 @@ def main() -> None:
     worker = Worker(command(queues["result"]), s["url"], queues["result"])
     try:
         figures["drain_result"] = worker.drain(n, until=lambda: app.portal.run(collect()))
+        worker.watch.close()  # its polling thread would share this process's GIL with the round trips
         call = lambda i: echo.apply_async((i,), queue=queues["result"]).get(timeout=30)  # noqa: E731
         figures["round_trip"] = round_trips(call, s["round_trips"])
     finally:

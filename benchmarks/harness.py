@@ -163,6 +163,7 @@ class DepthWatch:
             return time.perf_counter()
 
     def close(self) -> None:
+        """Stop polling (again: a no-op)."""
         self._stop.set()
         self._thread.join(5)
 

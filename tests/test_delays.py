@@ -20,12 +20,14 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from amqtask import App
 from amqtask.delays import (
     DEFAULT_LEVELS,
     DELAY_QUEUE_HEADER,
     DelayTopology,
     bind_destination,
     declare_delay_topology,
+    declare_delay_topology_spread,
     delete_delay_topology,
     strip_death_headers,
     supports_quorum_levels,
@@ -330,6 +332,43 @@ def test_redeclaring_with_other_arguments_is_a_mismatch(broker_url: str) -> None
                     await bind_destination(await connection.channel(), r.topology, "no-such-queue")
             finally:
                 await connection.close()
+
+    run(scenario())
+
+
+@pytest.mark.broker
+def test_declaring_on_several_channels_at_once_delivers_and_refuses_as_one_by_one(broker_url: str, unique: str) -> None:
+    """A worker declares the levels spread over channels (fast start-up): the same topology, the same error."""
+    app = App(f"spread-{unique}", broker=broker_url)
+
+    async def scenario() -> None:
+        on_channel = app.runtime().broker.run
+        topology = DelayTopology(levels=12, prefix=f"amqtask.test.spread.{unique}")
+        await declare_delay_topology_spread(on_channel, topology)
+        await declare_delay_topology_spread(on_channel, topology)  # idempotent
+        try:
+            # Every level mismatches, in runs on different channels: the error is the first level's.
+            classic = DelayTopology(levels=12, prefix=topology.prefix, quorum=False)
+            with pytest.raises(TopologyMismatchError, match=r"L00.*x-queue-type"):
+                await declare_delay_topology_spread(on_channel, classic)
+            inbox_name = f"amqtask.test.{unique}.spread"
+            await on_channel(lambda channel: channel.declare_queue(inbox_name, durable=True))
+            await on_channel(lambda channel: bind_destination(channel, topology, inbox_name))
+            exchange, routing_key, headers = topology.route(1, inbox_name)
+            async with await aio_pika.connect(broker_url) as connection:
+                channel = await connection.channel()
+                queue = await channel.get_queue(inbox_name)
+                inbox = Inbox(inbox_name)
+                await queue.consume(inbox.on_message)
+                started = time.monotonic()
+                await (await channel.get_exchange(exchange)).publish(
+                    aio_pika.Message(b"x", headers=headers), routing_key
+                )
+                within(await inbox.next(3), started, 1)
+                await queue.delete(if_unused=False, if_empty=False)
+        finally:
+            await on_channel(lambda channel: delete_delay_topology(channel, topology))
+            await app.aclose()
 
     run(scenario())
 

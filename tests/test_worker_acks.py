@@ -101,6 +101,26 @@ def test_a_running_delivery_stays_unacked_across_a_reconnect_where_delivery_tags
     asyncio.run(scenario())
 
 
+async def held_deliveries(
+    channel: aio_pika.abc.AbstractChannel, queue: aio_pika.abc.AbstractQueue, count: int
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Publish ``count`` messages (bodies 1, 2, ...) to ``queue`` and take them all, unacked, with no consumer left."""
+    for n in range(1, count + 1):
+        await channel.default_exchange.publish(aio_pika.Message(str(n).encode()), routing_key=queue.name)
+    deliveries: list[aio_pika.abc.AbstractIncomingMessage] = []
+    got_all = asyncio.Event()
+
+    async def take(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        deliveries.append(message)
+        if len(deliveries) == count:
+            got_all.set()
+
+    tag = await queue.consume(take)
+    await got_all.wait()
+    await queue.cancel(tag)  # keeps the deliveries unacked, and a requeued one is not delivered again
+    return deliveries
+
+
 def test_nacks_and_rejects_between_coalesced_acks_keep_their_meaning(broker_url: str, unique: str) -> None:
     async def scenario() -> None:
         connection = await aio_pika.connect(broker_url)
@@ -108,19 +128,7 @@ def test_nacks_and_rejects_between_coalesced_acks_keep_their_meaning(broker_url:
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=10)
             queue = await channel.declare_queue(f"acks-{unique}", durable=True)  # 4.3 refuses transient ones
-            for n in range(1, 7):
-                await channel.default_exchange.publish(aio_pika.Message(str(n).encode()), routing_key=queue.name)
-            deliveries: list[aio_pika.abc.AbstractIncomingMessage] = []
-            got_all = asyncio.Event()
-
-            async def take(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-                deliveries.append(message)
-                if len(deliveries) == 6:
-                    got_all.set()
-
-            tag = await queue.consume(take)
-            await got_all.wait()
-            await queue.cancel(tag)  # keeps the deliveries unacked, and a requeued one is not delivered again
+            deliveries = await held_deliveries(channel, queue, 6)
             acks = ChannelAcks(await channel.get_underlay_channel(), hold_max=10, batch=3)
             first, dropped, requeued, fourth, fifth, _running = deliveries
             acks.ack(first)
@@ -164,19 +172,7 @@ def test_an_ack_with_nothing_else_in_hand_goes_out_at_once_not_after_the_batch_d
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=10)
             queue = await channel.declare_queue(f"acks-{unique}", durable=True)
-            for n in range(1, 3):
-                await channel.default_exchange.publish(aio_pika.Message(str(n).encode()), routing_key=queue.name)
-            deliveries: list[aio_pika.abc.AbstractIncomingMessage] = []
-            got_all = asyncio.Event()
-
-            async def take(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-                deliveries.append(message)
-                if len(deliveries) == 2:
-                    got_all.set()
-
-            tag = await queue.consume(take)
-            await got_all.wait()
-            await queue.cancel(tag)
+            deliveries = await held_deliveries(channel, queue, 2)
             acks = ChannelAcks(await channel.get_underlay_channel(), hold_max=10, batch=10)
             for delivery in deliveries:
                 acks.received(delivery)
