@@ -9,9 +9,11 @@ task events are sent in batches as a JSON list under ``task.multi``, which every
 thing, captured from Celery 5.7.
 
 Cheap by construction: a hook only appends a dict to a list (no await, nothing on the ack path); one
-pump task per publisher sends what gathered since its last turn, transient and without confirms, on a
-channel of its own. Nobody listening costs nothing: the worker declares no queue, so the broker drops
-events that no consumer has bound. When the broker is away, events are dropped, not hoarded.
+pump task per publisher sends them, a message per ``MAX_BATCH`` task events once that many gathered,
+else ``FLUSH_S`` after the first, and the rest when the publisher closes (a stopping worker loses none),
+transient and without confirms, on a channel of its own. Nobody listening costs nothing: the worker
+declares no queue, so the broker drops events that no consumer has bound. When the broker is away,
+events are dropped, not hoarded.
 """
 
 from __future__ import annotations
