@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import subprocess
@@ -203,6 +204,69 @@ def test_celery_receiver_sees_every_event_in_order(broker_url: str, unique: str)
     assert all(e["utcoffset"] == celery_utcoffset() and abs(e["timestamp"] - time.time()) < 120 for e in mine)
 
 
+class RawTap:
+    """The bodies on ``celeryev`` as sent, with their routing keys (what Celery's receiver unpacks)."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, Any]] = []
+
+    async def bind(self, broker: Any) -> Any:
+        channel = await broker.channel(confirms=False)
+        exchange = await channel.declare_exchange(events_module.EXCHANGE, "topic", durable=True)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange, "#")
+
+        async def keep(message: Any) -> None:
+            self.messages.append((message.routing_key, json.loads(message.body)))
+
+        await queue.consume(keep, no_ack=True)
+        return channel
+
+
+@pytest.mark.broker
+def test_a_busy_worker_batches_task_events_and_loses_none_when_it_stops_at_once(broker_url: str, unique: str) -> None:
+    # Tasks waiting when the worker starts: their events leave as lists of many under task.multi, which
+    # Celery's receiver (so Flower) unpacks in order; the worker stops the moment the last task ran, while
+    # its last events are still gathering for their batch, and they are sent all the same.
+    app = event_app(broker_url, unique)
+    hostname = f"{unique}@burst"
+    raw = RawTap()
+    count = 40
+
+    async def scenario() -> list[str]:
+        channel = await raw.bind(app.runtime().broker)
+        try:
+            ids = [(await app.asend_task("tasks.add", (n, 1))).id for n in range(count)]
+            worker = Worker(app, hostname=hostname, concurrency=4, burst=True)  # stops once the queue is empty
+            await worker.run()
+            assert worker.stats["succeeded"] == count
+            await asyncio.to_thread(wait_for, lambda: ("worker.offline" in {key for key, _ in raw.messages}), 10,
+                                    "worker.offline, raw")  # fmt: skip
+            return ids
+        finally:
+            await channel.close()
+            await cleanup(app, [unique])
+
+    with tapping(broker_url) as tap:
+        ids = asyncio.run(asyncio.wait_for(scenario(), 60))
+        wait_for(lambda: any(e["type"] == "worker-offline" and e["hostname"] == hostname for e in tap.events), 10,
+                 "worker-offline")  # fmt: skip
+
+    for task_id in ids:
+        assert tap.of(task_id) == ["task-received", "task-started", "task-succeeded"], task_id
+    mine = [e for e in tap.events if e["hostname"] == hostname]
+    assert [e["clock"] for e in mine] == sorted(e["clock"] for e in mine)
+    assert mine[-1]["type"] == "worker-offline"
+
+    task_bodies = [body for key, body in raw.messages if key.startswith("task.")]
+    assert {key for key, _ in raw.messages if key.startswith("task.")} == {"task.multi"}
+    assert all(isinstance(body, list) for body in task_bodies)
+    assert sum(map(len, task_bodies)) == 3 * count
+    assert len(task_bodies) < count  # batches of several tasks' events, not a message or three per task
+    assert {key for key, body in raw.messages if not key.startswith("task.")} >= {"worker.online", "worker.offline"}
+    assert all(isinstance(body, dict) for key, body in raw.messages if key.startswith("worker."))
+
+
 @pytest.mark.broker
 def test_a_producer_that_closes_right_after_sending_has_sent_its_task_sent(broker_url: str, unique: str) -> None:
     # The stall once seen in the batch pump was this: a producer's loop ended (aclose, asyncio.run returning)
@@ -219,6 +283,31 @@ def test_a_producer_that_closes_right_after_sending_has_sent_its_task_sent(broke
         task_id = asyncio.run(send_and_leave())
         wait_for(lambda: tap.sent(task_id), 10, "task-sent")
     assert [event["name"] for event in tap.sent(task_id)] == ["tasks.add"]
+
+
+@pytest.mark.broker
+def test_a_producer_sending_from_many_event_loops_keeps_no_publisher_of_the_finished_ones(
+    broker_url: str, unique: str
+) -> None:
+    # Each asyncio.run has a broker of its own; its task-sent publisher must go with it (it used to be kept,
+    # with the broker, for as long as the app lived: one connection's worth of objects per loop).
+    client = App("client", broker=broker_url, task_default_queue=unique, task_send_sent_event=True)
+
+    def alive() -> set[int]:
+        gc.collect()
+        return {id(thing) for thing in gc.get_objects() if isinstance(thing, EventPublisher)}
+
+    async def send_once() -> int:
+        try:
+            await client.asend_task("tasks.add", (1, 2))
+            return len(alive() - before)
+        finally:
+            await cleanup(client, [unique])
+
+    before = alive()
+    during = [asyncio.run(send_once()) for _ in range(5)]
+    assert during == [1] * 5  # each loop had its publisher...
+    assert alive() - before == set()  # ...and none outlived its loop
 
 
 @pytest.mark.fault

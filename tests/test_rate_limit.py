@@ -22,7 +22,8 @@ from amqtask import App, ConfigurationError
 from amqtask.errors import TimeoutError as ResultTimeout
 from amqtask.ratelimit import parse_rate
 
-RATE = 10.0
+# Slow enough that the run (TASKS / RATE = 6 s) outlasts several rabbitmqctl samples on a loaded machine.
+RATE = 5.0
 TASKS = 30
 
 

@@ -17,9 +17,9 @@ import functools
 import os
 import platform
 import time
+import weakref
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
-from weakref import WeakKeyDictionary
 
 from .. import protocol
 from ..failures import format_traceback
@@ -125,7 +125,7 @@ class EventsMiddleware(Middleware):
 
     def __init__(self) -> None:
         self.workers: dict[Worker, WorkerEvents] = {}
-        self._producers: WeakKeyDictionary[Broker, EventPublisher] = WeakKeyDictionary()
+        self._producers: weakref.WeakKeyDictionary[Broker, EventPublisher] = weakref.WeakKeyDictionary()
 
     def wants(self, hook: str, app: App) -> bool:
         if hook == "after_publish":
@@ -175,7 +175,9 @@ class EventsMiddleware(Middleware):
         broker = app.runtime().broker
         publisher = self._producers.get(broker)
         if publisher is None:
-            publisher = self._producers[broker] = EventPublisher(broker, protocol.origin_name())
+            # Given a weak proxy of the broker: a value that held its key would keep both alive after
+            # their event loop ended (one broker and publisher left behind per loop sent from).
+            publisher = self._producers[broker] = EventPublisher(weakref.proxy(broker), protocol.origin_name())
         queue = route.queue.name if route.queue is not None else None
         await publisher.send_now("task-sent", **_task_fields(message), queue=queue, exchange=route.exchange,
                                  routing_key=route.routing_key)  # fmt: skip
