@@ -254,17 +254,14 @@ class ResultConsumer:
         return protocol.decode_result(wire, self._accept, self._limits)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        # Acked first: the store is this process's memory, so nothing is lost that an ack after it would keep;
-        # and the worker that sent the reply is waiting for its confirm (which this ack can be) to ack the task,
-        # whose confirm in turn a caller's ``delay()`` may be waiting for.
-        with contextlib.suppress(*SETTLE_ERRORS):
-            await message.ack()
         wire = wire_of(message)
         try:
             report = self._decode(wire)
             self.store.put(report, len(message.body), remaining_s(wire.headers))
         except (MessageError, AmqtaskError) as exc:
             log.error("dropping a result (correlation_id=%.100s): %s", message.correlation_id, exc)
+        with contextlib.suppress(*SETTLE_ERRORS):
+            await message.ack()
 
     async def close(self) -> None:
         """Stop consuming (the queue stays until it expires, keeping replies that still arrive)."""
