@@ -250,6 +250,7 @@ class App:
         with self._runtime_lock:
             found = self._runtimes.get(loop)
             if found is None or found.broker.settings is not self.conf:
+                self._forget_ended_loops()
                 broker = Broker(self.conf, name=f"{self.main}-{os.getpid()}")
                 publisher = Publisher(broker, self.conf)
                 found = Runtime(
@@ -260,6 +261,15 @@ class App:
                 )
                 self._runtimes[loop] = found
             return found
+
+    def _forget_ended_loops(self) -> None:
+        """Drop the runtimes of event loops that closed without :meth:`aclose` (``asyncio.run`` after ``asyncio.run``).
+
+        Such a runtime can never be used again, but its connection refers to its loop, so the weak key
+        alone never lets it go: each ended loop would keep a broker, its buffers and its socket.
+        """
+        for ended in [loop for loop in self._runtimes if loop.is_closed()]:
+            del self._runtimes[ended]
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[App]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
+import subprocess
 import sys
 import threading
 import uuid
@@ -256,6 +257,33 @@ def test_many_concurrent_sends_all_confirmed(app: App) -> None:
             assert values == [2 * i for i in range(300)]
 
     asyncio.run(scenario())
+
+
+LOOP_AFTER_LOOP = """
+import asyncio, gc, sys
+from amqtask import App
+from amqtask.connection import Broker
+
+app = App("loops", broker=sys.argv[1], task_default_queue=sys.argv[2])
+add = app.task(name="loops.add")(lambda a, b: a + b)
+for i in range(4):
+    asyncio.run(add.adelay(i, i))
+    gc.collect()
+    print(sum(1 for thing in gc.get_objects() if isinstance(thing, Broker)))
+"""
+
+
+def test_sending_from_loop_after_loop_without_aclose_keeps_no_broker_of_the_ended_loops(
+    broker_url: str, unique: str
+) -> None:
+    # A script calling asyncio.run(task.adelay(...)) again and again, never closing: in a process of its
+    # own, as a user's script runs (pytest keeps the exceptions the ended loops' callbacks raise, and
+    # with them the brokers).
+    done = subprocess.run([sys.executable, "-c", LOOP_AFTER_LOOP, broker_url, unique],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    # The last loop's broker goes when the next send finds its loop closed; none before it stays.
+    assert done.stdout.split() == ["1", "1", "1", "1"]
 
 
 def test_sync_sends_from_many_threads(app: App) -> None:
