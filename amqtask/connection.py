@@ -50,6 +50,16 @@ CONNECTION_REFUSALS: tuple[type[Exception], ...] = (
     aiormq.exceptions.ConnectionResourceError,
     aiormq.exceptions.ConnectionInternalError,
 )
+#: How a node refuses to serve a stream while its replica there is (re)starting after another node left:
+#: a channel close, gone by itself a moment later.
+_REPLICA_STARTING = "does not have a running replica on the local node"
+
+
+def replica_starting(exc: BaseException) -> bool:
+    """Whether ``exc`` is a stream's refusal to be read on this node while its local replica (re)starts."""
+    return isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed) and _REPLICA_STARTING in str(exc)
+
+
 #: Errors of acking, rejecting or cancelling on a channel that may be gone: never worth more than a log line.
 SETTLE_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, aiormq.exceptions.AMQPError)
 #: Errors after which a consumer's answer is to wait for the connection and consume again.
@@ -299,7 +309,7 @@ class Attempts:
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise BrokerConnectionError(f"{self.failure}: {_describe(lost)}") from lost
-        if isinstance(lost, CONNECTION_REFUSALS):
+        if isinstance(lost, CONNECTION_REFUSALS) or replica_starting(lost):
             pause = min(self._refusal_pause, remaining)
             log.warning("%s: the broker refused it (%s); trying again in %.1fs", self.failure, _describe(lost), pause)
             self._refusal_pause = min(2 * self._refusal_pause, REFUSAL_PAUSE_MAX_S)

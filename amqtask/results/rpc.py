@@ -25,7 +25,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from .. import protocol, signing
-from ..connection import CONNECTION_ERRORS, SETTLE_ERRORS, Broker, raise_if_cancelled
+from ..connection import CONNECTION_ERRORS, SETTLE_ERRORS, Broker, raise_if_cancelled, replica_starting
 from ..errors import AmqtaskError, BrokerConnectionError, MessageError, TimeoutError
 from ..producer import wire_of
 from ..protocol import READY_STATES, ResultMessage, WireMessage
@@ -206,7 +206,9 @@ class ResultConsumer:
                         raise_if_cancelled(exc)  # only a connection aiormq found stuck
                     await attempts.after(exc)
                 except aiormq.exceptions.AMQPError as exc:  # a refusal: translated at the boundary
-                    raise BrokerConnectionError(f"cannot consume reply queue {self.queue_name}: {exc}") from exc
+                    if not replica_starting(exc):
+                        raise BrokerConnectionError(f"cannot consume reply queue {self.queue_name}: {exc}") from exc
+                    await attempts.after(exc)  # a result stream's replica here restarts after a node loss
 
     def _is_started(self) -> bool:
         return (
