@@ -325,14 +325,21 @@ async def require_exchange(broker: Broker, name: str, timeout: float | None = No
     await run_declaration(broker, "exchange", name, None, passive, timeout)
 
 
+async def queue_counts(broker: Broker, name: str) -> tuple[int, int]:
+    """A queue's ready messages (not counting deliveries a consumer holds unacked) and its consumers, as
+    one passive declare reads them."""
+
+    async def passive(channel: AbstractChannel) -> tuple[int, int]:
+        result = (await channel.declare_queue(name, passive=True)).declaration_result
+        return int(result.message_count or 0), int(result.consumer_count or 0)
+
+    ready, consumers = await run_declaration(broker, "queue", name, None, passive)
+    return int(ready), int(consumers)
+
+
 async def queue_depth(broker: Broker, name: str) -> int:
     """Messages ready in a queue (not counting deliveries a consumer holds unacked)."""
-
-    async def passive(channel: AbstractChannel) -> int:
-        queue = await channel.declare_queue(name, passive=True)
-        return int(queue.declaration_result.message_count or 0)
-
-    return int(await run_declaration(broker, "queue", name, None, passive))
+    return (await queue_counts(broker, name))[0]
 
 
 async def purge_queue(broker: Broker, name: str) -> int:

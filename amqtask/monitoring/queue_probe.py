@@ -15,8 +15,6 @@ from .. import topology
 from ..errors import TopologyNotFoundError
 
 if TYPE_CHECKING:
-    from aio_pika.abc import AbstractChannel
-
     from ..app import App
     from ..connection import Broker
 
@@ -57,17 +55,11 @@ def task_queue(app: App, name: str) -> str | None:
 
 async def probe(broker: Broker, name: str) -> QueueCounts:
     """Ready and consumer counts of queue ``name``, by a passive declare on a channel of its own."""
-
-    async def passive(channel: AbstractChannel) -> QueueCounts:
-        declared = await channel.declare_queue(name, passive=True)
-        result = declared.declaration_result
-        return QueueCounts(name, int(result.message_count or 0), int(result.consumer_count or 0))
-
     try:
-        counts: QueueCounts = await topology.run_declaration(broker, "queue", name, None, passive)
+        ready, consumers = await topology.queue_counts(broker, name)
     except TopologyNotFoundError:
         return QueueCounts(name, None, None)
-    return counts
+    return QueueCounts(name, ready, consumers)
 
 
 async def probe_all(broker: Broker, names: list[str]) -> list[QueueCounts]:
