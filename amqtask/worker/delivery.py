@@ -86,16 +86,16 @@ class DeliveryHandler:
             for hook in self.app.hooks("after_delivery"):
                 await hook(self.worker)
 
-    def verifies(self, message: AbstractIncomingMessage) -> bool:
-        """Whether ``message`` may cause anything here (always, when signing is off)."""
-        return signing.problem(self.app.conf.signing_keys, wire_of(message), signing.Kind.TASK) is None
+    def unverified(self, wire: WireMessage) -> str | None:
+        """Why ``wire`` must cause nothing here, or None when it verifies (always, when signing is off)."""
+        return signing.problem(self.app.conf.signing_keys, wire, signing.Kind.TASK)
 
     async def handle(self, message: AbstractIncomingMessage, queue: QueueSpec) -> None:
         """Verify, decode, check and run one delivery, then settle it."""
         current_queue.set(queue.name)
         wire = wire_of(message)
         # Before anything else: an unverified message is dead-lettered and causes nothing, not even a reply.
-        unverified = signing.problem(self.app.conf.signing_keys, wire, signing.Kind.TASK)
+        unverified = self.unverified(wire)
         if unverified is not None:
             await self.dead_letter(message, queue, deadletter.REJECTED, unverified)
             return

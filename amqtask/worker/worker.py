@@ -26,6 +26,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from .. import adoption, delays, topology
 from ..errors import ConfigurationError
+from ..producer import wire_of
 from ..protocol import TaskMessage
 from ..ratelimit import RateLimits
 from ..topology import QueueSpec
@@ -208,7 +209,7 @@ class Worker:
         try:
             # Before taking a slot: a task waiting for its rate limit must not keep other tasks from running.
             bucket = self.rate_limits.bucket(message.headers.get("task"))
-            if bucket is not None and self.handler.verifies(message):
+            if bucket is not None and self.handler.unverified(wire_of(message)) is None:
                 # Only a message that verifies spends a token: forged ones naming a limited task would
                 # otherwise use up its budget (and stall the real ones) before they are dead-lettered.
                 await bucket.take()
