@@ -124,7 +124,11 @@ def short_repr(value: Any) -> str:
     """A bounded ``repr`` (depth 3, 64 items, 1024 characters): what ``argsrepr`` and event fields show."""
     # Most calls' arguments are a few numbers or short strings: the builtin repr says the same, faster.
     kind = type(value)
-    if (kind is tuple or kind is list) and len(value) <= 8 and all(type(item) in _PLAIN for item in value):
+    if kind in _PLAIN:  # a task's result, in task-succeeded events
+        text = repr(value)
+        if len(text) <= _PLAIN_REPR_MAX:
+            return text
+    elif (kind is tuple or kind is list) and len(value) <= 8 and all(type(item) in _PLAIN for item in value):
         text = repr(value)
         if len(text) <= _PLAIN_REPR_MAX:
             return text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import gc
 import json
 import os
@@ -19,7 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from celery import Celery
@@ -29,9 +30,10 @@ from support.queues import cleanup, eventually
 from support.workers import running_worker, wait_for
 
 from amqtask import App, Reject, Worker
+from amqtask.monitoring import event_middleware, receiver
 from amqtask.monitoring import events as events_module
-from amqtask.monitoring import receiver
 from amqtask.monitoring.events import EventPublisher
+from amqtask.protocol import TaskMessage
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "celery_events" / "events.json"
 STANDARD = {"hostname", "utcoffset", "pid", "clock", "timestamp", "type"}
@@ -49,6 +51,36 @@ def celery_events() -> list[dict[str, Any]]:
 def celery_fields() -> dict[str, set[str]]:
     """Field names per event type, as Celery sends them."""
     return {event["type"]: set(event) for event in celery_events()}
+
+
+def celery_examples() -> dict[str, dict[str, Any]]:
+    """The first event of each type, as Celery sends it."""
+    examples: dict[str, dict[str, Any]] = {}
+    for event in celery_events():
+        examples.setdefault(event["type"], event)
+    return examples
+
+
+def test_task_events_are_json_whatever_the_message_holds() -> None:
+    # The fields of task events are written as JSON text, not by json.dumps: anything a hostile or merely
+    # unusual message carries must come out as the same string, and the whole as one valid JSON list.
+    odd = 'quote" back\\slash\nline \u2028 \x00 \x7f é 😀 </script> {"x": 1},'
+    moment = dt.datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=dt.timezone.utc)
+    message = TaskMessage(task=odd, id=odd, args=[], kwargs={}, argsrepr=odd, kwargsrepr=odd, root_id=odd,
+                          parent_id=None, retries=7, eta=moment, expires=None)  # fmt: skip
+    publisher = EventPublisher(cast(Any, None), odd)
+    batch = json.loads("[" + ",".join([
+        publisher.text("task-received", event_middleware._task_members(message)),
+        publisher.text("task-succeeded", f'"uuid":{events_module.json_string(odd)},"runtime":{1e-05!r},'),
+    ]) + "]")  # fmt: skip
+    received, succeeded = batch
+    assert received == {
+        "uuid": odd, "name": odd, "args": odd, "kwargs": odd, "root_id": odd, "parent_id": None, "retries": 7,
+        "eta": moment.isoformat(), "expires": None, "type": "task-received", "hostname": odd, "pid": os.getpid(),
+        "utcoffset": events_module.utcoffset(), "clock": 1, "timestamp": received["timestamp"],
+    }  # fmt: skip
+    assert succeeded["runtime"] == 1e-05 and succeeded["clock"] == 2 and succeeded["hostname"] == odd
+    assert abs(received["timestamp"] - time.time()) < 60
 
 
 def test_utcoffset_is_celerys() -> None:
@@ -189,6 +221,12 @@ def test_celery_receiver_sees_every_event_in_order(broker_url: str, unique: str)
             assert set(event) - {"local_received"} == reference.get(event["type"], set(event) - {"local_received"}) | (
                 STANDARD
             ), event["type"]
+    # ...and value types too, where Celery's has a value (amqtask writes the task events' JSON itself).
+    examples = celery_examples()
+    for event in mine:
+        for name, value in examples.get(event["type"], {}).items():
+            if value is not None and event[name] is not None:
+                assert type(event[name]) is type(value), (event["type"], name)
     by_type = {e["type"]: e for e in mine if e.get("uuid") == ids["add"]}
     assert by_type["task-received"]["name"] == "tasks.add"
     assert by_type["task-received"]["args"] == "(4, 4)"
@@ -348,6 +386,40 @@ def test_the_event_stream_goes_on_after_its_connection_is_lost(broker_url: str, 
                 await sender.aclose()
 
         asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+@pytest.mark.fault
+@pytest.mark.broker
+def test_a_workers_events_go_on_after_its_connections_are_cut(broker_url: str, unique: str) -> None:
+    # Task events travel on a connection of their own (as a Celery worker's do): it must come back too.
+    with FaultProxy.for_url(broker_url) as proxy:
+        app = event_app(proxy.url(broker_url), unique)
+        client = App("client", broker=broker_url, task_default_queue=unique)
+        hostname = f"{unique}@cut"
+
+        async def scenario() -> list[str]:
+            worker = Worker(app, hostname=hostname)
+            await worker.start()
+            ids = []
+            try:
+                for moment in ("before", "after"):
+                    result = await client.asend_task("tasks.add", (2, 2))
+                    assert await result.aget(timeout=30) == 4
+                    ids.append(result.id)
+                    await asyncio.to_thread(
+                        wait_for, lambda: "task-succeeded" in tap.of(result.id), 30,  # noqa: B023
+                        f"task events {moment} the cut")  # fmt: skip
+                    if moment == "before":
+                        assert proxy.open_links >= 2  # the worker's task connection and its events connection
+                        assert proxy.drop() >= 2
+            finally:
+                await worker.stop(grace=5)
+                await cleanup(client, [unique])
+            return ids
+
+        with tapping(broker_url) as tap:
+            ids = asyncio.run(asyncio.wait_for(scenario(), 90))
+    assert [tap.of(task_id) for task_id in ids] == [["task-received", "task-started", "task-succeeded"]] * 2
 
 
 @pytest.mark.broker

@@ -22,15 +22,15 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from .. import protocol
+from ..connection import Broker
 from ..failures import format_traceback
 from ..middleware import Middleware
 from ..middleware.hooks import hooks_changed
 from ..worker.delivery import ETA_TOLERANCE
-from .events import EventPublisher
+from .events import EventPublisher, json_string, quote
 
 if TYPE_CHECKING:
     from ..app import App
-    from ..connection import Broker
     from ..errors import Reject, Retry
     from ..protocol import ResultMessage, TaskMessage, WireMessage
     from ..routing import Route
@@ -53,19 +53,16 @@ def _iso(moment: dt.datetime | None) -> str | None:
     return moment.isoformat() if moment is not None else None
 
 
-def _task_fields(message: TaskMessage) -> dict[str, Any]:
-    """What ``task-sent`` and ``task-received`` say about a task."""
-    return {
-        "uuid": message.id,
-        "name": message.task,
-        "args": message.argsrepr if message.argsrepr is not None else protocol.short_repr(tuple(message.args)),
-        "kwargs": message.kwargsrepr if message.kwargsrepr is not None else protocol.short_repr(message.kwargs),
-        "root_id": message.root_id,
-        "parent_id": message.parent_id,
-        "retries": message.retries,
-        "eta": _iso(message.eta),
-        "expires": _iso(message.expires),
-    }
+def _task_members(message: TaskMessage) -> str:
+    """What ``task-sent`` and ``task-received`` say about a task, as the JSON members events take."""
+    args = message.argsrepr if message.argsrepr is not None else protocol.short_repr(tuple(message.args))
+    kwargs = message.kwargsrepr if message.kwargsrepr is not None else protocol.short_repr(message.kwargs)
+    return (
+        f'"uuid":{quote(message.id)},"name":{quote(message.task)},"args":{quote(args)},"kwargs":{quote(kwargs)},'
+        f'"root_id":{quote(message.root_id or message.id)},"parent_id":{json_string(message.parent_id)},'
+        f'"retries":{message.retries:d},"eta":{json_string(_iso(message.eta))},'
+        f'"expires":{json_string(_iso(message.expires))},'
+    )  # fmt: skip
 
 
 def _runs_now(message: TaskMessage) -> bool:
@@ -83,7 +80,12 @@ class WorkerEvents:
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
-        self.publisher = EventPublisher(worker.runtime.broker, worker.hostname)
+        # A connection of its own, as a Celery worker's event dispatcher has: on the worker's, each batch of
+        # events went through the same socket and broker reader as the deliveries' acks and results (about
+        # a quarter of what events cost a worker per task, measured), and a broker blocking publishers
+        # would hold the acks up behind them.
+        self.broker = Broker(worker.app.conf, name=f"{worker.app.main}-events-{os.getpid()}")
+        self.publisher = EventPublisher(self.broker, worker.hostname)
         self.started: dict[str, float] = {}
         #: Off after ``control disable_events``: heartbeats go on (Flower keeps the worker online), task events stop.
         self.task_events = True
@@ -108,6 +110,7 @@ class WorkerEvents:
                 await self._heartbeat
         self.worker_event("worker-offline")
         await self.publisher.close()
+        await self.broker.close()
 
     async def _beat(self) -> None:
         while True:
@@ -179,25 +182,28 @@ class EventsMiddleware(Middleware):
             # their event loop ended (one broker and publisher left behind per loop sent from).
             publisher = self._producers[broker] = EventPublisher(weakref.proxy(broker), protocol.origin_name())
         queue = route.queue.name if route.queue is not None else None
-        await publisher.send_now("task-sent", **_task_fields(message), queue=queue, exchange=route.exchange,
+        await publisher.send_now("task-sent", _task_members(message), queue=queue, exchange=route.exchange,
                                  routing_key=route.routing_key)  # fmt: skip
 
     async def before_process(self, worker: Worker, message: TaskMessage, wire: WireMessage) -> None:
         events = self._sending(worker)
         if events is None:
             return
-        events.publisher.send("task-received", **_task_fields(message))
+        publisher = events.publisher
+        texts = publisher.text("task-received", _task_members(message))
         if _runs_now(message):
             events.started[message.id] = time.perf_counter()
-            events.publisher.send("task-started", uuid=message.id)
+            texts += "," + publisher.text("task-started", f'"uuid":{quote(message.id)},')
+        publisher.send_task_events(texts)
 
     async def after_success(self, worker: Worker, message: TaskMessage, value: Any, report: ResultMessage) -> None:
         events = self._sending(worker)
         if events is None:
             return
-        runtime = events.finished(message.id)
-        events.publisher.send("task-succeeded", uuid=message.id, result=protocol.short_repr(value),
-                              runtime=runtime or 0.0)  # fmt: skip
+        runtime = events.finished(message.id) or 0.0
+        members = (f'"uuid":{quote(message.id)},"result":{quote(protocol.short_repr(value))},'
+                   f'"runtime":{runtime!r},')  # fmt: skip
+        events.publisher.send_task_events(events.publisher.text("task-succeeded", members))
 
     async def after_failure(
         self, worker: Worker, message: TaskMessage, exc: BaseException, report: ResultMessage
