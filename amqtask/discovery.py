@@ -2,7 +2,7 @@
 
 A worker runs a task only if its module was imported. Like Celery's, discovery is lazy: the app module
 only records what to import, and :meth:`TaskDiscovery.run` imports it when a worker starts (by then
-Django, if used, is set up). A module that is missing is an error that names it; one that fails to
+Django, if used, is set up, or is set up then). A module that is missing is an error that names it; one that fails to
 import raises its own error.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from typing import TYPE_CHECKING
 
 from .errors import ConfigurationError
@@ -30,7 +31,13 @@ class TaskDiscovery:
         self._requests.append((packages, related_name))
 
     def run(self) -> None:
-        """Import every configured module; packages without a ``related_name`` module are skipped."""
+        """Import every configured module; packages without a ``related_name`` module are skipped.
+
+        A process naming a Django project (``DJANGO_SETTINGS_MODULE``) sets Django up first, if nothing
+        has yet (``amqtask -A proj worker``, not ``manage.py``): task modules import models.
+        """
+        if os.environ.get("DJANGO_SETTINGS_MODULE"):
+            _set_up_django()
         for name in (*self.app.conf.imports, *self.app.conf.include):
             try:
                 importlib.import_module(name)
@@ -50,6 +57,14 @@ def _has_submodule(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except ModuleNotFoundError:
         return False
+
+
+def _set_up_django() -> None:
+    try:
+        from .contrib.django import set_up
+    except ImportError:  # Django is not installed: the variable is somebody else's business
+        return
+    set_up()
 
 
 def _installed_django_apps() -> list[str]:

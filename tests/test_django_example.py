@@ -11,17 +11,19 @@ connections after each task.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aio_pika
 import pytest
 from support.django_example import PROJECT, example_env, manage
 from support.interop import delete_objects, depth
-from support.workers import wait_for
+from support.workers import REPO_DIR, wait_for
 
 from amqtask import AsyncResult
 
@@ -127,3 +129,48 @@ def test_unchanged_celery_settings_are_read(django_here: Any, project: dict[str,
     assert conf.imports == ("reports.tasks",)
     assert conf.task_default_queue == project["EXAMPLE_QUEUE"]
     assert conf.beat_scheduler == "django_celery_beat.schedulers:DatabaseScheduler"
+
+
+def test_a_worker_started_as_celery_starts_one_sets_django_up(
+    django_here: Any, project: dict[str, str], broker_url: str, tmp_path: Path
+) -> None:
+    # `amqtask -A proj worker`, outside manage.py, as `celery -A proj worker` is run: task modules import
+    # models, so Django must be set up before they are (it used to fail with AppRegistryNotReady).
+    from orders.models import Order
+
+    queue = f"{project['EXAMPLE_QUEUE']}-plain"
+    env = {name: value for name, value in project.items() if name != "DJANGO_SETTINGS_MODULE"}  # proj sets it
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "amqtask", "-A", "proj", "worker", "-Q", queue, "-c", "2", "-l", "info"],
+            cwd=PROJECT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: "consuming" in log.read_text() or worker.poll() is not None, 60, "the worker")
+        assert worker.poll() is None, log.read_text()
+        order = Order.objects.create(item="lamp")
+        assert django_here.send_task("orders.process", (order.id,), queue=queue).get(timeout=TIMEOUT) == order.id
+        order.refresh_from_db()
+        assert order.status == "processed"
+        # The other app's task, from CELERY_IMPORTS (imported first, before the installed apps' tasks).
+        assert django_here.send_task("reports.cleanup", kwargs={"days": 0}, queue=queue).get(timeout=TIMEOUT) >= 1
+    finally:
+        worker.terminate()
+        worker.communicate(timeout=30)
+        delete_objects(broker_url, (queue,))
+
+
+def test_django_settings_that_cannot_be_set_up_are_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "broken_settings.py").write_text('SECRET_KEY = "x"\nINSTALLED_APPS = ["no_such_app"]\n')
+    (tmp_path / "plain_app.py").write_text('from amqtask import App\napp = App("plain")\n')
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "broken_settings",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO_DIR)])}  # fmt: skip
+    command = [sys.executable, "-m", "amqtask", "-A", "plain_app", "worker"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: ConfigurationError: Django could not be set up (DJANGO_SETTINGS_MODULE='broken_settings'): "
+        "ModuleNotFoundError: No module named 'no_such_app'"
+    ]

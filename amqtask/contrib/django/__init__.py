@@ -12,14 +12,17 @@ installed app when a worker starts.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, ParamSpec, TypeVar
 
 try:
+    import django
     from django.apps import apps as django_apps
     from django.db import close_old_connections, transaction
 except ImportError as exc:  # pragma: no cover - only without the extra
     raise ImportError("amqtask.contrib.django needs Django: pip install 'amqtask[django]'") from exc
 
+from ...errors import ConfigurationError
 from ...task import Task
 
 P = ParamSpec("P")
@@ -54,9 +57,23 @@ class DjangoTask(Task[P, R]):
         transaction.on_commit(functools.partial(self.apply_async, args, kwargs, **options), using=using)
 
 
+def set_up() -> None:
+    """Set Django up if nothing has yet, as Celery's Django fixup does for ``celery -A proj worker``: task
+    modules import models, which need it, and a worker started outside ``manage.py`` has not done it."""
+    if django_apps.ready:
+        return
+    try:
+        django.setup()
+    except Exception as exc:  # ImproperlyConfigured, or a settings module that cannot be imported
+        raise ConfigurationError(
+            f"Django could not be set up (DJANGO_SETTINGS_MODULE={os.environ.get('DJANGO_SETTINGS_MODULE')!r}): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
 def installed_app_packages() -> list[str]:
     """The package of every installed Django app (Django must be set up)."""
     return [config.name for config in django_apps.get_app_configs()]
 
 
-__all__ = ["DjangoTask", "installed_app_packages"]
+__all__ = ["DjangoTask", "installed_app_packages", "set_up"]
