@@ -124,11 +124,8 @@ def short_repr(value: Any) -> str:
     """A bounded ``repr`` (depth 3, 64 items, 1024 characters): what ``argsrepr`` and event fields show."""
     # Most calls' arguments are a few numbers or short strings: the builtin repr says the same, faster.
     kind = type(value)
-    if kind in _PLAIN:  # a task's result, in task-succeeded events
-        text = repr(value)
-        if len(text) <= _PLAIN_REPR_MAX:
-            return text
-    elif (kind is tuple or kind is list) and len(value) <= 8 and all(type(item) in _PLAIN for item in value):
+    plain_items = (kind is tuple or kind is list) and len(value) <= 8 and all(type(item) in _PLAIN for item in value)
+    if kind in _PLAIN or plain_items:  # a task's result (task-succeeded events), or a call's arguments
         text = repr(value)
         if len(text) <= _PLAIN_REPR_MAX:
             return text
