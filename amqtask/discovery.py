@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,8 @@ from .errors import ConfigurationError
 
 if TYPE_CHECKING:
     from .app import App
+
+log = logging.getLogger("amqtask.discovery")
 
 
 class TaskDiscovery:
@@ -36,11 +39,12 @@ class TaskDiscovery:
         A process naming a Django project (``DJANGO_SETTINGS_MODULE``) sets Django up first, if nothing
         has yet (``amqtask -A proj worker``, not ``manage.py``): task modules import models.
         """
-        if os.environ.get("DJANGO_SETTINGS_MODULE"):
-            _set_up_django()
+        settings_module = os.environ.get("DJANGO_SETTINGS_MODULE")
+        if settings_module:
+            _set_up_django(settings_module)
         for name in (*self.app.conf.imports, *self.app.conf.include):
             try:
-                importlib.import_module(name)
+                _import(name)
             except ModuleNotFoundError as exc:
                 if exc.name != name:
                     raise
@@ -48,21 +52,42 @@ class TaskDiscovery:
         for packages, related_name in self._requests:
             for package in _installed_django_apps() if packages is None else packages:
                 module = f"{package}.{related_name}"
-                if importlib.util.find_spec(package) is not None and _has_submodule(module):
-                    importlib.import_module(module)
+                if importlib.util.find_spec(package) is not None and _importable(module):
+                    _import(module)
 
 
-def _has_submodule(name: str) -> bool:
+def _import(name: str) -> None:
+    """Import a task module; one that needs Django while Django cannot be set up is a ConfigurationError."""
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        settings_module = os.environ.get("DJANGO_SETTINGS_MODULE")
+        if isinstance(exc, ModuleNotFoundError) and settings_module and exc.name == settings_module:
+            problem = f"Django's settings module {settings_module!r} (DJANGO_SETTINGS_MODULE) cannot be imported"
+        elif type(exc).__module__ == "django.core.exceptions":  # AppRegistryNotReady, ImproperlyConfigured
+            problem = (f"{type(exc).__name__}: {exc} (Django is not set up: set DJANGO_SETTINGS_MODULE to the "
+                       "project's settings, or start the worker with `python manage.py amqtask worker`)")  # fmt: skip
+        else:
+            raise
+        raise ConfigurationError(f"importing {name}: {problem}") from exc
+
+
+def _importable(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None
     except ModuleNotFoundError:
         return False
 
 
-def _set_up_django() -> None:
+def _set_up_django(settings_module: str) -> None:
     try:
         from .contrib.django import set_up
     except ImportError:  # Django is not installed: the variable is somebody else's business
+        return
+    if not _importable(settings_module):
+        # Likely left over in the environment by another project; a task that needs Django says so (_import).
+        log.warning("DJANGO_SETTINGS_MODULE=%r names no module this process can import: Django is not set up",
+                    settings_module)  # fmt: skip
         return
     set_up()
 

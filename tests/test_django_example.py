@@ -161,16 +161,43 @@ def test_a_worker_started_as_celery_starts_one_sets_django_up(
         delete_objects(broker_url, (queue,))
 
 
-def test_django_settings_that_cannot_be_set_up_are_one_clear_error(tmp_path: Path) -> None:
+def _start_worker(tmp_path: Path, broker_url: str, settings_module: str | None) -> subprocess.CompletedProcess[str]:
+    """``amqtask -A plain_app worker --burst`` in ``tmp_path``, with ``DJANGO_SETTINGS_MODULE`` as given."""
+    env = {name: value for name, value in os.environ.items() if name != "DJANGO_SETTINGS_MODULE"}
+    env.update(AMQTASK_BROKER_URL=broker_url, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO_DIR)]))
+    if settings_module is not None:
+        env["DJANGO_SETTINGS_MODULE"] = settings_module
+    queue = f"plain-{tmp_path.name}"
+    command = [sys.executable, "-m", "amqtask", "-A", "plain_app", "worker", "--burst", "-Q", queue]
+    try:
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+                              check=False, stdin=subprocess.DEVNULL)  # fmt: skip
+    finally:
+        delete_objects(broker_url, (queue, f"{queue}.dlq"))
+
+
+def test_django_settings_in_the_environment_that_fail_are_one_clear_error(tmp_path: Path, broker_url: str) -> None:
     (tmp_path / "broken_settings.py").write_text('SECRET_KEY = "x"\nINSTALLED_APPS = ["no_such_app"]\n')
+    (tmp_path / "needs_django.py").write_text("from django.contrib.auth.models import User\n")
+    (tmp_path / "plain_app.py").write_text('from amqtask import App\napp = App("plain", imports=["needs_django"])\n')
+    lines = {
+        "broken_settings": "error: ConfigurationError: Django could not be set up "
+        "(DJANGO_SETTINGS_MODULE='broken_settings'): ModuleNotFoundError: No module named 'no_such_app'",
+        "no_such_settings": "error: ConfigurationError: importing needs_django: Django's settings module "
+        "'no_such_settings' (DJANGO_SETTINGS_MODULE) cannot be imported",
+        None: "error: ConfigurationError: importing needs_django: ImproperlyConfigured: Requested setting",
+    }
+    for settings_module, line in lines.items():
+        done = _start_worker(tmp_path, broker_url, settings_module)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith(line), (settings_module, done.stderr)
+        assert "Traceback" not in done.stderr
+
+
+def test_a_django_settings_module_left_in_the_environment_does_not_stop_another_projects_worker(
+    tmp_path: Path, broker_url: str
+) -> None:
     (tmp_path / "plain_app.py").write_text('from amqtask import App\napp = App("plain")\n')
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "broken_settings",
-           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO_DIR)])}  # fmt: skip
-    command = [sys.executable, "-m", "amqtask", "-A", "plain_app", "worker"]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
-                          stdin=subprocess.DEVNULL)  # fmt: skip
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.strip().splitlines() == [
-        "error: ConfigurationError: Django could not be set up (DJANGO_SETTINGS_MODULE='broken_settings'): "
-        "ModuleNotFoundError: No module named 'no_such_app'"
-    ]
+    done = _start_worker(tmp_path, broker_url, "somebody_elses.settings")
+    assert done.returncode == 0, done.stderr
+    assert "DJANGO_SETTINGS_MODULE='somebody_elses.settings' names no module this process can import" in done.stderr
