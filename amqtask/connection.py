@@ -89,9 +89,12 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
 class Broker:
     """A self-healing connection to RabbitMQ, bound to the event loop it was first used on."""
 
-    def __init__(self, settings: Settings, *, name: str) -> None:
+    def __init__(self, settings: Settings, *, name: str, warnings: bool = True) -> None:
+        """``warnings=False``: report failed connects and lost connections at DEBUG only, for a connection
+        beside another that already says the broker is away (a worker's events connection)."""
         self.settings = settings
         self.name = name
+        self._warning_level = logging.WARNING if warnings else logging.DEBUG
         self.generation = 0
         self._urls = itertools.cycle(settings.broker_url)
         self._connection: aio_pika.abc.AbstractConnection | None = None
@@ -200,7 +203,7 @@ class Broker:
             )
         except Exception as exc:
             self.last_error = f"{mask_url(url)}: {_describe(exc)}"
-            log.warning("cannot connect to %s%s", self.last_error, _hint(exc, url))
+            log.log(self._warning_level, "cannot connect to %s%s", self.last_error, _hint(exc, url))
             raise BrokerConnectionError(self.last_error) from exc
         _detect_stalls_after_two_heartbeats(connection, self.settings.broker_heartbeat_s)
         _give_a_reason_to_reasonless_closes(connection)
@@ -236,7 +239,7 @@ class Broker:
             await lost.wait()
             self._ready.clear()
             if not self._closing:
-                log.warning("%s lost its broker connection; reconnecting", self.name)
+                log.log(self._warning_level, "%s lost its broker connection; reconnecting", self.name)
 
     def _listener_done(self, task: asyncio.Future[None]) -> None:
         self._listener_tasks.discard(task)

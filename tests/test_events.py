@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import gc
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -390,8 +391,11 @@ def test_the_event_stream_goes_on_after_its_connection_is_lost(broker_url: str, 
 
 @pytest.mark.fault
 @pytest.mark.broker
-def test_a_workers_events_go_on_after_its_connections_are_cut(broker_url: str, unique: str) -> None:
+def test_a_workers_events_go_on_after_its_connections_are_cut(
+    broker_url: str, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
     # Task events travel on a connection of their own (as a Celery worker's do): it must come back too.
+    caplog.set_level(logging.WARNING, logger="amqtask.connection")
     with FaultProxy.for_url(broker_url) as proxy:
         app = event_app(proxy.url(broker_url), unique)
         client = App("client", broker=broker_url, task_default_queue=unique)
@@ -420,6 +424,9 @@ def test_a_workers_events_go_on_after_its_connections_are_cut(broker_url: str, u
         with tapping(broker_url) as tap:
             ids = asyncio.run(asyncio.wait_for(scenario(), 90))
     assert [tap.of(task_id) for task_id in ids] == [["task-received", "task-started", "task-succeeded"]] * 2
+    # One warning per lost connection of the worker: its events connection's loss is the same news.
+    lost = [record.getMessage() for record in caplog.records if "lost its broker connection" in record.getMessage()]
+    assert lost and not [message for message in lost if "-events-" in message], lost
 
 
 @pytest.mark.broker
@@ -465,6 +472,27 @@ def test_no_events_and_no_queue_when_off(broker_url: str, unique: str) -> None:
     with tapping(broker_url) as tap:
         asyncio.run(asyncio.wait_for(scenario(), 30))
     assert [e for e in tap.events if e["hostname"] == hostname] == []
+
+
+@pytest.mark.broker
+def test_a_worker_with_events_on_binds_no_queue_so_nothing_accumulates_when_nobody_listens(
+    broker_url: str, unique: str, rabbitmq: Any, broker_vhost: str
+) -> None:
+    app = event_app(broker_url, unique)
+
+    async def scenario() -> None:
+        worker = Worker(app, hostname=f"{unique}@alone")
+        await worker.start()
+        try:
+            for number in range(20):
+                assert await (await app.asend_task("tasks.add", (number, 1))).aget(timeout=10) == number + 1
+        finally:
+            await worker.stop(grace=5)
+            await cleanup(app, [unique])
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+    bindings = rabbitmq.ctl("list_bindings", "-p", broker_vhost, "--quiet", "--no-table-headers", "source_name")
+    assert events_module.EXCHANGE not in bindings.split()  # the broker dropped every event
 
 
 def test_events_are_dropped_not_hoarded_while_nobody_can_take_them() -> None:

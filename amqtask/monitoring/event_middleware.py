@@ -83,8 +83,8 @@ class WorkerEvents:
         # A connection of its own, as a Celery worker's event dispatcher has: on the worker's, each batch of
         # events went through the same socket and broker reader as the deliveries' acks and results (about
         # a quarter of what events cost a worker per task, measured), and a broker blocking publishers
-        # would hold the acks up behind them.
-        self.broker = Broker(worker.app.conf, name=f"{worker.app.main}-events-{os.getpid()}")
+        # would hold the acks up behind them. Quiet about an unreachable broker: the worker's connection says so.
+        self.broker = Broker(worker.app.conf, name=f"{worker.app.main}-events-{os.getpid()}", warnings=False)
         self.publisher = EventPublisher(self.broker, worker.hostname)
         self.started: dict[str, float] = {}
         #: Off after ``control disable_events``: heartbeats go on (Flower keeps the worker online), task events stop.
