@@ -1,9 +1,9 @@
 """Finding the modules that define tasks: settings ``imports``/``include`` and ``app.autodiscover_tasks()``.
 
 A worker runs a task only if its module was imported. Like Celery's, discovery is lazy: the app module
-only records what to import, and :meth:`TaskDiscovery.run` imports it when a worker starts (by then
-Django, if used, is set up, or is set up then). A module that is missing is an error that names it; one that fails to
-import raises its own error.
+only records what to import, and :meth:`TaskDiscovery.run` imports it when a worker starts, once
+Django, if used, is set up (by ``manage.py``, or by this module). A module that is missing is an error
+that names it; one that fails to import raises its own error.
 """
 
 from __future__ import annotations

@@ -333,8 +333,8 @@ async def queue_counts(broker: Broker, name: str) -> tuple[int, int]:
         result = (await channel.declare_queue(name, passive=True)).declaration_result
         return int(result.message_count or 0), int(result.consumer_count or 0)
 
-    ready, consumers = await run_declaration(broker, "queue", name, None, passive)
-    return int(ready), int(consumers)
+    counts: tuple[int, int] = await run_declaration(broker, "queue", name, None, passive)
+    return counts
 
 
 async def queue_depth(broker: Broker, name: str) -> int:

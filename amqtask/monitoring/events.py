@@ -79,7 +79,8 @@ class EventPublisher:
     An event is written as JSON text when it is queued: the fields every event has (``type``,
     ``hostname``, ``pid``, ``utcoffset``) are one string per event type, made once, and the hooks that run
     for every task write their own fields as JSON text (:meth:`text`, :meth:`send_task_events`). Filling
-    dicts for ``json`` to walk cost a worker twice as much per task, more than anything else events do.
+    dicts for ``json`` to walk was the largest part of what events cost a worker (the hooks and the flush
+    took 12 microseconds per task that way, 7 now, measured alone).
     """
 
     def __init__(self, broker: Broker, hostname: str) -> None:
@@ -183,7 +184,7 @@ class EventPublisher:
         Only what was queued when it began: events queued while a batch is being written wait for the next
         turn's gathering, instead of leaving a few at a time (which made batches of 3 tasks' events at a
         few thousand tasks a second, and cost as much as running the tasks). A turn that a full batch
-        began leaves the rest to gather too: one message per ``MAX_BATCH`` events while tasks stream in.
+        began leaves the rest to gather too: one message per ``MAX_BATCH`` entries while tasks stream in.
         """
         self._refresh_utcoffset()
         left = len(self._pending)
